@@ -1,0 +1,120 @@
+"""One typed configuration for the worker: start() keys, CLI flags, env vars.
+
+Precedence, highest first: command-line flag, environment variable, start()
+key, default. Nothing else in the package reads worker settings from the
+environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _opt(default: Any, env: str, doc: str) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass
+class WorkerConfig:
+    """Settings of the supervisor and its handler children."""
+
+    agent_url: str = _opt("http://localhost:8087", "EASE_AGENT_URL",
+                          "Agent API base URL (a gateway: http://HOST:PORT/agent/<sid>)")
+    heartbeat_interval: float = _opt(5.0, "EASE_HEARTBEAT_INTERVAL", "Seconds between heartbeats")
+    test_mode: bool = _opt(False, "EASE_TEST_MODE",
+                           "Serve POST / locally instead of talking to an agent")
+    test_port: int = _opt(8080, "EASE_TEST_PORT", "Port of the test-mode server")
+    log_level: str = _opt("INFO", "EASE_LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR")
+    worker_token: str = _opt("", "SPIRIT_WORKER_TOKEN",
+                             "Bearer token sent to the agent API (self-hosted gateway)")
+    transport: str = _opt("auto", "SPIRIT_TRANSPORT",
+                          "auto (multiplexed link when offered), plain, or link")
+    max_children: int = _opt(8, "SPIRIT_MAX_CHILDREN",
+                             "Upper bound on handler processes (sync/generator handlers)")
+    min_children: int = _opt(1, "SPIRIT_MIN_CHILDREN", "Handler processes kept warm when idle")
+    async_children: int = _opt(1, "SPIRIT_ASYNC_CHILDREN",
+                               "Handler processes for async handlers (jobs multiplex as tasks)")
+    idle_timeout: float = _opt(60.0, "SPIRIT_IDLE_TIMEOUT",
+                               "Seconds before an idle surplus child is retired")
+    job_timeout: float = _opt(0.0, "SPIRIT_JOB_TIMEOUT",
+                              "Per-job execution limit in seconds, 0 for none (reported as 408)")
+    max_jobs_per_child: int = _opt(0, "SPIRIT_MAX_JOBS_PER_CHILD",
+                                   "Replace a child after this many jobs, 0 for never")
+    grace_period: float = _opt(30.0, "SPIRIT_GRACE_PERIOD",
+                               "Seconds running jobs get to finish on SIGTERM/SIGINT")
+    ping_interval: float = _opt(2.0, "SPIRIT_PING_INTERVAL", "Seconds between liveness pings")
+    ping_timeout: float = _opt(30.0, "SPIRIT_PING_TIMEOUT",
+                               "Seconds without a liveness answer before a child is killed")
+    concurrency_interval: float = _opt(1.0, "SPIRIT_CONCURRENCY_INTERVAL",
+                                       "Seconds between concurrency_modifier calls")
+    crash_backoff_max: float = _opt(30.0, "SPIRIT_CRASH_BACKOFF_MAX",
+                                    "Longest wait before restarting a crash-looping child")
+    webhook_attempts: int = _opt(5, "SPIRIT_WEBHOOK_ATTEMPTS", "Webhook delivery attempts")
+    webhook_backoff: float = _opt(0.5, "SPIRIT_WEBHOOK_BACKOFF",
+                                  "First webhook retry delay in seconds (doubles)")
+    webhook_timeout: float = _opt(10.0, "SPIRIT_WEBHOOK_TIMEOUT", "Seconds per webhook attempt")
+    pull_backoff_max: float = _opt(1.0, "SPIRIT_PULL_BACKOFF_MAX",
+                                   "Longest wait between pulls when the queue is empty")
+    in_process: bool = _opt(False, "SPIRIT_IN_PROCESS",
+                            "Run handlers in the supervisor process (debugging only)")
+    proxy_host: str = _opt("127.0.0.1", "SPIRIT_PROXY_HOST", "Proxy mode: listener address")
+    proxy_port: int = _opt(0, "SPIRIT_PROXY_PORT", "Proxy mode: listener port (0 picks one)")
+    proxy_advertise_url: str = _opt("", "SPIRIT_PROXY_ADVERTISE_URL",
+                                    "Proxy mode: URL the gateway uses to reach this worker")
+    start_deadline: float = _opt(600.0, "SPIRIT_START_DEADLINE",
+                                 "Proxy mode: seconds for check_start to return True")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def apply(self, values: Mapping[str, Any]) -> WorkerConfig:
+        """A copy with the known keys of ``values`` set (unknown keys ignored)."""
+        known = {f.name: f for f in fields(self)}
+        updates = {k: _coerce(known[k].type, v) for k, v in values.items()
+                   if k in known and v is not None}
+        return dataclasses.replace(self, **updates)
+
+    @classmethod
+    def from_sources(cls, start_options: Mapping[str, Any] | None = None,
+                     environ: Mapping[str, str] | None = None,
+                     flags: Mapping[str, Any] | None = None) -> WorkerConfig:
+        environ = os.environ if environ is None else environ
+        cfg = cls().apply(start_options or {})
+        from_env = {f.name: environ[f.metadata["env"]] for f in fields(cls)
+                    if environ.get(f.metadata["env"], "") != ""}
+        return cfg.apply(from_env).apply(flags or {})
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    if kind == "bool":
+        return value if isinstance(value, bool) else str(value).strip().lower() in _TRUE
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return str(value)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per WorkerConfig field (default None: not given)."""
+    for f in fields(WorkerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['doc']} (env {f.metadata['env']}, default {f.default!r})"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def flags_from(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(ns).items() if k in WorkerConfig.names() and v is not None}

@@ -1,0 +1,29 @@
+"""`Env`: the handler's second argument, its window on the runtime."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Env:
+    """What a handler may know about and ask of the runtime.
+
+    ``request_id`` is the current request's id; ``mode`` is ``sync`` or
+    ``async``; ``recycle()`` asks for this handler process to be replaced once
+    the current job is done (for example to hand GPU memory back).
+    """
+
+    request_id: str = ""
+    mode: str = "sync"
+    webhook: str = ""
+    test_mode: bool = False
+    agent_url: str = field(default_factory=lambda: os.environ.get(
+        "EASE_AGENT_URL", "http://localhost:8087"))
+    pid: int = field(default_factory=os.getpid)
+    recycle_requested: bool = False
+
+    def recycle(self) -> None:
+        """Replace this handler process after the current job (frees GPU memory)."""
+        self.recycle_requested = True

@@ -1,0 +1,140 @@
+"""A job as the agent hands it over, and the status records reported about it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+DEFAULT_TTL_MS = 600_000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Job(msgspec.Struct):
+    """One request taken from the agent. ``body`` is the client's JSON, undecoded."""
+
+    request_id: str
+    mode: str = "sync"
+    webhook: str = ""
+    enqueue_at: int = 0
+    create_at: int = 0
+    ttl_ms: int = DEFAULT_TTL_MS
+    status_subject: str = ""
+    body: bytes = b""
+    received_at: int = 0
+    started_at: int = 0
+
+
+class StatusMetric(msgspec.Struct):
+    """The body of ``request-metric/<id>`` (field names are the wire names)."""
+
+    timestamp: int
+    requestID: str
+    webhook: str
+    status: str
+    operation: str
+    enqueueTimestamp: int
+    queueingDuration: int
+    executionDuration: int
+    totalDuration: int
+    requestCreateAt: int
+    message: str
+
+
+class ResultBody(msgspec.Struct):
+    """The body of ``request-result/<id>``."""
+
+    statusCode: int
+    message: str
+    data: str
+
+
+class Envelope(msgspec.Struct):
+    """What ``GET /apis/v1/request`` answers."""
+
+    body: str
+    headers: dict[str, Any] = {}
+
+
+def _first(headers: Mapping[str, Any], name: str) -> str:
+    """Header value: the first of comma-joined values; keys matched case-insensitively."""
+    value: Any = None
+    for key, v in headers.items():
+        if key.lower() == name.lower():
+            value = v
+            break
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    return str(value).split(",")[0].strip()
+
+
+def _int(text: str, default: int) -> int:
+    try:
+        return int(float(text))
+    except ValueError:
+        return default
+
+
+class BadEnvelope(ValueError):
+    """The agent's answer could not be read as a request."""
+
+
+_envelope_decoder = msgspec.json.Decoder(Envelope)
+_webhook_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def job_from_envelope(raw: bytes) -> Job:
+    try:
+        env = _envelope_decoder.decode(raw)
+        body = base64.b64decode(env.body, validate=False)
+    except (msgspec.DecodeError, binascii.Error) as exc:
+        raise BadEnvelope(f"unreadable request from agent: {exc}") from exc
+    h = env.headers
+    request_id = _first(h, "Ease-Request-Id")
+    if not request_id:
+        raise BadEnvelope("request from agent has no Ease-Request-Id header")
+    mode = _first(h, "Ease-Mode") or "sync"
+    webhook = _first(h, "Ease-Webhook")
+    if mode == "async":
+        webhook = webhook_from_body(body)
+    return Job(request_id=request_id, mode=mode, webhook=webhook,
+               enqueue_at=_int(_first(h, "Ease-Enqueue-At"), 0),
+               create_at=_int(_first(h, "Ease-Create-At"), 0),
+               ttl_ms=_int(_first(h, "Ease-Time-To-Live"), DEFAULT_TTL_MS) or DEFAULT_TTL_MS,
+               status_subject=_first(h, "Ease-Status-Subject"), body=body,
+               received_at=now_ms())
+
+
+def webhook_from_body(body: bytes) -> str:
+    """Async requests carry their webhook in the body; a bad body has none."""
+    try:
+        value = _webhook_decoder.decode(body).get("webhook")
+    except msgspec.DecodeError:
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+def ttl_expired(job: Job, at_ms: int) -> bool:
+    return job.enqueue_at > 0 and at_ms - job.enqueue_at > job.ttl_ms
+
+
+def metric(job: Job, status: str, message: str = "", finished_at: int = 0) -> StatusMetric:
+    ts = now_ms()
+    enq = job.enqueue_at or job.received_at
+    started = job.started_at or ts
+    queueing = max(0, started - enq)
+    execution = max(0, (finished_at or ts) - started) if status != "executing" else 0
+    return StatusMetric(timestamp=ts, requestID=job.request_id, webhook=job.webhook,
+                        status=status, operation=job.mode, enqueueTimestamp=enq,
+                        queueingDuration=queueing, executionDuration=execution,
+                        totalDuration=queueing + execution, requestCreateAt=job.create_at,
+                        message=message)
