@@ -1,0 +1,1 @@
+"""The self-hostable platform side: public serverless API, agent API, proxy route."""

@@ -1,0 +1,96 @@
+"""One typed configuration for the gateway: CLI flags, ``SPIRIT_*`` env vars, code.
+
+Precedence, highest first: command-line flag, environment variable, keyword
+given in code, default. Nothing else in the gateway reads the environment.
+Durations are seconds (floats, so tests can shorten them); sizes are bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from aiohttp import web
+
+MB = 1024 * 1024
+
+
+def _opt(default: Any, env: str, doc: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"env": env, "doc": doc})
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass
+class GatewayConfig:
+    """Settings of one gateway process (public API, agent API, proxy route)."""
+
+    host: str = _opt("127.0.0.1", "SPIRIT_HOST", "Address to listen on")
+    port: int = _opt(8000, "SPIRIT_PORT", "Port to listen on")
+    api_keys: list[str] = _opt([], "SPIRIT_API_KEYS",
+                               "Client API keys (env: comma-separated); at least one")
+    worker_token: str = _opt("", "SPIRIT_WORKER_TOKEN",
+                             "Bearer token workers must send to the agent API")
+    lease_seconds: float = _opt(20.0, "SPIRIT_LEASE_SECONDS",
+                                "A worker silent this long is gone: its running jobs fail")
+    sync_timeout: float = _opt(180.0, "SPIRIT_SYNC_TIMEOUT",
+                               "Longest a sync request waits for its result (then 408)")
+    async_ttl_default: float = _opt(900.0, "SPIRIT_ASYNC_TTL_DEFAULT",
+                                    "Queueing TTL of an async request without policy.ttl")
+    async_ttl_max: float = _opt(86400.0, "SPIRIT_ASYNC_TTL_MAX", "Largest accepted policy.ttl")
+    result_retention: float = _opt(1800.0, "SPIRIT_RESULT_RETENTION",
+                                   "Seconds a finished request's status and result are kept")
+    max_body_bytes: int = _opt(20 * MB, "SPIRIT_MAX_BODY_BYTES", "Largest client request body")
+    max_result_bytes_sync: int = _opt(10 * MB, "SPIRIT_MAX_RESULT_BYTES_SYNC",
+                                      "Largest result of a sync request")
+    max_result_bytes_async: int = _opt(2 * MB, "SPIRIT_MAX_RESULT_BYTES_ASYNC",
+                                       "Largest result of an async request")
+    long_poll_max: float = _opt(30.0, "SPIRIT_LONG_POLL_MAX",
+                                "Cap on a worker's ?wait= long-poll (seconds)")
+    max_deliveries: int = _opt(3, "SPIRIT_MAX_DELIVERIES",
+                               "Times a job that never started is handed out before it fails")
+    sweep_interval: float = _opt(1.0, "SPIRIT_SWEEP_INTERVAL",
+                                 "Seconds between lease, TTL and retention sweeps")
+    proxy_response_timeout: float = _opt(180.0, "SPIRIT_PROXY_RESPONSE_TIMEOUT",
+                                         "Proxy route: longest wait for the response to start")
+    proxy_transfer_timeout: float = _opt(180.0, "SPIRIT_PROXY_TRANSFER_TIMEOUT",
+                                         "Proxy route: longest whole transfer")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def apply(self, values: Mapping[str, Any]) -> GatewayConfig:
+        """A copy with the known keys of ``values`` set (unknown keys ignored)."""
+        known = {f.name: f for f in fields(self)}
+        updates = {k: _coerce(known[k].type, v) for k, v in values.items()
+                   if k in known and v is not None}
+        return dataclasses.replace(self, **updates)
+
+    @classmethod
+    def from_sources(cls, environ: Mapping[str, str] | None = None,
+                     flags: Mapping[str, Any] | None = None,
+                     **values: Any) -> GatewayConfig:
+        environ = os.environ if environ is None else environ
+        from_env = {f.name: environ[f.metadata["env"]] for f in fields(cls)
+                    if environ.get(f.metadata["env"], "") != ""}
+        return cls().apply(values).apply(from_env).apply(flags or {})
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    if kind == "list[str]":
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [str(v).strip() for v in items if str(v).strip()]
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return str(value)
+
+
+CONFIG_KEY: web.AppKey[GatewayConfig] = web.AppKey("spirit_gateway_config", GatewayConfig)
+"""Where ``create_app`` puts the config: ``app[CONFIG_KEY]``."""
