@@ -1,0 +1,112 @@
+"""`spirit-gpu-builder`: argument parsing and the two flows (project, model only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from spirit_gpu.builder import report
+from spirit_gpu.builder.errors import BuilderError
+from spirit_gpu.builder.inputs import DEFAULT_FILES, INPUT_TYPES, LoadedInput, load, locate
+from spirit_gpu.builder.model import DATA_TYPES, MODEL_FILE, generate_model
+from spirit_gpu.builder.project import (
+    HANDLER_TYPES,
+    Options,
+    PlannedFile,
+    plan_project,
+    write_files,
+)
+
+_JSON_KINDS = ("openapi", "jsonschema", "json", "yaml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spirit-gpu-builder",
+        description="Generate a spirit-gpu worker project from an OpenAPI document, a JSON "
+        "schema or an example of the request `input`, built on datamodel-code-generator.",
+    )
+    parser.add_argument("-i", "--input-file", help="the file describing the request input; "
+                        f"default: the first of {', '.join(DEFAULT_FILES)} in the current "
+                        "directory")
+    parser.add_argument("--input-type", choices=INPUT_TYPES, default="auto",
+                        help="type of the input file (default: auto)")
+    parser.add_argument("-o", "--output-dir", default=".",
+                        help="where to write the project (default: current directory)")
+    parser.add_argument("--data-type", choices=DATA_TYPES, default=DATA_TYPES[0],
+                        help=f"model class kind (default: {DATA_TYPES[0]})")
+    parser.add_argument("--handler-type", choices=HANDLER_TYPES, default="sync",
+                        help="handler kind in src/main.py (default: sync)")
+    parser.add_argument("--model-only", action="store_true",
+                        help=f"only (re)generate {MODEL_FILE}, overwriting it")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite existing files that differ from what would be written")
+    return parser
+
+
+def _api_json(loaded: LoadedInput, out_dir: Path, notes: list[str]) -> str | None:
+    if loaded.path.parent.resolve() == out_dir.resolve() and loaded.path.name in DEFAULT_FILES:
+        notes.append(f"api.json not written: the project already has {loaded.path.name}")
+        return None
+    if loaded.kind not in _JSON_KINDS:
+        notes.append(f"api.json not written: a {loaded.kind} input has no JSON form; keep "
+                     f"{loaded.path.name} and regenerate with -i {loaded.path.name}")
+        return None
+    return json.dumps(loaded.data, indent=2, ensure_ascii=False, default=str) + "\n"
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    cwd = Path.cwd()
+    path = locate(args.input_file, cwd)
+    loaded = load(path, args.input_type)
+    out_dir = Path(args.output_dir)
+    out_dir = out_dir if out_dir.is_absolute() else cwd / out_dir
+    report.show_arguments(console, {
+        "input file": str(path), "input type": f"{loaded.kind} (asked: {args.input_type})",
+        "output dir": str(out_dir), "data type": args.data_type,
+        "handler type": "-" if args.model_only else args.handler_type,
+        "mode": "model only" if args.model_only else "project",
+        "force": str(args.force),
+    })
+    model_code = generate_model(loaded, args.data_type)
+    notes: list[str] = []
+    if args.model_only:
+        files = [PlannedFile(MODEL_FILE, model_code)]
+        outcomes = write_files(out_dir, files, args.force, always=frozenset({MODEL_FILE}))
+    else:
+        options = Options(path.name, loaded.kind, args.data_type, args.handler_type)
+        files = plan_project(options, model_code, _api_json(loaded, out_dir, notes))
+        outcomes = write_files(out_dir, files, args.force)
+        if any(o.path == MODEL_FILE and o.status == "kept" for o in outcomes):
+            notes.append(f"{MODEL_FILE} was kept; regenerate it with --model-only")
+    report.show_files(console, out_dir, outcomes)
+    report.show_notes(console, notes)
+    report.show_next_steps(console, out_dir, args.model_only)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the builder; returns the exit status (0 ok, 1 a reported error, 2 bad usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has already printed the usage error
+        return exc.code if isinstance(exc.code, int) else 2
+    console, errors = Console(), Console(stderr=True)
+    try:
+        run(args, console)
+    except BuilderError as exc:
+        report.show_error(errors, exc)
+        return 1
+    except KeyboardInterrupt:
+        report.show_error(errors, BuilderError("interrupted"))
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
