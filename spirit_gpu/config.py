@@ -31,6 +31,8 @@ class WorkerConfig:
     test_mode: bool = _opt(False, "EASE_TEST_MODE",
                            "Serve POST / locally instead of talking to an agent")
     test_port: int = _opt(8080, "EASE_TEST_PORT", "Port of the test-mode server")
+    test_host: str = _opt("127.0.0.1", "SPIRIT_TEST_HOST",
+                          "Address of the test-mode server (0.0.0.0 inside a container)")
     log_level: str = _opt("INFO", "EASE_LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR")
     worker_token: str = _opt("", "SPIRIT_WORKER_TOKEN",
                              "Bearer token sent to the agent API (self-hosted gateway)")

@@ -1,0 +1,61 @@
+"""Handler process bootstrap: ``python -m spirit_gpu.child SCRIPT [ARGS...]``.
+
+Started only by the supervisor, which passes the pipe fds in SPIRIT_CHILD_FDS.
+Runs the user's script as ``__main__``; its call to ``start()`` then serves
+the pipe and never returns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import runpy
+import signal
+import sys
+import traceback
+
+from spirit_gpu import ipc
+from spirit_gpu.child import channel as channel_mod
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: gone when the supervisor is
+    except (OSError, AttributeError):
+        pass  # not Linux: the pipe-EOF watchdog in the reader thread still applies
+
+
+def main() -> None:
+    fds = os.environ.pop("SPIRIT_CHILD_FDS", "")
+    if not fds or len(sys.argv) < 2:
+        sys.exit("spirit_gpu.child is started by the supervisor: "
+                 "run `python -m spirit_gpu.supervisor main.py` instead")
+    read_fd, write_fd = (int(x) for x in fds.split(","))
+    _die_with_parent()
+    if os.getppid() == 1:  # the supervisor died before the death signal was armed
+        os._exit(0)
+    chan = channel_mod.Channel(read_fd, write_fd)
+    channel_mod.CHANNEL = chan
+    chan.start_reader()
+    script = os.path.abspath(sys.argv[1])
+    sys.argv = [script, *sys.argv[2:]]
+    sys.path.insert(0, os.path.dirname(script))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            message = f"{sys.argv[0]} exited before calling spirit_gpu.start()"
+        else:
+            message = f"{sys.argv[0]} exited with {exc.code!r} before calling spirit_gpu.start()"
+        chan.send(ipc.Fatal(message))
+        channel_mod.exit_process(3)
+    except BaseException:
+        chan.send(ipc.Fatal(f"{script} failed to import:\n{traceback.format_exc().rstrip()}"))
+        channel_mod.exit_process(3)
+    chan.send(ipc.Fatal(f"{script} finished without calling spirit_gpu.start()"))
+    channel_mod.exit_process(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""What a handler process does once the user's script has called start()."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from spirit_gpu import handlers, ipc
+from spirit_gpu.child.channel import Channel, exit_process
+from spirit_gpu.env import Env
+from spirit_gpu.handlers import BadRequest, Outcome, error_body, prepare_request
+
+
+def _env(msg: ipc.Run) -> Env:
+    return Env(request_id=msg.request_id, mode=msg.mode, webhook=msg.webhook)
+
+
+class _Base:
+    def __init__(self, channel: Channel, handler: handlers.Handler | None, kind: str,
+                 modifier: Callable[[int], Any] | None, check_start: Callable[[], Any] | None,
+                 options: dict[str, Any]) -> None:
+        self.channel = channel
+        self.handler = handler
+        self.kind = kind
+        self.modifier = modifier
+        self.check_start = check_start
+        self.options = options
+        self.concurrency = 1
+
+    def hello(self) -> None:
+        self.concurrency = handlers.call_concurrency_modifier(self.modifier, 1)
+        self.channel.send(ipc.Hello(os.getpid(), self.kind, self.concurrency, self.options))
+
+    def ask_concurrency(self, msg: ipc.AskConcurrency) -> None:
+        value = handlers.call_concurrency_modifier(self.modifier, msg.current)
+        self.channel.send(ipc.Concurrency(value))
+
+    def done(self, msg: ipc.Run, outcome: Outcome, env: Env) -> None:
+        self.channel.send(ipc.Done(msg.job, outcome.status_code, outcome.body, outcome.message,
+                                   env.recycle_requested))
+
+    def emitter(self, job: int) -> handlers.EmitChunk:
+        send = self.channel.send
+        return lambda seq, data: send(ipc.Chunk(job, seq, data))
+
+
+class SyncRuntime(_Base):
+    """Sync and generator handlers (and proxy mode): one job at a time, main thread."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inbox: queue.SimpleQueue[ipc.Message | None] = queue.SimpleQueue()
+
+    def _on_message(self, msg: ipc.Message) -> None:  # reader thread
+        if isinstance(msg, ipc.AskConcurrency):
+            self.ask_concurrency(msg)
+        elif isinstance(msg, ipc.Stop):
+            self.inbox.put(None)
+        elif isinstance(msg, ipc.Run | ipc.CheckStart):
+            self.inbox.put(msg)
+        # Cancel: a sync handler cannot be interrupted; the supervisor kills the process.
+
+    def serve(self) -> NoReturn:
+        self.channel.on_message = self._on_message
+        self.hello()
+        while True:
+            msg = self.inbox.get()
+            if msg is None:
+                exit_process(0)
+            if isinstance(msg, ipc.CheckStart):
+                ok, error = handlers.call_check_start(self.check_start)
+                self.channel.send(ipc.StartChecked(ok, error))
+            elif isinstance(msg, ipc.Run):
+                self._run(msg)
+
+    def _run(self, msg: ipc.Run) -> None:
+        env = _env(msg)
+        try:
+            request = prepare_request(msg.body, msg.request_id)
+        except BadRequest as exc:
+            self.done(msg, Outcome(400, error_body(str(exc)), str(exc)), env)
+            return
+        assert self.handler is not None
+        outcome = handlers.run_sync(self.handler, self.kind, request, env,
+                                    self.emitter(msg.job))
+        self.done(msg, outcome, env)
+
+
+class AsyncRuntime(_Base):
+    """Async and async-generator handlers: many jobs as tasks on one event loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.cancel_reasons: dict[int, ipc.Cancel] = {}
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.finished = asyncio.Event()
+
+    def _on_message(self, msg: ipc.Message) -> None:  # reader thread
+        if isinstance(msg, ipc.AskConcurrency):
+            self.ask_concurrency(msg)
+        elif self.loop is not None:
+            self.loop.call_soon_threadsafe(self._dispatch, msg)
+
+    def _dispatch(self, msg: ipc.Message) -> None:
+        if isinstance(msg, ipc.Run) and not self.stopping:
+            self.tasks[msg.job] = asyncio.ensure_future(self._run(msg))
+        elif isinstance(msg, ipc.Cancel):
+            task = self.tasks.get(msg.job)
+            if task is not None:
+                self.cancel_reasons[msg.job] = msg
+                task.cancel()
+        elif isinstance(msg, ipc.Stop):
+            self.stopping = True
+            if not self.tasks:
+                self.finished.set()
+        elif isinstance(msg, ipc.CheckStart):
+            self.channel.send(ipc.StartChecked(False, "check_start is for proxy mode"))
+
+    async def _run(self, msg: ipc.Run) -> None:
+        env = _env(msg)
+        try:
+            try:
+                request = prepare_request(msg.body, msg.request_id)
+            except BadRequest as exc:
+                outcome = Outcome(400, error_body(str(exc)), str(exc))
+            else:
+                assert self.handler is not None
+                outcome = await handlers.run_async(self.handler, self.kind, request, env,
+                                                   self.emitter(msg.job))
+        except asyncio.CancelledError:
+            reason = self.cancel_reasons.pop(msg.job, ipc.Cancel(msg.job))
+            outcome = Outcome(reason.status_code, error_body(reason.reason), reason.reason)
+        finally:
+            self.tasks.pop(msg.job, None)
+        self.done(msg, outcome, env)
+        if self.stopping and not self.tasks:
+            self.finished.set()
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.channel.on_message = self._on_message
+        self.hello()
+        await self.finished.wait()
+
+    def serve(self) -> NoReturn:
+        from spirit_gpu.loop import new_event_loop
+        loop = new_event_loop()
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(self._main())
+        exit_process(0)
+
+
+def serve(channel: Channel, config: dict[str, Any]) -> NoReturn:
+    """Serve the supervisor's pipe with the handler from start()'s config."""
+    from spirit_gpu.config import WorkerConfig
+
+    mode = str(config.get("mode") or "handler")
+    options: dict[str, Any] = {k: v for k, v in config.items()
+                               if k in WorkerConfig.names() and _jsonable(v)}
+    options["mode"] = mode
+    modifier = config.get("concurrency_modifier")
+    check_start = config.get("check_start")
+    if mode == "proxy":
+        base_url = config.get("base_url")
+        if not isinstance(base_url, str) or not base_url:
+            raise ValueError("start() in proxy mode needs \"base_url\", e.g. "
+                             "\"http://127.0.0.1:11434\"")
+        options["base_url"] = base_url
+        SyncRuntime(channel, None, "proxy", None, check_start, options).serve()
+    handler = config.get("handler")
+    if not callable(handler):
+        raise TypeError("start() needs a \"handler\": a function handler(request, env)")
+    if modifier is not None and not callable(modifier):
+        raise TypeError("\"concurrency_modifier\" must be a function f(current: int) -> int")
+    kind = handlers.handler_kind(handler)
+    runtime_cls = AsyncRuntime if kind in handlers.ASYNC_KINDS else SyncRuntime
+    runtime_cls(channel, handler, kind, modifier, check_start, options).serve()
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)

@@ -1,0 +1,53 @@
+"""``start()``: the one call a worker script makes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, NoReturn
+
+from spirit_gpu.log import logger
+
+SUPERVISOR_ENV = "SPIRIT_SUPERVISED"
+
+
+def start(config: dict[str, Any]) -> None:
+    """Run this script as a spirit-gpu worker.
+
+    Keys: ``handler`` (``handler(request, env)``: sync, async, generator or async
+    generator), ``concurrency_modifier`` (``f(current) -> int``), or for proxy
+    mode ``mode="proxy"``, ``base_url`` and ``check_start``. Any worker setting
+    (see ``WorkerConfig``, e.g. ``"job_timeout": 30``) may be given too.
+
+    Under the supervisor (``python -m spirit_gpu.supervisor main.py``) this
+    serves jobs and never returns. Run as ``python main.py`` it hands over to a
+    supervisor, which runs this script again in each handler process.
+    """
+    from spirit_gpu.child import channel as channel_mod
+
+    chan = channel_mod.CHANNEL
+    if chan is not None:
+        from spirit_gpu.child.runtime import serve
+        serve(chan, config)
+    from spirit_gpu.config import WorkerConfig
+
+    if WorkerConfig.from_sources(config).in_process:
+        from spirit_gpu.supervisor.inprocess import run_in_process
+        sys.exit(run_in_process(config))
+    _hand_over()
+
+
+def _hand_over() -> NoReturn:
+    if os.environ.get(SUPERVISOR_ENV):
+        raise RuntimeError("start() was called in the supervisor process: the supervisor "
+                           "must never import the worker script")
+    script = os.path.abspath(sys.argv[0])
+    logger.info(
+        "start() is handing over to `python -m spirit_gpu.supervisor "
+        f"{os.path.basename(script)}`: handler processes run this script again, so its "
+        "module-level code (e.g. model loading) runs once more there. Start the worker "
+        "with that command to run it only in the handler processes.")
+    argv = [sys.executable, "-m", "spirit_gpu.supervisor", script, *sys.argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)

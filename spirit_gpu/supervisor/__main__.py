@@ -1,0 +1,50 @@
+"""``python -m spirit_gpu.supervisor main.py [options]``: the canonical worker entry."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from spirit_gpu.config import WorkerConfig, add_flags, flags_from
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m spirit_gpu.supervisor",
+        description="Run a spirit-gpu worker script: this process talks to the platform, "
+                    "handler processes run the script.")
+    parser.add_argument("script", help="the worker script that calls spirit_gpu.start()")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER,
+                        help="arguments passed to the script")
+    add_flags(parser)
+    ns = parser.parse_args(argv)
+    return ns, list(ns.script_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns, script_args = parse(argv)
+    script = os.path.abspath(ns.script)
+    if not os.path.isfile(script):
+        print(f"spirit-gpu: no such script: {ns.script}", file=sys.stderr)
+        return 2
+    os.environ["SPIRIT_SUPERVISED"] = "1"
+    if os.getpid() == 1 and not os.environ.get("SPIRIT_NO_INIT"):
+        from spirit_gpu.supervisor.init import run_as_init
+        run_as_init()
+    flags = flags_from(ns)
+    cfg = WorkerConfig.from_sources(flags=flags)
+    from spirit_gpu.log import logger
+    logger.set_level(cfg.log_level)
+    from spirit_gpu.loop import run
+    from spirit_gpu.supervisor.app import Supervisor
+
+    async def serve() -> int:
+        return await Supervisor(cfg, script, script_args, flags).serve()
+
+    code = run(serve())
+    return int(code) if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The supervisor: startup, main loop, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import aiohttp
+
+from spirit_gpu.config import WorkerConfig
+from spirit_gpu.log import logger
+from spirit_gpu.supervisor.agent import PlainTransport
+from spirit_gpu.supervisor.pool import Pool, StartupFailed
+from spirit_gpu.supervisor.transport import Transport
+
+EXIT_STARTUP_FAILED = 3
+
+
+class Supervisor:
+    def __init__(self, cfg: WorkerConfig, script: str, args: list[str],
+                 flags: dict[str, object] | None = None) -> None:
+        self.cfg = cfg
+        self.script = script
+        self.args = args
+        self.flags = flags or {}
+        self.stop = asyncio.Event()
+        self.signals: asyncio.Queue[int] = asyncio.Queue()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # handlers only queue; the main loop decides what a signal means
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+
+    async def _watch_signals(self, pool: Pool) -> None:
+        count = 0
+        while True:
+            sig = await self.signals.get()
+            count += 1
+            if count == 1:
+                logger.info(f"received {signal.Signals(sig).name}: draining (no new jobs, "
+                            f"running ones get {self.cfg.grace_period:g} s)")
+                self.stop.set()
+            else:
+                logger.warn(f"received {signal.Signals(sig).name} again: stopping now")
+                self.cfg.grace_period = 0
+                pool.cfg.grace_period = 0
+                for run in list(pool.runs.values()):
+                    pool.cancel(run.job.request_id, 503, "worker stopped")
+
+    async def serve(self) -> int:
+        self._install_signals()
+        pool = Pool(self.cfg, self.script, self.args)
+        watcher = asyncio.ensure_future(self._watch_signals(pool))
+        try:
+            await pool.start()
+            try:
+                await self._wait_ready(pool)
+            except StartupFailed as exc:
+                logger.error(f"no handler process could start, exiting: {exc}")
+                return EXIT_STARTUP_FAILED
+            if self.stop.is_set():
+                return 0
+            # start() keys the script passed, under env vars and flags
+            self.cfg = WorkerConfig.from_sources(pool.options, flags=self.flags)
+            pool.cfg = self.cfg
+            return await self._serve_mode(pool)
+        finally:
+            await pool.close()
+            watcher.cancel()
+
+    async def _wait_ready(self, pool: Pool) -> None:
+        ready = asyncio.ensure_future(pool.wait_ready())
+        stopped = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if ready.done():
+            ready.result()
+        else:
+            ready.cancel()
+
+    async def _serve_mode(self, pool: Pool) -> int:
+        if pool.kind == "proxy":
+            from spirit_gpu.supervisor.proxy import serve_proxy
+            base_url = str(pool.options.get("base_url", ""))
+            return await serve_proxy(self.cfg, base_url, pool.check_start, self.stop)
+        if self.cfg.test_mode:
+            from spirit_gpu.supervisor.testserver import serve_test_mode
+            return await serve_test_mode(self.cfg, pool, self.stop)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            transport = await self._transport(session)
+            from spirit_gpu.supervisor.worker import Worker
+            try:
+                return await Worker(self.cfg, pool, transport, session).run(self.stop)
+            finally:
+                await transport.close()
+
+    async def _transport(self, session: aiohttp.ClientSession) -> Transport:
+        plain = PlainTransport(session, self.cfg.agent_url, self.cfg.worker_token)
+        choice = self.cfg.transport
+        if choice == "plain":
+            return plain
+        if choice == "auto":
+            await plain.heartbeat([])  # learns what the agent offers
+            if "link" not in plain.features:
+                return plain
+        try:
+            from spirit_gpu.supervisor.link_client import LinkTransport
+            link = LinkTransport(session, self.cfg.agent_url, self.cfg.worker_token)
+            await link.connect()
+            logger.info("connected to the agent over the multiplexed link")
+            return link
+        except Exception as exc:  # fall back: the plain protocol always works
+            logger.warn(f"multiplexed link unavailable ({exc}); using the plain protocol")
+            return plain
+
+
+def supervisor_pid_note() -> str:
+    return f"supervisor pid {os.getpid()}"

@@ -1,0 +1,123 @@
+"""One handler process as the supervisor sees it: spawn, pipe I/O, exit."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from spirit_gpu import ipc
+
+_PIPE_SIZE = 1 << 20  # bigger pipes move large payloads in fewer wake-ups
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (out of memory, or killed from outside)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {returncode}"
+
+
+class _Reader(asyncio.Protocol):
+    def __init__(self, child: ChildProcess) -> None:
+        self.child = child
+        self.frames = ipc.FrameBuffer()
+
+    def data_received(self, data: bytes) -> None:
+        for msg in self.frames.feed(data):
+            self.child.on_message(self.child, msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.child.eof.set()
+
+
+class ChildProcess:
+    """States: starting -> ready -> (stopping) -> dead."""
+
+    def __init__(self, cid: int, on_message: Callable[[ChildProcess, ipc.Message], None]) -> None:
+        self.cid = cid
+        self.on_message = on_message
+        self.state = "starting"
+        self.pid = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.WriteTransport | None = None
+        self._reader: asyncio.ReadTransport | None = None
+        self.eof = asyncio.Event()
+        self.jobs: dict[int, Any] = {}
+        self.jobs_done = 0
+        self.last_seen = time.monotonic()
+        self.idle_since = time.monotonic()
+        self.started_at = time.monotonic()
+        self.fatal = ""
+        self.kill_reason = ""
+
+    async def spawn(self, script: str, args: list[str], env: dict[str, str]) -> None:
+        down_r, down_w = os.pipe()
+        up_r, up_w = os.pipe()
+        for fd in (down_w, up_w):
+            try:
+                fcntl.fcntl(fd, F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:
+                pass
+        child_env = dict(env, SPIRIT_CHILD_FDS=f"{down_r},{up_w}")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "spirit_gpu.child", script, *args,
+                pass_fds=(down_r, up_w), env=child_env, stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            os.close(down_r)
+            os.close(up_w)
+        self.pid = self.proc.pid
+        loop = asyncio.get_running_loop()
+        self._reader, _ = await loop.connect_read_pipe(
+            lambda: _Reader(self), os.fdopen(up_r, "rb", buffering=0))
+        self._writer, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(down_w, "wb", buffering=0))
+
+    def send(self, msg: ipc.Message) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(ipc.encode(msg))
+
+    def kill(self, reason: str = "") -> None:
+        if reason and not self.kill_reason:
+            self.kill_reason = reason
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        """Ask for a clean exit after the running jobs."""
+        if self.state != "dead":
+            self.state = "stopping"
+            self.send(ipc.Stop())
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        try:  # the last frames (e.g. a Done sent before a clean exit) may still be in the pipe
+            await asyncio.wait_for(self.eof.wait(), 0.5)
+        except TimeoutError:
+            pass
+        self.close()
+        return code
+
+    def close(self) -> None:
+        for transport in (self._writer, self._reader):
+            if transport is not None:
+                transport.close()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.jobs)

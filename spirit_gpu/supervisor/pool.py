@@ -1,0 +1,422 @@
+"""The pool of handler processes: scaling, dispatch, crashes, timeouts, recycling."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+
+from spirit_gpu import ipc
+from spirit_gpu.config import WorkerConfig
+from spirit_gpu.handlers import ASYNC_KINDS, Outcome, error_body
+from spirit_gpu.log import logger
+from spirit_gpu.supervisor.child_process import ChildProcess, describe_exit
+from spirit_gpu.supervisor.jobs import Job
+
+ChunkSink = Callable[[int, bytes], None]
+
+
+class StartupFailed(Exception):
+    """No handler process ever became ready (e.g. the script does not import)."""
+
+
+class _Run:
+    __slots__ = ("job_id", "job", "future", "on_chunk", "child", "timer", "reason")
+
+    def __init__(self, job_id: int, job: Job, on_chunk: ChunkSink | None) -> None:
+        self.job_id = job_id
+        self.job = job
+        self.future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.on_chunk = on_chunk
+        self.child: ChildProcess | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.reason: tuple[int, str] | None = None  # why we killed its process, if we did
+
+    def finish(self, outcome: Outcome) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.future.done():
+            self.future.set_result(outcome)
+
+
+def _failed(code: int, message: str) -> Outcome:
+    return Outcome(code, error_body(message), message)
+
+
+class Pool:
+    def __init__(self, cfg: WorkerConfig, script: str, args: list[str]) -> None:
+        self.cfg = cfg
+        self.script = script
+        self.args = args
+        self.kind: str | None = None
+        self.options: dict[str, object] = {}
+        self.allowed = 1
+        self.children: dict[int, ChildProcess] = {}
+        self.runs: dict[int, _Run] = {}
+        self.pending: deque[_Run] = deque()
+        self.ever_ready = False
+        self.ready = asyncio.Event()
+        self.startup_error: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.changed = asyncio.Event()  # capacity may have changed
+        self.listeners: list[Callable[[], None]] = []
+        self.closing = False
+        self.crash_streak = 0
+        self._next_spawn = 0.0
+        self._spawn_timer: asyncio.TimerHandle | None = None
+        self._ids = itertools.count(1)
+        self._job_ids = itertools.count(1)
+        self._ping_seq = itertools.count(1)
+        self._fatal_seen: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._check: asyncio.Future[tuple[bool, str]] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._env = {k: v for k, v in os.environ.items() if k != "SPIRIT_SUPERVISED"}
+
+    def _notify(self) -> None:
+        self.changed.set()
+        for listener in self.listeners:
+            listener()
+
+    # ---- capacity -------------------------------------------------------------
+
+    @property
+    def is_async(self) -> bool:
+        return self.kind in ASYNC_KINDS
+
+    @property
+    def slots(self) -> int:
+        if not self.ever_ready or self.closing:
+            return 0
+        if self.is_async:
+            return self.allowed
+        return max(1, min(self.allowed, self.cfg.max_children))
+
+    def free(self) -> int:
+        return max(0, self.slots - len(self.runs))
+
+    def running_request_ids(self) -> list[str]:
+        return [r.job.request_id for r in self.runs.values()]
+
+    # ---- life -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._spawn_now()
+        self._watchdog_task = asyncio.ensure_future(self._watchdog())
+
+    async def wait_ready(self) -> None:
+        """Return once a child is ready; raise StartupFailed if none can start."""
+        ready = asyncio.ensure_future(self.ready.wait())
+        try:
+            await asyncio.wait([ready, self.startup_error], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self.ready.is_set():
+            raise StartupFailed(self.startup_error.result())
+
+    def _background(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _spawn_now(self) -> None:
+        child = ChildProcess(next(self._ids), self._on_message)
+        self.children[child.cid] = child
+        self._background(self._run_child(child))
+
+    async def _run_child(self, child: ChildProcess) -> None:
+        try:
+            await child.spawn(self.script, self.args, self._env)
+        except OSError as exc:
+            logger.error(f"could not start a handler process: {exc}")
+            child.state = "dead"
+            self.children.pop(child.cid, None)
+            if not self.ever_ready and not self.startup_error.done():
+                self.startup_error.set_result(f"could not start a handler process: {exc}")
+            return
+        code = await child.wait()
+        self._on_exit(child, code)
+
+    # ---- messages from children -------------------------------------------------
+
+    def _on_message(self, child: ChildProcess, msg: ipc.Message) -> None:
+        child.last_seen = time.monotonic()
+        if isinstance(msg, ipc.Done):
+            self._on_done(child, msg)
+        elif isinstance(msg, ipc.Chunk):
+            run = child.jobs.get(msg.job)
+            if run is not None and run.on_chunk is not None:
+                run.on_chunk(msg.seq, msg.data)
+        elif isinstance(msg, ipc.Hello):
+            self._on_hello(child, msg)
+        elif isinstance(msg, ipc.Concurrency):
+            if msg.value != self.allowed:
+                logger.debug(f"concurrency_modifier: allowed concurrency {self.allowed} -> "
+                             f"{msg.value}")
+                self.allowed = msg.value
+                self._pump()
+                self._notify()
+        elif isinstance(msg, ipc.StartChecked):
+            if self._check is not None and not self._check.done():
+                self._check.set_result((msg.ok, msg.error))
+        elif isinstance(msg, ipc.Fatal):
+            child.fatal = msg.message
+            if msg.message not in self._fatal_seen:
+                self._fatal_seen.add(msg.message)
+                logger.error(f"handler process {child.pid} cannot serve: {msg.message}")
+
+    def _on_hello(self, child: ChildProcess, msg: ipc.Hello) -> None:
+        child.state = "ready"
+        child.idle_since = time.monotonic()
+        if self.kind is None:
+            self.kind = msg.kind
+            self.options = dict(msg.options)
+            self.allowed = msg.concurrency
+        self.ever_ready = True
+        logger.debug(f"handler process {msg.pid} ready ({msg.kind} handler)")
+        self.ready.set()
+        self._pump()
+        self._notify()
+
+    def _on_done(self, child: ChildProcess, msg: ipc.Done) -> None:
+        run = child.jobs.pop(msg.job, None)
+        child.jobs_done += 1
+        child.idle_since = time.monotonic()
+        self.crash_streak = 0
+        if run is not None:
+            self.runs.pop(run.job_id, None)
+            if run.reason is not None:  # e.g. cancelled for timeout: report why
+                msg = ipc.Done(msg.job, run.reason[0], error_body(run.reason[1]), run.reason[1])
+            run.finish(Outcome(msg.status_code, msg.body, msg.message))
+        limit = self.cfg.max_jobs_per_child
+        if child.state == "ready" and (msg.recycle or (limit and child.jobs_done >= limit)):
+            if not child.jobs:
+                why = "the handler asked for it" if msg.recycle else f"{limit} jobs served"
+                logger.info(f"recycling handler process {child.pid}: {why}")
+                child.stop()
+        self._pump()
+        self._notify()
+
+    def _on_exit(self, child: ChildProcess, code: int) -> None:
+        was_ready = child.state in ("ready", "stopping") and child.pid != 0
+        clean = child.state == "stopping" and code == 0
+        child.state = "dead"
+        self.children.pop(child.cid, None)
+        what = describe_exit(code)
+        for run in list(child.jobs.values()):
+            self.runs.pop(run.job_id, None)
+            if run.reason is not None:
+                run.finish(_failed(*run.reason))
+            else:
+                why = f" ({child.kill_reason})" if child.kill_reason else ""
+                run.finish(_failed(500, f"handler process {child.pid} {what}{why} while "
+                                        "running this request"))
+        child.jobs.clear()
+        if not clean and not self.closing:
+            if not self.ever_ready:
+                message = child.fatal or (f"handler process {child.pid} {what} before "
+                                          "becoming ready")
+                if not self.startup_error.done():
+                    self.startup_error.set_result(message)
+                return
+            self.crash_streak += 1
+            delay = 0.0 if self.crash_streak <= 1 else min(
+                self.cfg.crash_backoff_max, 0.5 * 2 ** (self.crash_streak - 2))
+            self._next_spawn = time.monotonic() + delay
+            state = "" if was_ready else " before becoming ready"
+            reason = f" ({child.kill_reason})" if child.kill_reason else ""
+            backoff = (f"; {self.crash_streak} crashes in a row, backing off {delay:.1f} s"
+                       if delay else "")
+            logger.error(f"handler process {child.pid} {what}{reason}{state}; "
+                         f"starting a replacement{backoff}")
+        self._pump()
+        self._notify()
+
+    # ---- dispatch ---------------------------------------------------------------
+
+    async def run(self, job: Job, on_chunk: ChunkSink | None = None) -> Outcome:
+        """Run one job in a handler process; never raises for the job's own failures."""
+        run = _Run(next(self._job_ids), job, on_chunk)
+        self.runs[run.job_id] = run
+        self.pending.append(run)
+        self._pump()
+        return await run.future
+
+    def _pick(self) -> ChildProcess | None:
+        ready = [c for c in self.children.values() if c.state == "ready"]
+        if self.is_async:
+            return min(ready, key=lambda c: len(c.jobs), default=None)
+        for child in ready:
+            if not child.jobs:
+                return child
+        return None
+
+    def _pump(self) -> None:
+        while self.pending:
+            child = self._pick()
+            if child is None:
+                break
+            run = self.pending.popleft()
+            run.child = child
+            child.jobs[run.job_id] = run
+            job = run.job
+            child.send(ipc.Run(run.job_id, job.request_id, job.mode, job.webhook, job.body))
+            if self.cfg.job_timeout > 0:
+                run.timer = asyncio.get_running_loop().call_later(
+                    self.cfg.job_timeout, self._timed_out, run)
+        self._scale()
+
+    def _wanted(self) -> int:
+        if self.closing:
+            return 0
+        if self.kind is None:
+            return 1
+        if self.is_async:
+            return max(1, self.cfg.async_children)
+        busy = sum(1 for c in self.children.values() if c.jobs)
+        want = busy + len(self.pending)
+        idle = sum(1 for c in self.children.values() if c.state == "ready" and not c.jobs)
+        return min(max(self.cfg.min_children, want, busy + idle), self.slots or 1)
+
+    def _scale(self) -> None:
+        alive = [c for c in self.children.values() if c.state in ("starting", "ready")]
+        missing = self._wanted() - len(alive)
+        if missing <= 0:
+            return
+        wait = self._next_spawn - time.monotonic()
+        if wait > 0:
+            if self._spawn_timer is None:
+                self._spawn_timer = asyncio.get_running_loop().call_later(wait, self._spawn_due)
+            return
+        for _ in range(missing):
+            self._spawn_now()
+
+    def _spawn_due(self) -> None:
+        self._spawn_timer = None
+        self._scale()
+
+    # ---- timeouts, cancellation, liveness -----------------------------------------
+
+    def _timed_out(self, run: _Run) -> None:
+        message = (f"request timeout: the handler ran longer than the "
+                   f"{self.cfg.job_timeout:g} s job timeout")
+        self._stop_run(run, 408, message)
+
+    def cancel(self, request_id: str, status_code: int = 499,
+               reason: str = "request cancelled") -> bool:
+        for run in list(self.runs.values()):
+            if run.job.request_id == request_id:
+                self._stop_run(run, status_code, reason)
+                return True
+        return False
+
+    def _stop_run(self, run: _Run, status_code: int, message: str) -> None:
+        if run.future.done():
+            return
+        run.reason = (status_code, message)
+        child = run.child
+        if child is None:  # still queued here
+            self.pending.remove(run)
+            self.runs.pop(run.job_id, None)
+            run.finish(_failed(status_code, message))
+            self._notify()
+        elif self.is_async:
+            child.send(ipc.Cancel(run.job_id, status_code, message))
+            # a task that ignores cancellation loses its process
+            asyncio.get_running_loop().call_later(5.0, self._cancel_overdue, run)
+        else:
+            child.kill(message)
+
+    def _cancel_overdue(self, run: _Run) -> None:
+        if not run.future.done() and run.child is not None:
+            run.child.kill("a cancelled task did not stop within 5 s")
+
+    async def _watchdog(self) -> None:
+        tick = max(0.05, min(self.cfg.ping_interval, 1.0))
+        last_ping = last_ask = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            live = [c for c in self.children.values() if c.state in ("starting", "ready",
+                                                                      "stopping")]
+            if now - last_ping >= self.cfg.ping_interval:
+                last_ping = now
+                seq = next(self._ping_seq)
+                for child in live:
+                    child.send(ipc.Ping(seq))
+            for child in live:
+                silent = now - child.last_seen
+                if child.pid and silent > self.cfg.ping_timeout:
+                    child.kill(f"unresponsive: no answer to liveness pings for {silent:.0f} s")
+            if self.ever_ready and now - last_ask >= self.cfg.concurrency_interval:
+                last_ask = now
+                target = next((c for c in live if c.state == "ready"), None)
+                if target is not None:
+                    target.send(ipc.AskConcurrency(self.allowed))
+            self._retire_idle(now)
+
+    def _retire_idle(self, now: float) -> None:
+        if self.is_async or self.closing:
+            return
+        ready = [c for c in self.children.values() if c.state in ("starting", "ready")]
+        surplus = len(ready) - max(self.cfg.min_children, 1)
+        for child in sorted(ready, key=lambda c: c.idle_since):
+            if surplus <= 0:
+                break
+            if (child.state == "ready" and not child.jobs
+                    and now - child.idle_since >= self.cfg.idle_timeout):
+                logger.debug(f"retiring idle handler process {child.pid}")
+                child.stop()
+                surplus -= 1
+
+    # ---- proxy mode -------------------------------------------------------------
+
+    async def check_start(self) -> tuple[bool, str]:
+        """Run the user's check_start once in a handler process."""
+        child = next((c for c in self.children.values() if c.state == "ready"), None)
+        if child is None:
+            return False, "no handler process is ready"
+        self._check = asyncio.get_running_loop().create_future()
+        child.send(ipc.CheckStart())
+        return await self._check
+
+    # ---- shutdown ---------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking work; give running jobs ``grace`` seconds, then end them."""
+        self.closing = True
+        for run in list(self.pending):
+            self._stop_run(run, 503, "worker shutting down before the request started")
+        deadline = time.monotonic() + grace
+        while self.runs and time.monotonic() < deadline:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+        for run in list(self.runs.values()):
+            self._stop_run(run, 503, f"worker shut down: the request did not finish within "
+                                     f"the {grace:g} s grace period")
+        await self.close()
+
+    async def close(self) -> None:
+        self.closing = True
+        if self._spawn_timer is not None:
+            self._spawn_timer.cancel()
+        for child in list(self.children.values()):
+            child.stop()
+        deadline = time.monotonic() + 3.0
+        while self.children and time.monotonic() < deadline:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        for child in list(self.children.values()):
+            child.kill("supervisor exiting")
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+        # the remaining tasks end as their (killed) processes are reaped
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,41 @@
+"""EASE_TEST_MODE: a local HTTP server; ``POST /`` runs the handler on the body."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from aiohttp import web
+
+from spirit_gpu.config import WorkerConfig
+from spirit_gpu.log import logger
+from spirit_gpu.supervisor.jobs import Job, now_ms
+from spirit_gpu.supervisor.pool import Pool
+
+MAX_BODY = 20 * 1024 * 1024
+
+
+async def serve_test_mode(cfg: WorkerConfig, pool: Pool, stop: asyncio.Event) -> int:
+    async def run(request: web.Request) -> web.Response:
+        body = await request.read()
+        request_id = request.headers.get("Ease-Request-Id") or f"test-{uuid.uuid4().hex}"
+        job = Job(request_id=request_id, mode="sync", body=body, received_at=now_ms())
+        job.started_at = job.received_at
+        outcome = await pool.run(job)
+        return web.Response(status=outcome.status_code, body=outcome.body,
+                            content_type="application/json",
+                            headers={"Ease-Request-Id": request_id})
+
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_post("/", run)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.test_host, cfg.test_port)
+    await site.start()
+    logger.info(f"test mode: POST http://{cfg.test_host}:{cfg.test_port}/ runs the handler")
+    try:
+        await stop.wait()
+    finally:
+        await pool.drain(cfg.grace_period)
+        await runner.cleanup()
+    return 0

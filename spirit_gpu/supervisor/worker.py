@@ -1,0 +1,167 @@
+"""The job loop: take requests from the platform, run them, report everything."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from spirit_gpu.config import WorkerConfig
+from spirit_gpu.handlers import ASYNC_GENERATOR, GENERATOR, Outcome, error_body
+from spirit_gpu.log import logger
+from spirit_gpu.supervisor import webhook
+from spirit_gpu.supervisor.agent import AgentUnavailable
+from spirit_gpu.supervisor.jobs import Job, metric, now_ms, ttl_expired
+from spirit_gpu.supervisor.pool import Pool
+from spirit_gpu.supervisor.transport import Transport
+
+STREAMING_KINDS = (GENERATOR, ASYNC_GENERATOR)
+
+
+class ChunkRelay:
+    """Sends one job's generator chunks to the platform in order, off the hot path."""
+
+    def __init__(self, transport: Transport, job: Job) -> None:
+        self.transport = transport
+        self.job = job
+        self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._send())
+
+    def push(self, seq: int, data: bytes) -> None:
+        self.queue.put_nowait((seq, data))
+
+    async def _send(self) -> None:
+        while (item := await self.queue.get()) is not None:
+            await self.transport.chunk(self.job, *item)
+
+    async def finish(self) -> None:
+        self.queue.put_nowait(None)
+        await self.task
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, pool: Pool, transport: Transport,
+                 session: aiohttp.ClientSession) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.transport = transport
+        self.session = session
+        self.reserved = 0  # pulls in flight + jobs running: never more than pool.slots
+        self.kick = asyncio.Event()  # a slot freed or the pool's capacity changed
+        self.jobs: set[asyncio.Task[None]] = set()
+        self.exit_code = 0
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Serve until ``stop`` is set (or the agent says it is unhealthy)."""
+        self.pool.listeners.append(self.kick.set)
+        pullers: list[asyncio.Task[None]] = []
+        heartbeat = asyncio.ensure_future(self._heartbeats())
+        stop_wait = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                while len(pullers) < max(1, self.pool.slots):
+                    pullers.append(asyncio.ensure_future(self._puller(stop)))
+                self.kick.clear()
+                kicked = asyncio.ensure_future(self.kick.wait())
+                await asyncio.wait([stop_wait, kicked], return_when=asyncio.FIRST_COMPLETED)
+                kicked.cancel()
+        finally:
+            stop_wait.cancel()
+            for task in pullers:
+                task.cancel()
+            await asyncio.gather(*pullers, return_exceptions=True)
+            await self.pool.drain(self.cfg.grace_period)
+            if self.jobs:  # their results are still being reported
+                await asyncio.gather(*self.jobs, return_exceptions=True)
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+        return self.exit_code
+
+    async def _take_slot(self) -> None:
+        while self.reserved >= self.pool.slots:
+            self.kick.clear()
+            await self.kick.wait()
+        self.reserved += 1
+
+    def _free_slot(self) -> None:
+        self.reserved -= 1
+        self.kick.set()
+
+    async def _puller(self, stop: asyncio.Event) -> None:
+        idle_delay = 0.05
+        while not stop.is_set():
+            await self._take_slot()
+            try:
+                result = await self.transport.pull(1)
+            except AgentUnavailable:
+                self._free_slot()
+                await asyncio.sleep(min(5.0, idle_delay * 4))
+                idle_delay = min(idle_delay * 2, 1.25)
+                continue
+            except BaseException:
+                self._free_slot()
+                raise
+            if not result.healthy and not self.pool.runs and not self.jobs:
+                logger.error("agent reports it is unhealthy (X-Agent-Health: false) and no "
+                             "job is running: exiting with status 1")
+                self.exit_code = 1
+                stop.set()
+            if not result.jobs:
+                self._free_slot()
+                if "longpoll" not in self.transport.features:
+                    await asyncio.sleep(idle_delay)
+                    idle_delay = min(idle_delay * 2, self.cfg.pull_backoff_max)
+                continue
+            idle_delay = 0.05
+            for job in result.jobs:
+                task = asyncio.ensure_future(self._process(job))
+                self.jobs.add(task)
+                task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self.jobs.discard(task)
+        self._free_slot()
+
+    async def _process(self, job: Job) -> None:
+        started = now_ms()
+        if ttl_expired(job, started):
+            waited = started - job.enqueue_at
+            message = (f"request timeout: queued {waited} ms, longer than its time to live "
+                       f"of {job.ttl_ms} ms")
+            await self._report(job, Outcome(408, error_body(message), message))
+            return
+        job.started_at = started
+        executing = asyncio.ensure_future(self.transport.metric(job, metric(job, "executing")))
+        streams = self.pool.kind in STREAMING_KINDS
+        relay = ChunkRelay(self.transport, job) if streams else None
+        try:
+            outcome = await self.pool.run(job, relay.push if relay else None)
+        finally:
+            if relay is not None:
+                await relay.finish()
+            await executing
+        await self._report(job, outcome)
+
+    async def _report(self, job: Job, outcome: Outcome) -> None:
+        finished = now_ms()
+        await self.transport.result(job, outcome.status_code, outcome.message, outcome.body)
+        message = outcome.message
+        if job.webhook:
+            failure = await webhook.deliver(self.session, self.cfg, job.webhook, job.request_id,
+                                            outcome.status_code, outcome.body)
+            if failure:
+                message = f"{message}; {failure}" if message else failure
+        status = "succeed" if 200 <= outcome.status_code < 300 else "failed"
+        await self.transport.metric(job, metric(job, status, message, finished))
+        await self.transport.ack(job)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                reply = await self.transport.heartbeat(self.pool.running_request_ids())
+            except AgentUnavailable:
+                reply = None
+            for request_id in reply.cancel if reply is not None else []:
+                if self.pool.cancel(request_id, 499, "request cancelled by the client"):
+                    logger.info("cancelling running request", request_id=request_id)
+            await asyncio.sleep(self.cfg.heartbeat_interval)

@@ -1,0 +1,1 @@
+print("I forgot to call start()")

@@ -1,0 +1,116 @@
+"""Shared fixtures: real servers on 127.0.0.1 and real supervisor processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.fake_agent import FakeAgent
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Worker:
+    """A supervisor subprocess; its output is kept for assertions."""
+
+    def __init__(self, app: str, env: dict[str, str], args: list[str], log: Path) -> None:
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
+        script = app if os.path.isabs(app) else str(APPS / app)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spirit_gpu.supervisor", script, *args],
+            env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def child_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True).stdout
+        return [int(x) for x in out.split()]
+
+    def wait_output(self, text: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in output:\n{self.output}")
+            time.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path) -> Iterator[object]:
+    workers: list[Worker] = []
+
+    def make(app: str, env: dict[str, str] | None = None, args: list[str] | None = None) -> Worker:
+        w = Worker(app, env or {}, args or [], tmp_path / f"worker{len(workers)}.log")
+        workers.append(w)
+        return w
+
+    yield make
+    for w in workers:
+        w.stop()
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[FakeAgent]:
+    fake = FakeAgent()
+    runner = web.AppRunner(fake.app(), access_log=None)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    fake.url = f"http://127.0.0.1:{port}"
+    yield fake
+    await runner.cleanup()
+
+
+def worker_env(agent: FakeAgent, **extra: str) -> dict[str, str]:
+    env = {"EASE_AGENT_URL": agent.url + agent.prefix, "EASE_HEARTBEAT_INTERVAL": "0.2",
+           "SPIRIT_PULL_BACKOFF_MAX": "0.05", "SPIRIT_TRANSPORT": "plain"}
+    env.update(extra)
+    return env
+
+
+async def until(check: object, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def wait_exit(worker: Worker, timeout: float = 20.0) -> int:
+    """The worker's exit code, polling with a deadline (never blocking the loop)."""
+    await until(lambda: worker.proc.poll() is not None, timeout)
+    return int(worker.proc.returncode)
