@@ -61,12 +61,11 @@ def render_main(data_type: str, handler_type: str) -> str:
     pydantic = data_type.startswith("pydantic")
     stdlib = ([] if pydantic else ["import dataclasses"]) + ["import sys"]
     stdlib += _STDLIB.get(handler_type, []) + ["from pathlib import Path", "from typing import Any"]
-    imports = "\n".join(sorted(stdlib, key=lambda line: (line.startswith("from"), line))) + "\n"
-    if pydantic:
-        imports += "\nfrom pydantic import ValidationError\n"
+    imports = "\n".join(sorted(stdlib, key=lambda line: (line.startswith("from"), line)))
+    imports += "\n\nfrom pydantic import ValidationError" if pydantic else "\n"
     validation = _read("main", "validate_pydantic.txt" if pydantic else "validate_dataclass.txt")
     return string.Template(_read("main", "main.py.tmpl")).substitute(
-        imports=imports.rstrip("\n"),
+        imports=imports,
         validation=validation.rstrip("\n"),
         handler=_read("main", f"handler_{handler_type}.txt").rstrip("\n"),
     )

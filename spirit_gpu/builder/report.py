@@ -17,8 +17,8 @@ _STYLE = {CREATED: "green", OVERWRITTEN: "yellow", KEPT: "cyan", UNCHANGED: "dim
 
 def show_arguments(console: Console, arguments: dict[str, str]) -> None:
     table = Table(title="spirit-gpu-builder", show_header=True, header_style="bold")
-    table.add_column("argument")
-    table.add_column("value")
+    table.add_column("argument", no_wrap=True)
+    table.add_column("value", overflow="fold")
     for name, value in arguments.items():
         table.add_row(name, escape(value))
     console.print(table)

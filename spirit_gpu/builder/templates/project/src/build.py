@@ -9,7 +9,7 @@ huggingface_hub in requirements.txt:
 
 
 def main() -> None:
-    print("build.py: nothing to download yet; edit src/build.py to fetch your model weights")
+    print("build.py: nothing to download yet; edit src/build.py to fetch model weights")
 
 
 if __name__ == "__main__":
