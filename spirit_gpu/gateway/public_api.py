@@ -1,0 +1,208 @@
+"""The public serverless API: /v1/<sid>/sync | async | status (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from yarl import URL
+
+from spirit_gpu.gateway.auth import require_api_key
+from spirit_gpu.gateway.httpio import (
+    JSON,
+    ApiError,
+    json_response,
+    looks_like_json,
+    read_body,
+    serverless_id,
+)
+from spirit_gpu.gateway.service import GATEWAY_KEY, Gateway
+from spirit_gpu.gateway.storage.base import CancelOutcome, NewRequest, RequestRecord
+
+
+class Policy(msgspec.Struct):
+    ttl: int | None = None  # ms
+
+
+class ClientBody(msgspec.Struct):
+    """What the gateway reads of a client's request; ``input`` stays undecoded."""
+
+    input: msgspec.Raw = msgspec.Raw(b"")
+    webhook: str | None = None
+    policy: Policy | None = None
+
+
+class StatusQuery(msgspec.Struct):
+    requestIDs: list[str]
+
+
+_body = msgspec.json.Decoder(ClientBody)
+_status_query = msgspec.json.Decoder(StatusQuery)
+MAX_BATCH = 1000
+
+
+def _gateway(request: web.Request) -> Gateway:
+    gw = request.app[GATEWAY_KEY]
+    require_api_key(request, gw.config)
+    return gw
+
+
+def _parse(raw: bytes) -> ClientBody:
+    if not raw:
+        raise ApiError(400, "failed to get request data: the body is empty")
+    try:
+        body = _body.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request arguments: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"invalid request data: {exc}") from exc
+    if not body.input:
+        raise ApiError(400, "invalid request arguments: the body needs an 'input' field")
+    return body
+
+
+def _ttl_ms(body: ClientBody, default_s: float, max_s: float) -> int:
+    ttl = body.policy.ttl if body.policy is not None else None
+    if ttl is None:
+        return int(default_s * 1000)
+    if ttl <= 0 or ttl > max_s * 1000:
+        raise ApiError(400, f"invalid request arguments: policy.ttl must be 1..{int(max_s * 1000)}"
+                       " ms")
+    return ttl
+
+
+def _check_webhook(url: str) -> None:
+    try:
+        parsed = URL(url)
+    except ValueError as exc:
+        raise ApiError(400, f"invalid request arguments: webhook: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ApiError(400, "invalid request arguments: webhook must be an http(s) URL")
+
+
+def status_view(rec: RequestRecord) -> dict[str, Any]:
+    result = rec.result
+    return {"statusCode": rec.status_code, "serverlessID": rec.sid,
+            "requestID": rec.request_id, "status": rec.public_status, "message": rec.message,
+            "result": base64.b64encode(result).decode() if result is not None else None}
+
+
+def _not_found(sid: str, request_id: str) -> dict[str, Any]:
+    return {"statusCode": 404, "serverlessID": sid, "requestID": request_id,
+            "status": "notFound", "message": "request not found (unknown or past retention)",
+            "result": None}
+
+
+def result_response(rec: RequestRecord) -> web.Response:
+    """A sync request's answer: the worker's status code and the handler's bytes."""
+    data = rec.result
+    if data:
+        ctype = JSON if looks_like_json(data) else "application/octet-stream"
+        return web.Response(body=data, status=rec.status_code, content_type=ctype)
+    if 200 <= rec.status_code < 300:
+        return web.Response(body=b"", status=rec.status_code, content_type=JSON)
+    return json_response({"error": rec.message or rec.status}, rec.status_code)
+
+
+async def sync_request(request: web.Request) -> web.StreamResponse:
+    gw = _gateway(request)
+    sid = serverless_id(request)
+    cfg = gw.config
+    raw = await read_body(request, cfg.max_body_bytes)
+    body = _parse(raw)
+    ttl = min(_ttl_ms(body, cfg.sync_timeout, cfg.async_ttl_max), int(cfg.sync_timeout * 1000))
+    if await gw.storage.worker_count(sid) == 0:
+        raise ApiError(503, "not enough gpu now")
+    rec = await gw.submit(NewRequest(sid=sid, mode="sync", body=raw,
+                                     webhook=body.webhook or "", ttl_ms=ttl))
+    done = await gw.storage.wait_done(sid, rec.request_id, cfg.sync_timeout)
+    if done is None:
+        await gw.cancel(sid, rec.request_id, None, 408, "request timeout")
+        done = await gw.storage.get(sid, rec.request_id)
+        if done is None or not done.terminal:
+            raise ApiError(408, "request timeout")
+    if done.status_code == 408 and done.ended_by_gateway:
+        raise ApiError(408, f"request timeout: {done.message}")
+    return result_response(done)
+
+
+async def async_request(request: web.Request) -> web.StreamResponse:
+    gw = _gateway(request)
+    sid = serverless_id(request)
+    cfg = gw.config
+    raw = await read_body(request, cfg.max_body_bytes)
+    body = _parse(raw)
+    if not body.webhook:
+        raise ApiError(400, "webhook is empty for async request")
+    _check_webhook(body.webhook)
+    ttl = _ttl_ms(body, cfg.async_ttl_default, cfg.async_ttl_max)
+    rec = await gw.submit(NewRequest(sid=sid, mode="async", body=raw, webhook=body.webhook,
+                                     ttl_ms=ttl))
+    return json_response({"id": rec.request_id, "sequence": rec.sequence})
+
+
+async def get_status(request: web.Request) -> web.StreamResponse:
+    gw = _gateway(request)
+    sid = serverless_id(request)
+    request_id = request.query.get("requestID")
+    if request_id is None:
+        return json_response({"queueingCount": await gw.storage.queue_length(sid)})
+    rec = await gw.storage.get(sid, request_id)
+    if rec is None:
+        raise ApiError(404, "request not found (unknown or past retention)")
+    return json_response(status_view(rec))
+
+
+async def post_status(request: web.Request) -> web.StreamResponse:
+    gw = _gateway(request)
+    sid = serverless_id(request)
+    raw = await read_body(request, gw.config.max_body_bytes)
+    try:
+        query = _status_query.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request arguments: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"invalid request data: {exc}") from exc
+    if len(query.requestIDs) > MAX_BATCH:
+        raise ApiError(400, f"invalid request arguments: at most {MAX_BATCH} requestIDs")
+    statuses = []
+    for request_id in query.requestIDs:
+        rec = await gw.storage.get(sid, request_id)
+        statuses.append(status_view(rec) if rec is not None else _not_found(sid, request_id))
+    return json_response({"statuses": statuses})
+
+
+async def delete_async(request: web.Request) -> web.StreamResponse:
+    gw = _gateway(request)
+    sid = serverless_id(request)
+    request_id = request.query.get("requestID")
+    if request_id is None:
+        cleaned = await gw.storage.clean_queued(sid, "async")
+        return json_response({"id": sid, "cleaned": cleaned})
+    sequence: int | None = None
+    if request.query.get("sequence", "") != "":
+        try:
+            sequence = int(request.query["sequence"])
+        except ValueError as exc:
+            raise ApiError(400, "invalid request arguments: sequence must be an integer") \
+                from exc
+    outcome = await gw.cancel(sid, request_id, sequence)
+    if outcome is CancelOutcome.NOT_FOUND:
+        raise ApiError(404, "request not found (unknown or past retention)")
+    if outcome is CancelOutcome.SEQUENCE_MISMATCH:
+        raise ApiError(400, "invalid request arguments: sequence does not match the request")
+    if outcome is CancelOutcome.ALREADY_FINISHED:
+        rec = await gw.storage.get(sid, request_id)
+        if rec is None or rec.status != "cancelled":
+            raise ApiError(400, "invalid request arguments: the request already finished")
+    return json_response({"id": request_id})
+
+
+def install(app: web.Application) -> None:
+    app.router.add_post("/v1/{sid}/sync", sync_request)
+    app.router.add_post("/v1/{sid}/async", async_request)
+    app.router.add_delete("/v1/{sid}/async", delete_async)
+    app.router.add_get("/v1/{sid}/status", get_status)
+    app.router.add_post("/v1/{sid}/status", post_status)

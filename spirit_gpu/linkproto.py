@@ -1,0 +1,109 @@
+"""The multiplexed worker link: frames between a gateway and a worker.
+
+One WebSocket per worker (``GET <agent>/apis/v1/link``) carries binary
+messages, each one MessagePack-encoded ``msgspec.Struct`` of the tagged union
+``Frame``. Structs are array-like, so a frame is ``[tag, field, ...]``; new
+fields may only be appended, with defaults. Payloads (request and result
+bodies, stream chunks) are raw bytes: nothing is base64-encoded on the link.
+
+Gateway -> worker: ``Welcome`` (first frame), ``Dispatch``, ``Cancel``.
+Worker -> gateway: ``Credit``, ``Metric``, ``Result``, ``Ack``, ``Chunk``,
+``Heartbeat``.
+
+Flow control: the worker grants credits (``Credit(n)``, n may be negative to
+take back unused ones); the gateway sends at most that many ``Dispatch``
+frames, each using one credit. Every frame the worker sends renews the lease
+on all jobs dispatched to it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+VERSION = 1
+
+
+class Welcome(msgspec.Struct, tag="welcome", array_like=True):
+    """The gateway accepted the link. ``lease_ms``: silence after which jobs are lost."""
+
+    version: int
+    lease_ms: int
+    features: list[str] = []
+
+
+class Dispatch(msgspec.Struct, tag="dispatch", array_like=True):
+    """One job. ``body`` is the client's request JSON exactly as it was sent."""
+
+    request_id: str
+    mode: str
+    webhook: str
+    enqueue_at: int
+    create_at: int
+    ttl_ms: int
+    body: bytes
+
+
+class Cancel(msgspec.Struct, tag="cancel", array_like=True):
+    """Stop these requests (the platform already ended them as cancelled)."""
+
+    request_ids: list[str]
+
+
+class Credit(msgspec.Struct, tag="credit", array_like=True):
+    """The worker can take ``n`` more jobs (negative: take back unused credits)."""
+
+    n: int
+
+
+class Metric(msgspec.Struct, tag="metric", array_like=True):
+    """The status metric of a job (``status``: executing | succeed | failed)."""
+
+    request_id: str
+    status: str
+    message: str = ""
+    queueing_ms: int = 0
+    execution_ms: int = 0
+
+
+class Result(msgspec.Struct, tag="result", array_like=True):
+    """A job's result: the handler's bytes, not base64-encoded."""
+
+    request_id: str
+    status_code: int
+    message: str
+    data: bytes
+
+
+class Ack(msgspec.Struct, tag="ack", array_like=True):
+    """The worker is done with a job (result and metrics reported)."""
+
+    request_id: str
+
+
+class Chunk(msgspec.Struct, tag="chunk", array_like=True):
+    """One JSON-encoded item a generator handler yielded; ``seq`` counts from 0."""
+
+    request_id: str
+    seq: int
+    data: bytes
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True):
+    """The requests the worker is running now."""
+
+    request_ids: list[str]
+
+
+Frame = Welcome | Dispatch | Cancel | Credit | Metric | Result | Ack | Chunk | Heartbeat
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Frame] = msgspec.msgpack.Decoder(Frame)
+
+
+def encode(frame: Frame) -> bytes:
+    return _encoder.encode(frame)
+
+
+def decode(data: bytes) -> Frame:
+    """Raises ``msgspec.DecodeError`` (or ValidationError) on a malformed frame."""
+    return _decoder.decode(data)
