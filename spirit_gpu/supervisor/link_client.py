@@ -1,0 +1,188 @@
+"""The multiplexed link, worker side: the Transport interface over one WebSocket.
+
+Jobs arrive as ``Dispatch`` frames against credits this side grants in
+``pull``; results, metrics, chunks, acks and heartbeats go back as frames
+(``spirit_gpu.linkproto``). On a lost link it reconnects on the next call;
+jobs dispatched but not yet handed to the worker loop are dropped (the gateway
+redelivers them when their lease runs out), running jobs report on the new link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+import aiohttp
+import msgspec
+
+from spirit_gpu import linkproto as lp
+from spirit_gpu.log import logger
+from spirit_gpu.supervisor.agent import AgentUnavailable, Outage, agent_endpoint
+from spirit_gpu.supervisor.jobs import DEFAULT_TTL_MS, Job, StatusMetric, now_ms
+from spirit_gpu.supervisor.transport import HeartbeatReply, PullResult
+
+PULL_WAIT = 1.0  # seconds pull() waits for a dispatch before answering []
+CONNECT_TIMEOUT = 10.0
+
+
+def job_from_dispatch(d: lp.Dispatch) -> Job:
+    return Job(request_id=d.request_id, mode=d.mode, webhook=d.webhook,
+               enqueue_at=d.enqueue_at, create_at=d.create_at,
+               ttl_ms=d.ttl_ms or DEFAULT_TTL_MS, body=d.body, received_at=now_ms())
+
+
+class LinkTransport:
+    def __init__(self, session: aiohttp.ClientSession, agent_url: str, token: str = "") -> None:
+        self.session = session
+        self.url = agent_endpoint(agent_url, "link")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.features: set[str] = set()
+        self.lease_ms = 0
+        self.outage = Outage(f"agent link at {self.url}")
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._buffer: deque[Job] = deque()
+        self._arrived = asyncio.Event()
+        self._outstanding = 0  # credits granted and not yet used by a dispatch
+        self._cancels: set[str] = set()
+        self._closed = False
+
+    # --- connection --------------------------------------------------------------
+    async def connect(self) -> None:
+        """Open the link and read the gateway's Welcome; raises when either fails."""
+        ws = await self.session.ws_connect(self.url, headers=self.headers, max_msg_size=0,
+                                           timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
+        try:
+            first = await ws.receive(timeout=CONNECT_TIMEOUT)
+            if first.type != aiohttp.WSMsgType.BINARY:
+                raise ConnectionError(f"link closed before the welcome ({first.type.name})")
+            welcome = lp.decode(first.data)
+            if not isinstance(welcome, lp.Welcome):
+                raise ConnectionError(f"link opened with {type(welcome).__name__}, not Welcome")
+        except BaseException:
+            await ws.close()
+            raise
+        self.features = set(welcome.features)
+        self.lease_ms = welcome.lease_ms
+        self._buffer.clear()
+        self._outstanding = 0
+        self._ws = ws
+        self._reader = asyncio.create_task(self._read(ws))
+
+    async def _live(self) -> aiohttp.ClientWebSocketResponse:
+        ws = self._ws
+        if ws is not None and not ws.closed:
+            return ws
+        async with self._lock:
+            if self._ws is None or self._ws.closed:
+                if self._closed:
+                    raise AgentUnavailable("link transport closed")
+                try:
+                    await self.connect()
+                except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError) as exc:
+                    self.outage.down(exc)
+                    raise AgentUnavailable(str(exc)) from exc
+                self.outage.up()
+            assert self._ws is not None
+            return self._ws
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    break
+                try:
+                    frame = lp.decode(msg.data)
+                except msgspec.DecodeError as exc:
+                    logger.error(f"malformed frame on the agent link: {exc}")
+                    continue
+                if isinstance(frame, lp.Dispatch):
+                    self._outstanding = max(0, self._outstanding - 1)
+                    self._buffer.append(job_from_dispatch(frame))
+                    self._arrived.set()
+                elif isinstance(frame, lp.Cancel):
+                    self._cancels.update(frame.request_ids)
+                    gone = set(frame.request_ids)
+                    self._buffer = deque(j for j in self._buffer if j.request_id not in gone)
+        finally:
+            if self._ws is ws:
+                self._ws = None
+                self._buffer.clear()  # undelivered: the gateway redelivers them
+                self._outstanding = 0
+                self._arrived.set()
+                if not self._closed:
+                    logger.warn("agent link lost; reconnecting on the next call")
+
+    async def _send(self, frame: lp.Frame, attempts: int, request_id: str = "") -> bool:
+        data = lp.encode(frame)
+        delay = 0.1
+        error: object = None
+        for attempt in range(1, attempts + 1):
+            try:
+                ws = await self._live()
+                await ws.send_bytes(data)
+                return True
+            except (AgentUnavailable, aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+                error = exc
+            if attempt < attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        logger.error(f"giving up on sending {type(frame).__name__.lower()} over the link after "
+                     f"{attempts} attempts: {error}", request_id=request_id)
+        return False
+
+    # --- Transport ------------------------------------------------------------------
+    async def pull(self, limit: int) -> PullResult:
+        ws = await self._live()
+        want = limit - len(self._buffer) - self._outstanding
+        if want < 0:
+            want = max(want, -self._outstanding)
+        if want:
+            self._outstanding += want
+            try:
+                await ws.send_bytes(lp.encode(lp.Credit(n=want)))
+            except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+                raise AgentUnavailable(f"link send failed: {exc}") from exc
+        if not self._buffer:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), PULL_WAIT)
+        jobs: list[Job] = []
+        while self._buffer and len(jobs) < limit:
+            jobs.append(self._buffer.popleft())
+        return PullResult(jobs)
+
+    async def metric(self, job: Job, status: StatusMetric) -> None:
+        await self._send(lp.Metric(request_id=job.request_id, status=status.status,
+                                   message=status.message,
+                                   queueing_ms=status.queueingDuration,
+                                   execution_ms=status.executionDuration), 6, job.request_id)
+
+    async def result(self, job: Job, status_code: int, message: str, data: bytes) -> None:
+        await self._send(lp.Result(request_id=job.request_id, status_code=status_code,
+                                   message=message, data=data), 10, job.request_id)
+
+    async def ack(self, job: Job) -> None:
+        await self._send(lp.Ack(request_id=job.request_id), 6, job.request_id)
+
+    async def chunk(self, job: Job, seq: int, data: bytes) -> None:
+        await self._send(lp.Chunk(request_id=job.request_id, seq=seq, data=data), 3,
+                         job.request_id)
+
+    async def heartbeat(self, request_ids: list[str]) -> HeartbeatReply:
+        if not await self._send(lp.Heartbeat(request_ids=request_ids), 1):
+            raise AgentUnavailable("heartbeat could not be sent over the link")
+        cancel = sorted(self._cancels)
+        self._cancels.clear()
+        return HeartbeatReply(cancel=cancel)
+
+    async def close(self) -> None:
+        self._closed = True
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            await ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
