@@ -1,0 +1,157 @@
+"""One HTTP hop of the proxy path: header filtering and streaming a response through.
+
+Both hops use it: gateway -> worker listener and worker listener -> LLM server.
+Bodies are never buffered whole: a request body is passed on as a stream (a
+small body with a known length is read first, it is already in memory), and a
+response is written to the client chunk by chunk as the upstream produces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 7.6.1 connection-specific headers, plus Host (the client sets its own).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
+})
+# A request body with a known length up to this size is read before forwarding
+# (aiohttp has it in memory already); larger or chunked bodies are streamed.
+SMALL_BODY = 256 * 1024
+# A response with a known length up to this size goes out in one write.
+SMALL_RESPONSE = 64 * 1024
+
+# aiohttp's client would otherwise add its own User-Agent, Accept, Accept-Encoding
+# and Content-Type: the upstream must see the client's headers, no more.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str],
+                   drop: frozenset[str]) -> CIMultiDict[str]:
+    """A copy without hop-by-hop headers, the ones named in ``Connection``, and ``drop``."""
+    named = headers.get("Connection")
+    if named:
+        drop = drop | {t.strip().lower() for t in named.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        if key.lower() not in drop:
+            out.add(key, value)
+    return out
+
+
+def new_session(limit: int = 0) -> aiohttp.ClientSession:
+    """A keep-alive pool that passes bytes through untouched (no decompression)."""
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=30.0)
+    return aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
+    )
+
+
+async def request_body(request: web.BaseRequest) -> Any:
+    """What to send upstream: the bytes when small and known, else the stream."""
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if length is not None and length <= SMALL_BODY:
+        return await request.read()
+    return request.content
+
+
+def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@dataclass
+class Relayed:
+    """How a relay ended. ``cut``: "" (complete), "client", "upstream" or "deadline"."""
+
+    response: web.StreamResponse
+    nbytes: int = 0
+    cut: str = ""
+    detail: str = ""
+
+
+def cut_connection(request: web.BaseRequest) -> None:
+    """End a started response without its terminator: the client sees an error.
+
+    Chunks already written are flushed first; aiohttp's own ``write_eof`` then
+    fails quietly on the closed transport.
+    """
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.close()
+
+
+async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
+                extra_headers: dict[str, str] | None = None,
+                deadline: float | None = None) -> Relayed:
+    """Stream ``upstream``'s response to ``request``'s client, chunk by chunk.
+
+    ``deadline`` (loop time) cuts a transfer still running then. A broken
+    upstream or a passed deadline cut the client connection (the client sees
+    an incomplete response, never a truncated body that looks whole).
+    """
+    headers = filter_headers(upstream.headers, HOP_BY_HOP)
+    if extra_headers:
+        headers.update(extra_headers)
+    length = upstream.content_length
+    if length is not None and length <= SMALL_RESPONSE:
+        try:
+            if deadline is None:
+                body = await upstream.read()
+            else:
+                async with asyncio.timeout_at(deadline):
+                    body = await upstream.read()
+        except TimeoutError:
+            return Relayed(json_error(408, "request timeout: transfer limit reached"),
+                           cut="deadline", detail="transfer limit reached")
+        except (aiohttp.ClientError, OSError) as exc:
+            return Relayed(json_error(502, f"upstream failed mid-response: {exc!r}"),
+                           cut="upstream", detail=repr(exc))
+        headers.popall("Content-Length", None)
+        return Relayed(web.Response(status=upstream.status, reason=upstream.reason,
+                                    body=body, headers=headers), len(body))
+
+    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    result = Relayed(resp)
+    try:
+        await resp.prepare(request)
+    except ConnectionError as exc:
+        result.cut, result.detail = "client", repr(exc)
+        return result
+    content = upstream.content
+    try:
+        if deadline is None:
+            await _pump(content, resp, result)
+        else:
+            async with asyncio.timeout_at(deadline):
+                await _pump(content, resp, result)
+    except TimeoutError:
+        result.cut, result.detail = "deadline", "transfer limit reached"
+    if result.cut in ("upstream", "deadline"):
+        cut_connection(request)
+    return result
+
+
+async def _pump(content: aiohttp.StreamReader, resp: web.StreamResponse, result: Relayed) -> None:
+    while True:
+        try:
+            chunk = await content.readany()
+        except (aiohttp.ClientError, OSError) as exc:
+            result.cut, result.detail = "upstream", repr(exc)
+            return
+        if not chunk:
+            return
+        try:
+            await resp.write(chunk)
+        except ConnectionError as exc:  # the client went away
+            result.cut, result.detail = "client", repr(exc)
+            return
+        result.nbytes += len(chunk)

@@ -1,0 +1,82 @@
+"""Proxy-worker registration: the optional agent-API extension, on the wire.
+
+A proxy-mode worker tells the agent where its listener is and whether it is
+ready. The agent advertises the extension with ``proxy`` in the
+``Spirit-Agent-Features`` response header; an agent without it (the hosted
+platform's) gets the plain heartbeat instead.
+
+``POST {agent}/apis/v1/proxy/register``  body ``ProxyRegistration`` -> ``RegisterReply``
+    Registers or refreshes the worker (an upsert: the worker repeats it every
+    heartbeat interval, which keeps it alive). A worker not heard from for
+    ``leaseSeconds`` is dropped from routing.
+``POST {agent}/apis/v1/proxy/deregister`` body ``ProxyDeregistration`` -> 200 ``{}``
+    The worker is stopping: route nothing more to it.
+``GET {agent}/apis/v1/proxy/workers`` -> ``{"workers": [ProxyWorkerInfo]}``
+    What the agent knows (for people and tests).
+
+Requests carry ``Authorization: Bearer <worker token>`` when one is set. The
+gateway reaches the listener with the client's request plus two headers of
+ours: ``Spirit-Request-Id`` (for logs on both sides) and, when a worker token
+is set, ``Spirit-Worker-Token`` (so a listener bound to a public address only
+serves its gateway). Neither reaches the LLM server.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+FEATURE = "proxy"
+REGISTER_PATH = "/apis/v1/proxy/register"
+DEREGISTER_PATH = "/apis/v1/proxy/deregister"
+WORKERS_PATH = "/apis/v1/proxy/workers"
+HEARTBEAT_PATH = "/apis/v1/heartbeat"
+
+REQUEST_ID_HEADER = "Spirit-Request-Id"
+WORKER_TOKEN_HEADER = "Spirit-Worker-Token"
+CLIENT_AUTH_HEADER = "Auth"
+
+
+class ProxyRegistration(msgspec.Struct):
+    workerID: str
+    url: str
+    ready: bool
+    inflight: int = 0
+    heartbeatInterval: float = 5.0
+
+
+class RegisterReply(msgspec.Struct):
+    workerID: str
+    leaseSeconds: float
+
+
+class ProxyDeregistration(msgspec.Struct):
+    workerID: str
+
+
+class ProxyWorkerInfo(msgspec.Struct):
+    workerID: str
+    url: str
+    ready: bool
+    inflight: int
+    reportedInflight: int
+    expiresIn: float
+
+
+class ProxyWorkers(msgspec.Struct):
+    workers: list[ProxyWorkerInfo]
+
+
+class PlainHeartbeat(msgspec.Struct):
+    requestIDs: list[str]
+
+
+def has_feature(header_value: str | None, feature: str = FEATURE) -> bool:
+    """Whether a ``Spirit-Agent-Features`` value (comma-separated) names ``feature``."""
+    if not header_value:
+        return False
+    return any(part.strip().lower() == feature for part in header_value.split(","))
+
+
+def join_url(base: str, path: str) -> str:
+    """``base`` (which may carry a path prefix like ``/agent/<sid>``) plus ``path``."""
+    return base.rstrip("/") + "/" + path.lstrip("/")
