@@ -1,11 +1,238 @@
-"""Proxy route: requests carrying ``Auth: <sid>-<api-key>`` go to a proxy-mode worker."""
+"""Proxy route: requests carrying ``Auth: <sid>-<api-key>`` go to a proxy-mode worker.
+
+``install`` adds, to the gateway application:
+
+* a middleware (outermost) that takes ``/api/*`` and ``/v1/*`` requests
+  carrying an ``Auth`` header (``/v1/chat/*`` is inside ``/v1/*``): it checks
+  the key (401, never forwarded), picks a ready worker of that serverless id
+  (none: 503 "not enough gpu now") and streams the exchange both ways.
+  Requests without ``Auth`` fall through to the public API untouched;
+* the registration extension of the agent API under
+  ``/agent/{sid}/apis/v1/proxy/`` (wire format in
+  ``spirit_gpu.supervisor.proxy_protocol``);
+* ``proxy`` in the ``Spirit-Agent-Features`` header of every agent-API answer;
+* one keep-alive client pool to the workers, opened and closed with the app.
+
+Limits: no response head within ``proxy_response_timeout`` -> 408; a transfer
+still running ``proxy_transfer_timeout`` after its response started is cut
+(the client sees an incomplete response). A worker whose connection fails is
+dropped from routing until its next register beat; one that stops beating
+leaves with its lease.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import itertools
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import msgspec
 from aiohttp import web
+from yarl import URL
 
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.gateway.proxy_registry import ProxyRegistry, ProxyWorker
+from spirit_gpu.log import logger
+from spirit_gpu.supervisor.proxy_http import (
+    HOP_BY_HOP,
+    filter_headers,
+    json_error,
+    new_session,
+    relay,
+    request_body,
+)
+from spirit_gpu.supervisor.proxy_protocol import (
+    CLIENT_AUTH_HEADER,
+    DEREGISTER_PATH,
+    FEATURE,
+    REGISTER_PATH,
+    REQUEST_ID_HEADER,
+    WORKER_TOKEN_HEADER,
+    WORKERS_PATH,
+    ProxyDeregistration,
+    ProxyRegistration,
+    ProxyWorkers,
+    RegisterReply,
+    has_feature,
+)
+from spirit_gpu.supervisor.transport import FEATURES_HEADER
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_DROP = HOP_BY_HOP | {CLIENT_AUTH_HEADER.lower(), WORKER_TOKEN_HEADER.lower()}
+_PREFIXES = ("/api/", "/v1/")
+_ids = itertools.count(1)
+_id_prefix = f"gw-{os.getpid():x}"
+# The worker's connection broke before its answer began: worth another try.
+_RETRY_SAME = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
+class ProxyRouter:
+    """The gateway end of the proxy path (one per application)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.registry = ProxyRegistry(lease_seconds=config.lease_seconds)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        self.session = new_session()
+        yield
+        await self.session.close()
+
+    # ---- client side -------------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        auth = request.headers.get(CLIENT_AUTH_HEADER)
+        if auth is None or not request.path.startswith(_PREFIXES):
+            return await handler(request)
+        sid, sep, key = auth.strip().partition("-")
+        if not sep or not sid or not key:
+            return json_error(401, "invalid Auth header: expected 'Auth: <serverless id>-<api "
+                                   "key>'")
+        if not any(hmac.compare_digest(key, k) for k in self.config.api_keys):
+            return json_error(401, "invalid api key")
+        length = request.content_length
+        if length is not None and length > self.config.max_body_bytes:
+            return json_error(400, "request body too large")
+        return await self.forward(request, sid)
+
+    async def forward(self, request: web.Request, sid: str) -> web.StreamResponse:
+        assert self.session is not None, "proxy route used before the app started"
+        rid = request.headers.get(REQUEST_ID_HEADER) or f"{_id_prefix}-{next(_ids)}"
+        headers = filter_headers(request.headers, _DROP)
+        headers[REQUEST_ID_HEADER] = rid
+        if self.config.worker_token:
+            headers[WORKER_TOKEN_HEADER] = self.config.worker_token
+        body = await request_body(request)
+        replayable = body is None or isinstance(body, bytes)
+        loop = asyncio.get_running_loop()
+        head_deadline = loop.time() + self.config.proxy_response_timeout
+        tried: set[ProxyWorker] = set()
+        retried_same = False
+        while True:
+            worker = self.registry.pick(sid, tried)
+            if worker is None:
+                return json_error(503, "not enough gpu now", {REQUEST_ID_HEADER: rid})
+            worker.inflight += 1
+            try:
+                url = URL(worker.url + request.raw_path, encoded=True)
+                try:
+                    async with asyncio.timeout_at(head_deadline):
+                        upstream = await self.session.request(
+                            request.method, url, headers=headers, data=body,
+                            allow_redirects=False)
+                except TimeoutError:
+                    logger.warn(f"proxy {request.method} {request.path}: no response from "
+                                f"worker {worker.worker_id} within "
+                                f"{self.config.proxy_response_timeout:g}s", request_id=rid)
+                    return json_error(408, "request timeout: the worker did not start "
+                                           "responding in time", {REQUEST_ID_HEADER: rid})
+                except _RETRY_SAME as exc:
+                    if replayable and not retried_same:
+                        retried_same = True  # perhaps a stale keep-alive connection
+                        continue
+                    self.registry.drop(worker, repr(exc))
+                    if not replayable:
+                        return json_error(502, f"worker failed: {exc!r}")
+                    tried.add(worker)
+                    continue
+                except (aiohttp.ClientError, OSError) as exc:
+                    self.registry.drop(worker, repr(exc))
+                    if not replayable:
+                        return json_error(502, f"worker unreachable: {exc!r}")
+                    tried.add(worker)
+                    continue
+                try:
+                    result = await relay(
+                        request, upstream, {REQUEST_ID_HEADER: rid},
+                        deadline=loop.time() + self.config.proxy_transfer_timeout)
+                finally:
+                    if upstream.content.is_eof():
+                        upstream.release()
+                    else:
+                        upstream.close()
+                if result.cut == "upstream":
+                    self.registry.drop(worker, f"stream broke: {result.detail}")
+                if result.cut:
+                    logger.warn(f"proxy {request.method} {request.path} via "
+                                f"{worker.worker_id} cut ({result.cut}): {result.detail}",
+                                request_id=rid)
+                return result.response
+            finally:
+                worker.inflight -= 1
+
+    # ---- agent side (registration extension) -------------------------------------
+
+    def _worker_denied(self, request: web.Request) -> web.Response | None:
+        token = self.config.worker_token
+        if not token:
+            return None
+        if hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}"):
+            return None
+        return json_error(401, "invalid worker token", {FEATURES_HEADER: FEATURE})
+
+    async def register(self, request: web.Request) -> web.Response:
+        denied = self._worker_denied(request)
+        if denied is not None:
+            return denied
+        try:
+            reg = msgspec.json.decode(await request.read(), type=ProxyRegistration)
+        except msgspec.ValidationError as exc:
+            return json_error(400, f"invalid registration: {exc}", {FEATURES_HEADER: FEATURE})
+        except msgspec.DecodeError as exc:
+            return json_error(400, f"invalid registration JSON: {exc}",
+                              {FEATURES_HEADER: FEATURE})
+        if not reg.url.startswith(("http://", "https://")) or not reg.workerID:
+            return json_error(400, "invalid registration: url must be http(s)://host:port "
+                                   "and workerID non-empty", {FEATURES_HEADER: FEATURE})
+        self.registry.register(request.match_info["sid"], reg)
+        reply = RegisterReply(workerID=reg.workerID, leaseSeconds=self.config.lease_seconds)
+        return web.Response(body=msgspec.json.encode(reply), content_type="application/json",
+                            headers={FEATURES_HEADER: FEATURE})
+
+    async def deregister(self, request: web.Request) -> web.Response:
+        denied = self._worker_denied(request)
+        if denied is not None:
+            return denied
+        try:
+            dereg = msgspec.json.decode(await request.read(), type=ProxyDeregistration)
+        except msgspec.MsgspecError as exc:
+            return json_error(400, f"invalid deregistration: {exc}", {FEATURES_HEADER: FEATURE})
+        self.registry.deregister(request.match_info["sid"], dereg.workerID)
+        return web.json_response({}, headers={FEATURES_HEADER: FEATURE})
+
+    async def workers(self, request: web.Request) -> web.Response:
+        denied = self._worker_denied(request)
+        if denied is not None:
+            return denied
+        listing = ProxyWorkers(workers=self.registry.workers(request.match_info["sid"]))
+        return web.Response(body=msgspec.json.encode(listing), content_type="application/json",
+                            headers={FEATURES_HEADER: FEATURE})
+
+
+async def _announce(request: web.Request, response: web.StreamResponse) -> None:
+    """Add ``proxy`` to the features every agent-API answer names."""
+    if request.path.startswith("/agent/"):
+        current = response.headers.get(FEATURES_HEADER)
+        if not has_feature(current):
+            response.headers[FEATURES_HEADER] = f"{current},{FEATURE}" if current else FEATURE
+
+
+ROUTER_KEY: web.AppKey[ProxyRouter] = web.AppKey("spirit_proxy_router", ProxyRouter)
 
 
 def install(app: web.Application, config: GatewayConfig) -> None:
-    """Mounts proxy routes (issue 5)."""
+    """Mount the proxy route, the registration extension and the feature announcement."""
+    router = ProxyRouter(config)
+    app[ROUTER_KEY] = router
+    app.middlewares.insert(0, router.middleware)
+    app.cleanup_ctx.append(router.lifetime)
+    app.on_response_prepare.append(_announce)
+    base = "/agent/{sid}"
+    app.router.add_post(base + REGISTER_PATH, router.register)
+    app.router.add_post(base + DEREGISTER_PATH, router.deregister)
+    app.router.add_get(base + WORKERS_PATH, router.workers)
