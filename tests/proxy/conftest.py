@@ -1,0 +1,170 @@
+"""Shared set-up of the proxy tests: a fake LLM server, gateways and workers.
+
+Everything listens on 127.0.0.1 with ephemeral ports. The gateway runs with
+aiohttp's production default ``handler_cancellation=False`` unless a test asks
+otherwise; workers run ``serve_proxy`` as a task (``spawn_worker`` starts one
+as a separate process when a test must kill it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from spirit_gpu.config import WorkerConfig
+from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.gateway.proxy_route import ROUTER_KEY, ProxyRouter, install
+from spirit_gpu.supervisor.proxy import serve_proxy
+from tests.proxy.fake_llm import FakeLLM
+
+SID = "sid1"
+KEY = "k1"
+AUTH = {"Auth": f"{SID}-{KEY}"}
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+
+
+async def until(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
+    """Poll ``predicate`` until true; fail after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.01)
+
+
+def http_check(base_url: str) -> Callable[[], Awaitable[tuple[bool, str]]]:
+    async def check() -> tuple[bool, str]:
+        try:
+            async with aiohttp.ClientSession() as s, s.get(base_url + "/") as r:
+                return r.status == 200, ""
+        except aiohttp.ClientError as exc:
+            return False, repr(exc)
+    return check
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[FakeLLM]:
+    fake = FakeLLM()
+    server = TestServer(fake.app(), host="127.0.0.1")
+    await server.start_server()
+    fake.url = str(server.make_url("")).rstrip("/")
+    yield fake
+    for gate in fake.gates.values():
+        gate.set()
+    await server.close()
+
+
+@dataclass
+class Gateway:
+    url: str
+    config: GatewayConfig
+    router: ProxyRouter
+
+    def agent_url(self, sid: str = SID) -> str:
+        return f"{self.url}/agent/{sid}"
+
+    def ready_workers(self, sid: str = SID) -> list[Any]:
+        return [w for w in self.router.registry.workers(sid) if w.ready]
+
+
+async def _public(request: web.Request) -> web.Response:
+    return web.json_response({"public": True, "sid": request.match_info["sid"]})
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+    runners: list[web.AppRunner] = []
+
+    async def make(handler_cancellation: bool = False, **values: Any) -> Gateway:
+        values.setdefault("api_keys", [KEY])
+        values.setdefault("lease_seconds", 2.0)
+        cfg = GatewayConfig(**values)
+        app = web.Application()
+        app.router.add_route("*", "/v1/{sid}/sync", _public)  # stands in for the public API
+        install(app, cfg)
+        runner = web.AppRunner(app, handler_cancellation=handler_cancellation, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return Gateway(f"http://127.0.0.1:{port}", cfg, app[ROUTER_KEY])
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+@dataclass
+class Worker:
+    cfg: WorkerConfig
+    stop: asyncio.Event
+    task: asyncio.Task[int]
+    exit_code: int | None = None
+
+    async def finish(self, within: float = 10.0) -> int:
+        self.stop.set()
+        self.exit_code = await asyncio.wait_for(self.task, within)
+        return self.exit_code
+
+
+@pytest.fixture
+async def make_worker() -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
+    workers: list[Worker] = []
+
+    async def make(base_url: str, agent_url: str,
+                   check_start: Callable[[], Awaitable[tuple[bool, str]]] | None = None,
+                   **values: Any) -> Worker:
+        values.setdefault("heartbeat_interval", 0.1)
+        values.setdefault("grace_period", 2.0)
+        cfg = WorkerConfig(agent_url=agent_url, **values)
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve_proxy(cfg, base_url, check_start or http_check(base_url),
+                                               stop))
+        worker = Worker(cfg, stop, task)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        if not worker.task.done():
+            await worker.finish()
+
+
+@dataclass
+class Proc:
+    proc: subprocess.Popen[bytes]
+    lines: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def spawn_worker() -> Any:
+    """Start ``tests/proxy/worker_proc.py`` (serve_proxy in its own process)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(base_url: str, agent_url: str, **env: str) -> subprocess.Popen[bytes]:
+        full = dict(os.environ, EASE_AGENT_URL=agent_url, PROXY_BASE_URL=base_url,
+                    EASE_HEARTBEAT_INTERVAL="0.1", PYTHONPATH=str(ROOT), **env)
+        proc = subprocess.Popen([sys.executable, str(HERE / "worker_proc.py")], env=full,
+                                stdout=subprocess.DEVNULL)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
