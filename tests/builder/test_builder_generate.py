@@ -180,3 +180,17 @@ def test_generated_python_passes_ruff(tmp_path: Path) -> None:
     done = subprocess.run([str(ruff), "check", "--isolated", "--select", "E,F,W,I,B,UP", "."],
                           capture_output=True, text=True, check=False, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("case", "kind"), [
+    ("openapi-components", "openapi"), ("openapi-body", "openapi"), ("jsonschema", "jsonschema"),
+    ("example-json", "json"), ("example-yaml", "yaml"), ("example-json", "yaml"),
+])
+def test_explicit_input_types(tmp_path: Path, case: str, kind: str) -> None:
+    name, content, valid, invalid, field = CASES[case]
+    source = write(tmp_path / name, content)
+    assert build("-i", str(source), "--input-type", kind, "-o", str(tmp_path), "--model-only") == 0
+    model = load_model(tmp_path / "src/spirit_generated_model.py")
+    model.RequestInput.model_validate(valid)
+    with pytest.raises(pydantic.ValidationError, match=field):
+        model.RequestInput.model_validate(invalid)
