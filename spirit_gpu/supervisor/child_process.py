@@ -73,7 +73,9 @@ class ChildProcess:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "spirit_gpu.child", script, *args,
-                pass_fds=(down_r, up_w), env=child_env, stdin=asyncio.subprocess.DEVNULL)
+                pass_fds=(down_r, up_w), env=child_env, stdin=asyncio.subprocess.DEVNULL,
+                # terminal signals (Ctrl-C) go to the supervisor alone; it decides
+                start_new_session=True)
         finally:
             os.close(down_r)
             os.close(up_w)

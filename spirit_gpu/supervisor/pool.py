@@ -163,7 +163,8 @@ class Pool:
                 self._check.set_result((msg.ok, msg.error))
         elif isinstance(msg, ipc.Fatal):
             child.fatal = msg.message
-            if msg.message not in self._fatal_seen:
+            # before any child was ready, the startup failure reports it (once)
+            if self.ever_ready and msg.message not in self._fatal_seen:
                 self._fatal_seen.add(msg.message)
                 logger.error(f"handler process {child.pid} cannot serve: {msg.message}")
 
