@@ -1,0 +1,175 @@
+"""``spirit-gpu gateway`` and ``spirit-gpu dev main.py``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import shlex
+import signal
+import sys
+from dataclasses import fields
+from typing import Any
+
+from spirit_gpu.gateway.config import GatewayConfig
+
+DEV_SID = "local"
+STOP_GRACE = 40.0  # seconds the worker gets to finish on Ctrl-C (its own grace is 30)
+
+
+def _add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per GatewayConfig field; ``--api-key`` may repeat."""
+    for f in fields(GatewayConfig):
+        env = f.metadata["env"]
+        if f.name == "api_keys":
+            parser.add_argument("--api-key", dest="api_keys", action="append", default=None,
+                                metavar="KEY", help=f"{f.metadata['doc']} (repeatable; env {env})")
+            continue
+        default = f.default
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            help=f"{f.metadata['doc']} (env {env}, default {default!r})")
+
+
+def _config(ns: argparse.Namespace, **forced: Any) -> GatewayConfig:
+    names = set(GatewayConfig.names())
+    flags = {k: v for k, v in vars(ns).items() if k in names and v is not None}
+    return GatewayConfig.from_sources(flags={**flags, **forced})
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spirit-gpu",
+                                     description="spirit-gpu: self-hosted gateway and local dev")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gw = sub.add_parser("gateway", help="serve the public serverless API and the agent API",
+                        description="Every flag is also a SPIRIT_* environment variable.")
+    _add_gateway_flags(gw)
+    dev = sub.add_parser("dev", help="gateway + worker for one script, in one command",
+                         description="Runs the gateway and `python -m spirit_gpu.supervisor "
+                                     "SCRIPT` for serverless id 'local'.")
+    dev.add_argument("script", help="the worker script that calls spirit_gpu.start()")
+    _add_gateway_flags(dev)
+    return parser
+
+
+def _stop_event() -> asyncio.Event:
+    """Set by SIGINT/SIGTERM (the handlers do nothing else)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _err(message: str) -> None:
+    print(f"spirit-gpu: {message}", file=sys.stderr)
+
+
+async def _gateway(config: GatewayConfig) -> int:
+    from spirit_gpu.gateway.server import serve
+
+    stop = _stop_event()
+
+    def ready(port: int) -> None:
+        print(f"spirit-gpu gateway listening on http://{config.host}:{port} "
+              f"({len(config.api_keys)} API key(s), worker token "
+              f"{'required' if config.worker_token else 'off'})", flush=True)
+
+    await serve(config, stop, ready)
+    return 0
+
+
+def _banner(url: str, sid: str, api_key: str) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+
+    curl = (f"curl -s -X POST {url}/v1/{sid}/sync \\\n"
+            f"  -H {shlex.quote('Authorization: Bearer ' + api_key)} \\\n"
+            f"  -H 'Content-Type: application/json' \\\n"
+            f"  -d '{{\"input\": {{}}}}'")
+    text = (f"[bold]gateway[/] {url}   [bold]serverless id[/] {sid}\n"
+            f"[bold]API key[/] {api_key}\n\n[bold]try it:[/]\n{curl}\n\n"
+            "API: /openapi.json    Ctrl-C stops both.")
+    Console(highlight=False, soft_wrap=True).print(
+        Panel(text, title="spirit-gpu dev", expand=False))
+
+
+async def _dev(config: GatewayConfig, script: str) -> int:
+    from spirit_gpu.gateway.server import serve
+
+    stop = _stop_event()
+    gateway_stop = asyncio.Event()
+    bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    server = asyncio.create_task(serve(config, gateway_stop, bound.set_result))
+    first: set[asyncio.Future[Any]] = {server, bound}
+    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    if not bound.done():
+        await server  # raises why it could not start
+        return 1
+    port = bound.result()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, EASE_AGENT_URL=f"{url}/agent/{DEV_SID}",
+               SPIRIT_WORKER_TOKEN=config.worker_token)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "spirit_gpu.supervisor", script, env=env)
+    _banner(url, DEV_SID, config.api_keys[0])
+    exited = asyncio.create_task(proc.wait())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if exited.done():
+        code = proc.returncode or 0
+        code = 128 - code if code < 0 else code
+        if code:
+            _err(f"the worker exited with code {code}; stopping")
+    else:
+        code = 0
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), STOP_GRACE)
+        except TimeoutError:
+            _err(f"the worker did not stop within {STOP_GRACE:g} s; killing it")
+            proc.kill()
+            await exited
+    gateway_stop.set()
+    await server
+    return code
+
+
+def _code(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    from spirit_gpu.gateway.server import ConfigRefused, check
+    from spirit_gpu.loop import run
+
+    try:
+        if ns.command == "gateway":
+            config = _config(ns)
+            check(config)
+            return _code(run(_gateway(config)))
+        if not os.path.isfile(ns.script):
+            _err(f"no such script: {ns.script}")
+            return 2
+        config = _config(ns)
+        forced: dict[str, Any] = {}
+        if not config.api_keys:
+            forced["api_keys"] = [secrets.token_urlsafe(24)]
+        if not config.worker_token:
+            forced["worker_token"] = secrets.token_urlsafe(24)
+        config = _config(ns, **forced)
+        check(config)
+        return _code(run(_dev(config, os.path.abspath(ns.script))))
+    except ConfigRefused as exc:
+        _err(str(exc))
+        return 2
+    except (OSError, ValueError) as exc:
+        _err(str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

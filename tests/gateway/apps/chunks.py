@@ -1,0 +1,20 @@
+"""A generator handler: yields input.n items; between items waits for input.gate files."""
+
+import os
+import time
+
+from spirit_gpu import start
+
+
+def handler(request, env):
+    data = request["input"]
+    for i in range(int(data.get("n", 3))):
+        yield {"i": i}
+        gate = data.get("gate")
+        if gate:  # the test creates <gate>.<i> to let the next item come
+            deadline = time.monotonic() + 30
+            while not os.path.exists(f"{gate}.{i}") and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+start({"handler": handler})
