@@ -120,3 +120,23 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def flags_from(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(ns).items() if k in WorkerConfig.names() and v is not None}
+
+
+def start_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-able part of start()'s config that the supervisor acts on."""
+    names = set(WorkerConfig.names())
+    options = {k: v for k, v in config.items()
+               if k in names and isinstance(v, str | int | float | bool)}
+    options["mode"] = str(config.get("mode") or "handler")
+    if options["mode"] == "proxy":
+        base_url = config.get("base_url")
+        if not isinstance(base_url, str) or not base_url:
+            raise ValueError("start() in proxy mode needs \"base_url\", e.g. "
+                             "\"http://127.0.0.1:11434\"")
+        options["base_url"] = base_url
+    elif not callable(config.get("handler")):
+        raise TypeError("start() needs a \"handler\": a function handler(request, env)")
+    modifier = config.get("concurrency_modifier")
+    if modifier is not None and not callable(modifier):
+        raise TypeError("\"concurrency_modifier\" must be a function f(current: int) -> int")
+    return options

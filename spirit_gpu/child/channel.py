@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from typing import NoReturn
 
 from spirit_gpu import ipc
 
@@ -55,7 +56,7 @@ class Channel:
                 _exit(0)
 
 
-def _exit(code: int) -> None:
+def _exit(code: int) -> NoReturn:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -63,10 +64,10 @@ def _exit(code: int) -> None:
         os._exit(code)
 
 
-def _supervisor_gone() -> None:
+def _supervisor_gone() -> NoReturn:
     """Pipe EOF: the supervisor is gone; a handler process never outlives it."""
     _exit(0)
 
 
-def exit_process(code: int) -> None:
+def exit_process(code: int) -> NoReturn:
     _exit(code)

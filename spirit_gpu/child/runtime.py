@@ -157,30 +157,15 @@ class AsyncRuntime(_Base):
 
 def serve(channel: Channel, config: dict[str, Any]) -> NoReturn:
     """Serve the supervisor's pipe with the handler from start()'s config."""
-    from spirit_gpu.config import WorkerConfig
+    from spirit_gpu.config import start_options
 
-    mode = str(config.get("mode") or "handler")
-    options: dict[str, Any] = {k: v for k, v in config.items()
-                               if k in WorkerConfig.names() and _jsonable(v)}
-    options["mode"] = mode
-    modifier = config.get("concurrency_modifier")
+    options = start_options(config)
     check_start = config.get("check_start")
-    if mode == "proxy":
-        base_url = config.get("base_url")
-        if not isinstance(base_url, str) or not base_url:
-            raise ValueError("start() in proxy mode needs \"base_url\", e.g. "
-                             "\"http://127.0.0.1:11434\"")
-        options["base_url"] = base_url
+    if options["mode"] == "proxy":
         SyncRuntime(channel, None, "proxy", None, check_start, options).serve()
-    handler = config.get("handler")
-    if not callable(handler):
-        raise TypeError("start() needs a \"handler\": a function handler(request, env)")
-    if modifier is not None and not callable(modifier):
-        raise TypeError("\"concurrency_modifier\" must be a function f(current: int) -> int")
+    handler = config["handler"]
     kind = handlers.handler_kind(handler)
     runtime_cls = AsyncRuntime if kind in handlers.ASYNC_KINDS else SyncRuntime
-    runtime_cls(channel, handler, kind, modifier, check_start, options).serve()
-
-
-def _jsonable(value: Any) -> bool:
-    return isinstance(value, str | int | float | bool)
+    runtime: SyncRuntime | AsyncRuntime = runtime_cls(
+        channel, handler, kind, config.get("concurrency_modifier"), check_start, options)
+    runtime.serve()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 
 import aiohttp
@@ -12,6 +11,7 @@ from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
 from spirit_gpu.supervisor.agent import PlainTransport
 from spirit_gpu.supervisor.pool import Pool, StartupFailed
+from spirit_gpu.supervisor.pool_api import JobPool
 from spirit_gpu.supervisor.transport import Transport
 
 EXIT_STARTUP_FAILED = 3
@@ -33,7 +33,7 @@ class Supervisor:
             # handlers only queue; the main loop decides what a signal means
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
 
-    async def _watch_signals(self, pool: Pool) -> None:
+    async def _watch_signals(self, pool: JobPool) -> None:
         count = 0
         while True:
             sig = await self.signals.get()
@@ -46,12 +46,13 @@ class Supervisor:
                 logger.warn(f"received {signal.Signals(sig).name} again: stopping now")
                 self.cfg.grace_period = 0
                 pool.cfg.grace_period = 0
-                for run in list(pool.runs.values()):
-                    pool.cancel(run.job.request_id, 503, "worker stopped")
+                for request_id in pool.running_request_ids():
+                    pool.cancel(request_id, 503, "worker stopped")
 
-    async def serve(self) -> int:
+    async def serve(self, pool: JobPool | None = None) -> int:
+        """Run until drained; ``pool`` replaces the handler processes (in-process mode)."""
         self._install_signals()
-        pool = Pool(self.cfg, self.script, self.args)
+        pool = pool or Pool(self.cfg, self.script, self.args)  # noqa: SIM108
         watcher = asyncio.ensure_future(self._watch_signals(pool))
         try:
             await pool.start()
@@ -70,7 +71,7 @@ class Supervisor:
             await pool.close()
             watcher.cancel()
 
-    async def _wait_ready(self, pool: Pool) -> None:
+    async def _wait_ready(self, pool: JobPool) -> None:
         ready = asyncio.ensure_future(pool.wait_ready())
         stopped = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -80,7 +81,7 @@ class Supervisor:
         else:
             ready.cancel()
 
-    async def _serve_mode(self, pool: Pool) -> int:
+    async def _serve_mode(self, pool: JobPool) -> int:
         if pool.kind == "proxy":
             from spirit_gpu.supervisor.proxy import serve_proxy
             base_url = str(pool.options.get("base_url", ""))
@@ -115,7 +116,3 @@ class Supervisor:
         except Exception as exc:  # fall back: the plain protocol always works
             logger.warn(f"multiplexed link unavailable ({exc}); using the plain protocol")
             return plain
-
-
-def supervisor_pid_note() -> str:
-    return f"supervisor pid {os.getpid()}"

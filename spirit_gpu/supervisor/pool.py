@@ -7,7 +7,8 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from spirit_gpu import ipc
 from spirit_gpu.config import WorkerConfig
@@ -108,16 +109,17 @@ class Pool:
 
     async def wait_ready(self) -> None:
         """Return once a child is ready; raise StartupFailed if none can start."""
-        ready = asyncio.ensure_future(self.ready.wait())
+        ready: asyncio.Future[Any] = asyncio.ensure_future(self.ready.wait())
+        failed: asyncio.Future[Any] = self.startup_error
         try:
-            await asyncio.wait([ready, self.startup_error], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([ready, failed], return_when=asyncio.FIRST_COMPLETED)
         finally:
             ready.cancel()
         if not self.ready.is_set():
             raise StartupFailed(self.startup_error.result())
 
-    def _background(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

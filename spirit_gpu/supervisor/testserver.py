@@ -10,12 +10,12 @@ from aiohttp import web
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
 from spirit_gpu.supervisor.jobs import Job, now_ms
-from spirit_gpu.supervisor.pool import Pool
+from spirit_gpu.supervisor.pool_api import JobPool
 
 MAX_BODY = 20 * 1024 * 1024
 
 
-async def serve_test_mode(cfg: WorkerConfig, pool: Pool, stop: asyncio.Event) -> int:
+async def serve_test_mode(cfg: WorkerConfig, pool: JobPool, stop: asyncio.Event) -> int:
     async def run(request: web.Request) -> web.Response:
         body = await request.read()
         request_id = request.headers.get("Ease-Request-Id") or f"test-{uuid.uuid4().hex}"

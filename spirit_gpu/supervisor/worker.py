@@ -12,7 +12,7 @@ from spirit_gpu.log import logger
 from spirit_gpu.supervisor import webhook
 from spirit_gpu.supervisor.agent import AgentUnavailable
 from spirit_gpu.supervisor.jobs import Job, metric, now_ms, ttl_expired
-from spirit_gpu.supervisor.pool import Pool
+from spirit_gpu.supervisor.pool_api import JobPool
 from spirit_gpu.supervisor.transport import Transport
 
 STREAMING_KINDS = (GENERATOR, ASYNC_GENERATOR)
@@ -40,7 +40,7 @@ class ChunkRelay:
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, pool: Pool, transport: Transport,
+    def __init__(self, cfg: WorkerConfig, pool: JobPool, transport: Transport,
                  session: aiohttp.ClientSession) -> None:
         self.cfg = cfg
         self.pool = pool
@@ -101,7 +101,7 @@ class Worker:
             except BaseException:
                 self._free_slot()
                 raise
-            if not result.healthy and not self.pool.runs and not self.jobs:
+            if not result.healthy and not self.pool.running_request_ids() and not self.jobs:
                 logger.error("agent reports it is unhealthy (X-Agent-Health: false) and no "
                              "job is running: exiting with status 1")
                 self.exit_code = 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 from tests.conftest import wait_exit, worker_env
 from tests.fake_agent import FakeAgent, now_ms
