@@ -1,0 +1,309 @@
+"""Shared helpers of the benchmarks: results, processes, ports, wrk, tables.
+
+Every server a benchmark starts listens on 127.0.0.1; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+APPS = HERE / "apps"
+PY = sys.executable
+LOGS = Path(tempfile.gettempdir()) / "spirit-bench-logs"
+INSTALL_HINT = "run benchmarks/install.sh"
+
+
+class Skip(Exception):
+    """A benchmark or baseline cannot run here (reported as 'skipped: <why>')."""
+
+
+@dataclass
+class Result:
+    name: str
+    value: float | None
+    unit: str
+    baseline: str = ""
+    baseline_value: float | None = None
+    ratio: float | None = None
+    goal: str = "report"
+    met: bool | str | None = None  # True/False, None = report only, "skipped: ..." string
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def result(name: str, value: float | None, unit: str, baseline: str = "",
+           baseline_value: float | None = None, goal: str = "report",
+           check: Callable[[float], bool] | None = None,
+           ratio: float | None = None) -> Result:
+    """A row; ``ratio`` defaults to value / baseline_value; ``check(ratio)`` decides 'met'."""
+    if ratio is None and value is not None and baseline_value:
+        ratio = value / baseline_value
+    met: bool | None = None
+    if check is not None:
+        subject = ratio if baseline_value is not None else value
+        met = bool(subject is not None and check(subject))
+    return Result(name, _round(value), unit, baseline, _round(baseline_value), _round(ratio, 3),
+                  goal, met)
+
+
+def skipped(name: str, why: str, unit: str = "", baseline: str = "", goal: str = "") -> Result:
+    return Result(name, None, unit, baseline, None, None, goal, f"skipped: {why}")
+
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    if x is None:
+        return None
+    return float(f"{x:.{digits}g}") if abs(x) < 1e4 else round(x, 1)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpus": os.cpu_count(), "processor": platform.processor(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["processor"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_mib"] = int(line.split()[1]) // 1024
+    wrk = shutil.which("wrk")
+    info["wrk"] = wrk or "missing"
+    return info
+
+
+# ---- processes -----------------------------------------------------------------------
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env.setdefault("EASE_LOG_LEVEL", "WARNING")
+    env.update(extra)
+    return env
+
+
+def spawn(cmd: list[str], name: str, **extra: str) -> subprocess.Popen[bytes]:
+    """Start a server process in its own session, output to a log file under LOGS."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = open(LOGS / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, env=env_with(**extra), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(ROOT))
+    proc.log = log  # type: ignore[attr-defined]
+    proc.name = name  # type: ignore[attr-defined]
+    return proc
+
+
+def log_tail(proc: subprocess.Popen[bytes], n: int = 1500) -> str:
+    with contextlib.suppress(OSError):
+        return (LOGS / f"{proc.name}.log").read_text(errors="replace")[-n:]  # type: ignore
+    return ""
+
+
+def stop(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    """SIGTERM the process group we started, SIGKILL after ``grace`` seconds."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # children left in the group
+    with contextlib.suppress(Exception):
+        proc.log.close()  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def servers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for p in reversed(procs):
+            stop(p)
+
+
+def post(url: str, body: bytes, headers: dict[str, str] | None = None,
+         timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_ok(url: str, body: bytes, headers: dict[str, str] | None = None, within: float = 30.0,
+            proc: subprocess.Popen[bytes] | None = None, method: str = "POST") -> None:
+    """Poll until ``url`` answers 200; raise with the server's log when it never does."""
+    end = time.monotonic() + within
+    last = ""
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited {proc.returncode}: {log_tail(proc)}")
+        try:
+            if method == "GET":
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    status = r.status
+            else:
+                status, data = post(url, body, headers, timeout=2)
+                last = data[:200].decode(errors="replace")
+            if status == 200:
+                return
+            last = f"{status} {last}"
+        except (OSError, urllib.error.URLError) as exc:
+            last = repr(exc)
+        time.sleep(0.05)
+    tail = log_tail(proc) if proc is not None else ""
+    raise RuntimeError(f"{url} not ready within {within:g} s (last: {last}) {tail}")
+
+
+# ---- wrk ---------------------------------------------------------------------------
+
+_LUA = """wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+{headers}
+"""
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _lua_string(data: bytes) -> str:
+    return "'" + data.decode().replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def wrk(url: str, body: bytes, headers: dict[str, str] | None = None, conns: int = 32,
+        duration: float = 3.0) -> Load:
+    """One wrk run (one thread), POSTing ``body``; requests/s and latency percentiles."""
+    exe = shutil.which("wrk")
+    if exe is None:
+        raise Skip(f"wrk not installed ({INSTALL_HINT})")
+    hdrs = "\n".join(f"wrk.headers[{_lua_string(k.encode())}] = {_lua_string(v.encode())}"
+                     for k, v in (headers or {}).items())
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(_LUA.format(body=_lua_string(body), headers=hdrs))
+        script = f.name
+    try:
+        out = subprocess.run([exe, "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s",
+                              "--timeout", "10s", "--latency", "-s", script, url],
+                             capture_output=True, text=True, timeout=duration + 30).stdout
+    finally:
+        os.unlink(script)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s|m)\b", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s|m)\b", out)
+    if not (rps and p50 and p99):
+        raise RuntimeError(f"could not read wrk output: {out[-800:]}")
+    errors = 0
+    for pat in (r"Non-2xx or 3xx responses:\s+(\d+)", r"Socket errors:.*?timeout (\d+)"):
+        m = re.search(pat, out)
+        if m:
+            errors += int(m.group(1))
+    return Load(float(rps.group(1)), float(p50.group(1)) * _UNITS[p50.group(2)],
+                float(p99.group(1)) * _UNITS[p99.group(2)], errors)
+
+
+def wrk_median(url: str, body: bytes, headers: dict[str, str] | None = None, conns: int = 32,
+               duration: float = 3.0, runs: int = 3) -> Load:
+    loads = [wrk(url, body, headers, conns, duration) for _ in range(runs)]
+    return Load(median([x.rps for x in loads]), median([x.p50_ms for x in loads]),
+                median([x.p99_ms for x in loads]), sum(x.errors for x in loads))
+
+
+# ---- output ------------------------------------------------------------------------
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
+def table(results: list[Result], title: str = "spirit-gpu benchmarks") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("name", "value", "baseline", "baseline value", "ratio", "goal", "met"):
+        t.add_column(col, justify="right" if col in ("value", "baseline value", "ratio")
+                     else "left")
+    for r in results:
+        if isinstance(r.met, str):
+            met = f"[yellow]{r.met}[/]"
+        elif r.met is None:
+            met = "report"
+        else:
+            met = "[green]yes[/]" if r.met else "[red]NO[/]"
+        t.add_row(r.name, f"{fmt(r.value)} {r.unit}".strip(), r.baseline, fmt(r.baseline_value),
+                  "-" if r.ratio is None else f"{r.ratio:.2f}×", r.goal, met)
+    Console(width=200).print(t)
+
+
+def write_json(path: str, results: list[Result]) -> None:
+    Path(path).write_text(json.dumps({"machine": machine(),
+                                      "results": [r.to_json() for r in results]}, indent=2))
+
+
+def main_for(run: Callable[[bool], list[Result]], title: str) -> None:
+    """``python benchmarks/X.py [--quick] [--json PATH]`` for one benchmark."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=title)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    ns = ap.parse_args()
+    results = run(ns.quick)
+    table(results, title)
+    if ns.json:
+        write_json(ns.json, results)

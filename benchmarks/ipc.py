@@ -1,0 +1,93 @@
+"""ipc: per-job round trip supervisor -> child -> supervisor, 1 KB payload.
+
+One in flight (µs per round trip) and 64 in flight (round trips/s), through
+``spirit_gpu.supervisor.pool.Pool`` with the benchmark echo handler (async,
+one child), against ``pipe_echo.RawEcho`` with the same framing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import APPS, Result, main_for, median, result  # noqa: E402
+from pipe_echo import RawEcho, pipelined, sequential  # noqa: E402
+
+from spirit_gpu.config import WorkerConfig  # noqa: E402
+from spirit_gpu.loop import run as run_loop  # noqa: E402
+from spirit_gpu.supervisor.jobs import Job  # noqa: E402
+from spirit_gpu.supervisor.pool import Pool  # noqa: E402
+
+DEPTH = 64
+
+
+def json_body(size: int) -> bytes:
+    """A request ``{"input": "xxx..."}`` of ``size`` bytes."""
+    return b'{"input": "' + b"x" * max(0, size - 13) + b'"}'
+
+
+async def open_pool(kind: str = "async") -> Pool:
+    os.environ["BENCH_CONCURRENCY"] = str(DEPTH)
+    os.environ["BENCH_KIND"] = kind
+    cfg = WorkerConfig(max_children=1, min_children=1, async_children=1,
+                       ping_interval=5.0, concurrency_interval=5.0, log_level="WARNING")
+    pool = Pool(cfg, str(APPS / "echo.py"), [])
+    await pool.start()
+    await asyncio.wait_for(pool.wait_ready(), 60)
+    return pool
+
+
+def pool_caller(pool: Pool):  # noqa: ANN201
+    ids = itertools.count()
+
+    async def call(body: bytes) -> bytes:
+        outcome = await pool.run(Job(request_id=f"r{next(ids)}", body=body))
+        if outcome.status_code != 200:
+            raise RuntimeError(f"job failed: {outcome}")
+        return outcome.body
+    return call
+
+
+async def close_pool(pool: Pool) -> None:
+    await asyncio.wait_for(pool.drain(2.0), 10)
+
+
+async def measure(quick: bool) -> list[Result]:
+    runs = 3 if quick else 5
+    n_seq, n_pipe = (2000, 20000) if quick else (5000, 50000)
+    body = json_body(1024)
+    raw = RawEcho()
+    await raw.start()
+    pool = await open_pool()
+    call = pool_caller(pool)
+    seq_raw, seq_pool, tp_raw, tp_pool = [], [], [], []
+    try:
+        await sequential(raw.roundtrip, body, 200)  # warm-up
+        await sequential(call, body, 200)
+        for _ in range(runs):  # interleaved so both see the same machine state
+            seq_raw.append(await sequential(raw.roundtrip, body, n_seq))
+            seq_pool.append(await sequential(call, body, n_seq))
+            tp_raw.append(await pipelined(raw.roundtrip, body, n_pipe, DEPTH))
+            tp_pool.append(await pipelined(call, body, n_pipe, DEPTH))
+    finally:
+        await raw.close()
+        await close_pool(pool)
+    return [
+        result("ipc round trip, 1 in flight (1 KB)", median(seq_pool) * 1e6, "µs",
+               "raw pipe echo", median(seq_raw) * 1e6, "≤ 1.5×", lambda r: r <= 1.5),
+        result(f"ipc throughput, {DEPTH} in flight (1 KB)", median(tp_pool), "rt/s",
+               "raw pipe echo", median(tp_raw), "≥ 0.6×", lambda r: r >= 0.6),
+    ]
+
+
+def run(quick: bool) -> list[Result]:
+    return run_loop(measure(quick))  # type: ignore[return-value]
+
+
+if __name__ == "__main__":
+    main_for(run, "ipc")
