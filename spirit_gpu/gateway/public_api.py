@@ -134,10 +134,10 @@ async def async_request(request: web.Request) -> web.StreamResponse:
     cfg = gw.config
     raw = await read_body(request, cfg.max_body_bytes)
     body = _parse(raw)
+    ttl = _ttl_ms(body, cfg.async_ttl_default, cfg.async_ttl_max)
     if not body.webhook:
         raise ApiError(400, "webhook is empty for async request")
     _check_webhook(body.webhook)
-    ttl = _ttl_ms(body, cfg.async_ttl_default, cfg.async_ttl_max)
     rec = await gw.submit(NewRequest(sid=sid, mode="async", body=raw, webhook=body.webhook,
                                      ttl_ms=ttl))
     return json_response({"id": rec.request_id, "sequence": rec.sequence})
