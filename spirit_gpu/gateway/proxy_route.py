@@ -33,6 +33,7 @@ import msgspec
 from aiohttp import web
 from yarl import URL
 
+from spirit_gpu.gateway.auth import bearer
 from spirit_gpu.gateway.config import GatewayConfig
 from spirit_gpu.gateway.proxy_registry import ProxyRegistry, ProxyWorker
 from spirit_gpu.log import logger
@@ -171,7 +172,7 @@ class ProxyRouter:
         token = self.config.worker_token
         if not token:
             return None
-        if hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}"):
+        if hmac.compare_digest(bearer(request).encode(), token.encode()):
             return None
         return json_error(401, "invalid worker token", {FEATURES_HEADER: FEATURE})
 

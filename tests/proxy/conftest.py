@@ -1,20 +1,16 @@
 """Shared set-up of the proxy tests: a fake LLM server, gateways and workers.
 
-Everything listens on 127.0.0.1 with ephemeral ports. The gateway runs with
-aiohttp's production default ``handler_cancellation=False`` unless a test asks
-otherwise; workers run ``serve_proxy`` as a task (``spawn_worker`` starts one
-as a separate process when a test must kill it).
+Everything listens on 127.0.0.1 with ephemeral ports. The gateway is the real
+``create_app`` with aiohttp's production default ``handler_cancellation=False``
+unless a test asks otherwise; workers run ``serve_proxy`` as a task (the end-to-end tests start real
+supervisor processes through ``tests/conftest.py``'s ``worker_factory``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -23,16 +19,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from spirit_gpu.config import WorkerConfig
+from spirit_gpu.gateway.app import create_app
 from spirit_gpu.gateway.config import GatewayConfig
-from spirit_gpu.gateway.proxy_route import ROUTER_KEY, ProxyRouter, install
+from spirit_gpu.gateway.proxy_route import ROUTER_KEY, ProxyRouter
 from spirit_gpu.supervisor.proxy import serve_proxy
 from tests.proxy.fake_llm import FakeLLM
 
 SID = "sid1"
 KEY = "k1"
 AUTH = {"Auth": f"{SID}-{KEY}"}
-HERE = Path(__file__).parent
-ROOT = HERE.parent.parent
 
 
 async def until(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
@@ -80,10 +75,6 @@ class Gateway:
         return [w for w in self.router.registry.workers(sid) if w.ready]
 
 
-async def _public(request: web.Request) -> web.Response:
-    return web.json_response({"public": True, "sid": request.match_info["sid"]})
-
-
 @pytest.fixture
 async def make_gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     runners: list[web.AppRunner] = []
@@ -92,9 +83,7 @@ async def make_gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
         values.setdefault("api_keys", [KEY])
         values.setdefault("lease_seconds", 2.0)
         cfg = GatewayConfig(**values)
-        app = web.Application()
-        app.router.add_route("*", "/v1/{sid}/sync", _public)  # stands in for the public API
-        install(app, cfg)
+        app = create_app(cfg)
         runner = web.AppRunner(app, handler_cancellation=handler_cancellation, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -142,29 +131,3 @@ async def make_worker() -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
     for worker in workers:
         if not worker.task.done():
             await worker.finish()
-
-
-@dataclass
-class Proc:
-    proc: subprocess.Popen[bytes]
-    lines: list[str] = field(default_factory=list)
-
-
-@pytest.fixture
-def spawn_worker() -> Any:
-    """Start ``tests/proxy/worker_proc.py`` (serve_proxy in its own process)."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(base_url: str, agent_url: str, **env: str) -> subprocess.Popen[bytes]:
-        full = dict(os.environ, EASE_AGENT_URL=agent_url, PROXY_BASE_URL=base_url,
-                    EASE_HEARTBEAT_INTERVAL="0.1", PYTHONPATH=str(ROOT), **env)
-        proc = subprocess.Popen([sys.executable, str(HERE / "worker_proc.py")], env=full,
-                                stdout=subprocess.DEVNULL)
-        procs.append(proc)
-        return proc
-
-    yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)

@@ -120,8 +120,11 @@ async def test_without_auth_the_public_api_answers(
         llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker)
     async with aiohttp.ClientSession() as s:
+        async with s.get(gateway.url + f"/v1/{SID}/status",
+                         headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert (await r.json()) == {"queueingCount": 0}
         async with s.post(gateway.url + f"/v1/{SID}/sync", json={"input": 1}) as r:
-            assert (await r.json()) == {"public": True, "sid": SID}
+            assert r.status == 401  # the public API's own check (a bearer key)
         async with s.post(gateway.url + "/api/generate", json={}) as r:
             assert r.status == 404  # no Auth: not a proxy request
     assert llm.seen == []
@@ -307,8 +310,8 @@ async def test_agent_answers_announce_proxy(make_gateway: MakeGateway) -> None:
             assert r.status == 200 and "proxy" in r.headers["Spirit-Agent-Features"]
             assert await r.json() == {"workers": []}
         async with s.post(gateway.agent_url() + "/apis/v1/heartbeat", json={}) as r:
-            # no agent API in this app: the 404 still names the extension
-            assert "proxy" in r.headers["Spirit-Agent-Features"]
-        async with s.get(gateway.url + f"/v1/{SID}/sync") as r:
+            assert r.status == 200
+            features = r.headers["Spirit-Agent-Features"].split(",")
+            assert "proxy" in features and "link" in features
+        async with s.get(gateway.url + f"/v1/{SID}/status") as r:
             assert "Spirit-Agent-Features" not in r.headers
-    assert KEY
