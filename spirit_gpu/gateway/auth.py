@@ -35,5 +35,5 @@ def require_worker(request: web.Request, config: GatewayConfig) -> None:
         return
     token = bearer(request)
     if not token or not _matches(token, [config.worker_token]):
-        raise ApiError(401, "unauthorized: workers must send 'Authorization: Bearer "
-                       "<worker-token>' (SPIRIT_WORKER_TOKEN)")
+        raise ApiError(401, "unauthorized: missing or wrong worker token; workers send "
+                       "'Authorization: Bearer <token>' from SPIRIT_WORKER_TOKEN")

@@ -1,0 +1,142 @@
+"""LinkTransport (worker side) against a real gateway: the multiplexed link."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from spirit_gpu.supervisor.agent import AgentUnavailable
+from spirit_gpu.supervisor.jobs import Job, metric
+from spirit_gpu.supervisor.link_client import LinkTransport
+from tests.gateway.conftest import AUTH, TOKEN, Gw, GatewayFactory, poll
+
+HOOK = "http://127.0.0.1:9/h"
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def submit(gw: Gw, sid: str, value: object) -> str:
+    code, body, _ = await gw.call("POST", f"/v1/{sid}/async",
+                                  json_body={"input": value, "webhook": HOOK})
+    assert code == 200
+    return str(body["id"])
+
+
+async def pull_until(link: LinkTransport, n: int, limit: int) -> list[Job]:
+    jobs: list[Job] = []
+    deadline = time.monotonic() + 10
+    while len(jobs) < n:
+        assert time.monotonic() < deadline, f"got {len(jobs)} of {n} jobs"
+        jobs += (await link.pull(limit - len(jobs))).jobs
+    return jobs
+
+
+async def test_connect_refused_without_token(gateway_factory: GatewayFactory,
+                                             session: aiohttp.ClientSession) -> None:
+    gw = await gateway_factory(worker_token=TOKEN)
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await LinkTransport(session, f"{gw.url}/agent/s").connect()
+    ok = LinkTransport(session, f"{gw.url}/agent/s", TOKEN)
+    await ok.connect()
+    assert {"longpoll", "stream", "cancel", "link"} <= ok.features
+    await ok.close()
+    with pytest.raises(aiohttp.ClientError):
+        await LinkTransport(session, "http://127.0.0.1:9/agent/s").connect()
+
+
+async def test_jobs_results_chunks_and_many_in_flight(gw: Gw,
+                                                      session: aiohttp.ClientSession) -> None:
+    link = LinkTransport(session, f"{gw.url}/agent/ln")
+    await link.connect()
+    started = time.monotonic()
+    assert (await link.pull(1)).jobs == []  # nothing queued: answers after about a second
+    assert 0.5 < time.monotonic() - started < 5
+    ids = [await submit(gw, "ln", i) for i in range(20)]
+    jobs = await pull_until(link, 20, 20)
+    assert [j.request_id for j in jobs] == ids
+    assert jobs[0].mode == "async" and jobs[0].webhook == HOOK and jobs[0].ttl_ms == 900_000
+    assert jobs[0].body == b'{"input": 0, "webhook": "http://127.0.0.1:9/h"}'
+    for job in jobs:
+        job.started_at = job.received_at
+        await link.metric(job, metric(job, "executing"))
+    assert (await gw.status("ln", ids[5]))["status"] == "executing"
+    await link.chunk(jobs[0], 0, b'{"i": 0}')
+    await asyncio.gather(*(link.result(j, 200, "", b'{"n": %d}' % i)
+                           for i, j in enumerate(jobs)))
+    for j in jobs:
+        await link.ack(j)
+
+    async def all_done() -> bool:
+        return all([(await gw.status("ln", i))["status"] == "succeed" for i in ids])
+    await poll(all_done, 5, "results over the link")
+    async with gw.session.get(f"{gw.url}/v1/ln/stream", params={"requestID": ids[0]},
+                              headers=AUTH) as resp:
+        assert (await resp.read()).startswith(b'id: 0\ndata: {"i": 0}\n\n')
+    await link.close()
+
+
+async def test_cancel_is_pushed_and_reported_in_heartbeat(
+        gw: Gw, session: aiohttp.ClientSession) -> None:
+    link = LinkTransport(session, f"{gw.url}/agent/lc")
+    await link.connect()
+    rid = await submit(gw, "lc", 1)
+    (job,) = await pull_until(link, 1, 1)
+    job.started_at = job.received_at
+    await link.metric(job, metric(job, "executing"))
+    assert (await link.heartbeat([rid])).cancel == []
+    code, _, _ = await gw.call("DELETE", "/v1/lc/async", params={"requestID": rid})
+    assert code == 200
+
+    async def told() -> list[str]:
+        return (await link.heartbeat([rid])).cancel
+    assert await poll(told, 5, "cancel over the link") == [rid]
+    await link.result(job, 499, "cancelled", b"")
+    st = await gw.status("lc", rid)
+    assert (st["status"], st["statusCode"]) == ("cancelled", 499)
+    await link.close()
+
+
+async def test_reconnects_and_gateway_redelivers_lost_jobs(
+        gateway_factory: GatewayFactory, session: aiohttp.ClientSession) -> None:
+    gw = await gateway_factory(lease_seconds=0.3)
+    link = LinkTransport(session, f"{gw.url}/agent/lr")
+    await link.connect()
+    first = await submit(gw, "lr", 1)
+    (job,) = await pull_until(link, 1, 1)
+    assert job.request_id == first
+    assert link._ws is not None
+    await link._ws.close()  # the connection drops; the job never started
+
+    async def relinked() -> bool:
+        try:
+            jobs = (await link.pull(1)).jobs
+        except AgentUnavailable:
+            return False
+        return bool(jobs) and jobs[0].request_id == first
+    await poll(relinked, 10, "redelivery on a new link")
+    await link.close()
+
+
+async def test_worker_gone_mid_job_fails_the_job(gateway_factory: GatewayFactory,
+                                                 session: aiohttp.ClientSession) -> None:
+    gw = await gateway_factory(lease_seconds=0.3)
+    link = LinkTransport(session, f"{gw.url}/agent/lg")
+    await link.connect()
+    rid = await submit(gw, "lg", 1)
+    (job,) = await pull_until(link, 1, 1)
+    job.started_at = job.received_at
+    await link.metric(job, metric(job, "executing"))
+    await link.close()
+
+    async def failed() -> bool:
+        return (await gw.status("lg", rid))["status"] == "failed"
+    await poll(failed, 5, "lease expiry")
+    assert "worker lost" in (await gw.status("lg", rid))["message"]
