@@ -204,3 +204,16 @@ def test_python_main_py_hands_over_to_the_supervisor(tmp_path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+async def test_idle_surplus_children_are_retired(agent: FakeAgent, worker_factory) -> None:
+    for i in range(2):
+        agent.enqueue(f"s{i}", {"input": {"sleep": 1.0}})
+    w = worker_factory("behave.py", worker_env(agent, APP_CONCURRENCY="2",
+                                               SPIRIT_IDLE_TIMEOUT="0.5"))
+    await agent.wait_for(lambda: len(agent.acks) == 2, 30)
+    assert len({result(agent, f"s{i}")[1]["pid"] for i in range(2)}) == 2  # type: ignore[index]
+    await until(lambda: len(w.child_pids()) == 1, 15)
+    agent.enqueue("again", {"input": {"x": 1}})
+    await agent.wait_for(lambda: "again" in agent.acks)
+    assert result(agent, "again")[0] == 200
