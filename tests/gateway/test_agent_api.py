@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
-from tests.gateway.conftest import AUTH, TOKEN, Gw, GatewayFactory, PlainWorker, poll
+from tests.gateway.conftest import AUTH, TOKEN, GatewayFactory, Gw, PlainWorker, poll
 
 FEATURES = "Spirit-Agent-Features"
 
@@ -91,7 +91,7 @@ async def test_lease_redelivers_unstarted_and_fails_started(
     await lost.executing(b["id"])  # b started, a never did; then the worker goes silent
 
     async def b_failed() -> bool:
-        return (await gw.status("l", b["id"]))["status"] == "failed"
+        return bool((await gw.status("l", b["id"]))["status"] == "failed")
     await poll(b_failed, 5, "lease expiry")
     st = await gw.status("l", b["id"])
     assert st["statusCode"] == 500 and "worker lost" in st["message"]
@@ -133,7 +133,7 @@ async def test_unstarted_job_fails_after_max_deliveries(gateway_factory: Gateway
         await poll(pulled, 5, f"delivery {i}")
 
     async def failed() -> bool:
-        return (await gw.status("m", a["id"]))["status"] == "failed"
+        return bool((await gw.status("m", a["id"]))["status"] == "failed")
     await poll(failed, 5, "failure after deliveries")
     assert "2 deliveries" in (await gw.status("m", a["id"]))["message"]
 

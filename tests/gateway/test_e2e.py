@@ -16,7 +16,7 @@ import pytest
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from tests.conftest import Worker
-from tests.gateway.conftest import APPS, AUTH, TOKEN, Gw, GatewayFactory, Webhooks, poll
+from tests.gateway.conftest import APPS, AUTH, TOKEN, GatewayFactory, Gw, Webhooks, poll
 
 TRANSPORTS = ["plain", "link"]
 
@@ -90,7 +90,7 @@ async def test_sse_chunks_arrive_before_the_handler_ends(
             assert event == b'id: %d\ndata: {"i":%d}\n\n' % (i, i)
             # the handler is still blocked on the gate: this chunk came before the end
             assert (await tgw.status("g", acc["id"]))["status"] == "executing"
-            Path(f"{gate}.{i}").touch()
+            await asyncio.to_thread(Path(f"{gate}.{i}").touch)
         end = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 15)
         assert end == b'event: end\ndata: {"statusCode":200,"status":"succeed"}\n\n'
     st = await tgw.status("g", acc["id"])
@@ -106,7 +106,7 @@ async def test_cancel_running_request(tgw: Gw, worker_factory: Any, webhooks: We
         "input": {"sleep": 60}, "webhook": webhooks.url})
 
     async def running() -> bool:
-        return (await tgw.status("c", acc["id"]))["status"] == "executing"
+        return bool((await tgw.status("c", acc["id"]))["status"] == "executing")
     await poll(running, 10, "running")
     code, _, _ = await tgw.call("DELETE", "/v1/c/async", params={"requestID": acc["id"]})
     assert code == 200

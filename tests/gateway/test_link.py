@@ -12,7 +12,7 @@ import pytest
 from spirit_gpu.supervisor.agent import AgentUnavailable
 from spirit_gpu.supervisor.jobs import Job, metric
 from spirit_gpu.supervisor.link_client import LinkTransport
-from tests.gateway.conftest import AUTH, TOKEN, Gw, GatewayFactory, poll
+from tests.gateway.conftest import AUTH, TOKEN, GatewayFactory, Gw, poll
 
 HOOK = "http://127.0.0.1:9/h"
 
@@ -137,6 +137,6 @@ async def test_worker_gone_mid_job_fails_the_job(gateway_factory: GatewayFactory
     await link.close()
 
     async def failed() -> bool:
-        return (await gw.status("lg", rid))["status"] == "failed"
+        return bool((await gw.status("lg", rid))["status"] == "failed")
     await poll(failed, 5, "lease expiry")
     assert "worker lost" in (await gw.status("lg", rid))["message"]

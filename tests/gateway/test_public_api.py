@@ -8,7 +8,7 @@ import json
 
 import aiohttp
 
-from tests.gateway.conftest import AUTH, Gw, GatewayFactory, PlainWorker, poll
+from tests.gateway.conftest import AUTH, GatewayFactory, Gw, PlainWorker, poll
 
 
 async def test_sync_round_trip_and_status(gw: Gw, echo_worker: PlainWorker) -> None:
@@ -45,7 +45,7 @@ async def test_bad_bodies_are_400(gw: Gw) -> None:
     for raw, error in cases:
         for mode in ("sync", "async"):
             code, body, _ = await gw.call("POST", f"/v1/s/{mode}", data=raw,
-                                          headers=dict(AUTH, **{"Content-Type": "application/json"}))
+                                          headers={**AUTH, "Content-Type": "application/json"})
             assert code == 400 and body["error"].startswith(error), (mode, raw, body)
     code, body, _ = await gw.call("POST", "/v1/s/async", json_body={"input": 1})
     assert (code, body) == (400, {"error": "webhook is empty for async request"})
@@ -150,7 +150,7 @@ async def test_async_ttl_expires_in_queue(gateway_factory: GatewayFactory) -> No
     assert code == 200
 
     async def expired() -> bool:
-        return (await gw.status("t", body["id"]))["statusCode"] == 408
+        return bool((await gw.status("t", body["id"]))["statusCode"] == 408)
     await poll(expired, 5, "ttl expiry")
     st = await gw.status("t", body["id"])
     assert st["status"] == "failed" and "ttl" in st["message"]
@@ -226,7 +226,7 @@ async def test_cancel_finished_is_400(gw: Gw, echo_worker: PlainWorker) -> None:
         "input": 1, "webhook": "http://127.0.0.1:9/h"})
 
     async def done() -> bool:
-        return (await gw.status("echo", body["id"]))["status"] == "succeed"
+        return bool((await gw.status("echo", body["id"]))["status"] == "succeed")
     await poll(done, 5, "echo finished")
     code, err, _ = await gw.call("DELETE", "/v1/echo/async", params={"requestID": body["id"]})
     assert code == 400 and "finished" in err["error"]

@@ -6,7 +6,7 @@ import time
 from spirit_gpu import start
 
 
-def handler(request, env):
+def handler(request: dict, env: object):  # type: ignore[no-untyped-def, type-arg]
     data = request["input"]
     for i in range(int(data.get("n", 3))):
         yield {"i": i}
