@@ -46,10 +46,16 @@ def filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str],
 
 
 def new_session(limit: int = 0) -> aiohttp.ClientSession:
-    """A keep-alive pool that passes bytes through untouched (no decompression)."""
+    """A keep-alive pool that passes bytes through untouched.
+
+    No decompression (``Content-Encoding`` stays true), and no cookie jar: the
+    pool is shared by every client, so a ``Set-Cookie`` from upstream must
+    reach its own client only, never ride along on someone else's request.
+    """
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=30.0)
     return aiohttp.ClientSession(
         connector=connector, auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
+        cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
     )
 

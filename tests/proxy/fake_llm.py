@@ -119,10 +119,13 @@ class FakeLLM:
     async def echo(self, request: web.Request) -> web.Response:
         raw = await request.read()
         tag = self._record(request, raw)
-        return web.json_response({"tag": tag, "method": request.method, "path": request.path,
+        resp = web.json_response({"tag": tag, "method": request.method, "path": request.path,
                                   "raw_path": request.raw_path,
                                   "query": request.query_string,
                                   "headers": dict(request.headers), "body_len": len(raw)})
+        if "set_cookie" in request.query:
+            resp.set_cookie("session", request.query["set_cookie"])
+        return resp
 
     async def slow_head(self, request: web.Request) -> web.Response:
         tag = self._record(request, await request.read())

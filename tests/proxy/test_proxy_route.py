@@ -315,3 +315,31 @@ async def test_agent_answers_announce_proxy(make_gateway: MakeGateway) -> None:
             assert "proxy" in features and "link" in features
         async with s.get(gateway.url + f"/v1/{SID}/status") as r:
             assert "Spirit-Agent-Features" not in r.headers
+
+
+async def test_without_auth_404_and_405_are_unchanged(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway()
+    async with aiohttp.ClientSession() as s:
+        for method, path, status in (("PUT", f"/v1/{SID}/sync", 405),
+                                     ("POST", "/v1/chat/completions", 404),
+                                     ("GET", "/api/tags", 404), ("GET", "/nowhere", 404)):
+            async with s.request(method, gateway.url + path) as r:
+                assert r.status == status, (method, path)
+                assert "error" in await r.json()
+                if status == 405:
+                    assert "POST" in r.headers["Allow"]
+
+
+async def test_cookies_reach_their_own_client_only(
+        llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
+    gateway = await make_gateway()
+    # a host name, as in the README's ollama example (aiohttp keeps no cookies for IPs)
+    await make_worker(llm.url.replace("127.0.0.1", "localhost"), gateway.agent_url())
+    await until(lambda: len(gateway.ready_workers()) == 1)
+    async with aiohttp.ClientSession() as alice:
+        async with alice.get(gateway.url + "/v1/echo/login?set_cookie=alice", headers=AUTH) as r:
+            assert r.cookies["session"].value == "alice"
+    async with aiohttp.ClientSession() as bob:
+        async with bob.get(gateway.url + "/v1/echo/who", headers=AUTH) as r:
+            echo = await r.json()
+    assert "cookie" not in {k.lower() for k in echo["headers"]}
