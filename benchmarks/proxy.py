@@ -10,7 +10,6 @@ aiohttp reverse proxy (apps/aiohttp_proxy.py).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import sys
@@ -24,7 +23,6 @@ import aiohttp  # noqa: E402
 from common import (  # noqa: E402
     APPS,
     PY,
-
     Result,
     free_port,
     main_for,

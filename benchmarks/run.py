@@ -1,4 +1,6 @@
-"""Run the spirit-gpu benchmarks: ``python benchmarks/run.py [--quick] [--json PATH] [--only NAME ...]``.
+"""Run the spirit-gpu benchmarks.
+
+``python benchmarks/run.py [--quick] [--json PATH] [--only NAME ...]``.
 
 Prints one table (name, value, baseline, baseline value, ratio, goal, met)
 and optionally writes it as JSON with a description of the machine. A
