@@ -16,10 +16,12 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-# RFC 9110 7.6.1 connection-specific headers, plus Host (the client sets its own).
+# RFC 9110 7.6.1 connection-specific headers, plus Host (the client sets its own)
+# and Expect (each hop answers ``100-continue`` to its own client; passed on, the
+# next hop's client would wait for a 100 that a low-level server never sends).
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "expect",
 })
 # A request body with a known length up to this size is read before forwarding
 # (aiohttp has it in memory already); larger or chunked bodies are streamed.
@@ -64,6 +66,8 @@ async def request_body(request: web.BaseRequest) -> Any:
     """What to send upstream: the bytes when small and known, else the stream."""
     if not request.body_exists:
         return None
+    if request.headers.get("Expect", "").lower() == "100-continue" and not request.content.is_eof():
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # go on, send it
     length = request.content_length
     if length is not None and length <= SMALL_BODY:
         return await request.read()

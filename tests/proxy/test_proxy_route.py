@@ -343,3 +343,19 @@ async def test_cookies_reach_their_own_client_only(
         async with bob.get(gateway.url + "/v1/echo/who", headers=AUTH) as r:
             echo = await r.json()
     assert "cookie" not in {k.lower() for k in echo["headers"]}
+
+
+async def test_expect_100_continue(llm: FakeLLM, make_gateway: MakeGateway,
+                                   make_worker: MakeWorker) -> None:
+    gateway = await ready_pair(llm, make_gateway, make_worker)
+    listener = gateway.ready_workers()[0].url
+    body = b"y" * 300_000
+    async with aiohttp.ClientSession() as s:
+        for url, headers in ((gateway.url, AUTH), (listener, {})):
+            async with asyncio.timeout(5):
+                async with s.post(url + "/api/echo/upload", data=body, headers=headers,
+                                  expect100=True) as r:
+                    assert r.status == 200
+                    echo = await r.json()
+            assert echo["body_len"] == len(body)
+            assert "expect" not in {k.lower() for k in echo["headers"]}
