@@ -35,7 +35,9 @@ from yarl import URL
 
 from spirit_gpu.gateway.auth import bearer
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.gateway.proxy_metrics import ProxyMetrics
 from spirit_gpu.gateway.proxy_registry import ProxyRegistry, ProxyWorker
+from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.log import logger
 from spirit_gpu.supervisor.proxy_http import (
     HOP_BY_HOP,
@@ -68,14 +70,18 @@ _ids = itertools.count(1)
 _id_prefix = f"gw-{os.getpid():x}"
 # The worker's connection broke before its answer began: worth another try.
 _RETRY_SAME = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# The metrics' "code" of a response whose stream ended early.
+_CUT_CODES = {"upstream": "cut_worker_failed", "deadline": "cut_transfer_limit",
+              "client": "client_closed"}
 
 
 class ProxyRouter:
     """The gateway end of the proxy path (one per application)."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, metrics: ProxyMetrics | None = None) -> None:
         self.config = config
         self.registry = ProxyRegistry(lease_seconds=config.lease_seconds)
+        self.metrics = metrics or ProxyMetrics()
         self.session: aiohttp.ClientSession | None = None
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
@@ -99,9 +105,19 @@ class ProxyRouter:
         length = request.content_length
         if length is not None and length > self.config.max_body_bytes:
             return json_error(400, "request body too large")
-        return await self.forward(request, sid)
+        in_flight = self.metrics.in_flight.labels(sid)
+        in_flight.inc()
+        code = "500"
+        try:
+            response, cut = await self.forward(request, sid)
+            code = _CUT_CODES.get(cut, "") or str(response.status)
+            return response
+        finally:
+            in_flight.dec()
+            self.metrics.requests.labels(sid, code).inc()
 
-    async def forward(self, request: web.Request, sid: str) -> web.StreamResponse:
+    async def forward(self, request: web.Request, sid: str) -> tuple[web.StreamResponse, str]:
+        """The response, and why its stream was cut ("" when it was not)."""
         assert self.session is not None, "proxy route used before the app started"
         rid = request.headers.get(REQUEST_ID_HEADER) or f"{_id_prefix}-{next(_ids)}"
         headers = filter_headers(request.headers, _DROP)
@@ -117,7 +133,7 @@ class ProxyRouter:
         while True:
             worker = self.registry.pick(sid, tried)
             if worker is None:
-                return json_error(503, "not enough gpu now", {REQUEST_ID_HEADER: rid})
+                return json_error(503, "not enough gpu now", {REQUEST_ID_HEADER: rid}), ""
             worker.inflight += 1
             try:
                 url = URL(worker.url + request.raw_path, encoded=True)
@@ -131,22 +147,24 @@ class ProxyRouter:
                                 f"worker {worker.worker_id} within "
                                 f"{self.config.proxy_response_timeout:g}s", request_id=rid)
                     return json_error(408, "request timeout: the worker did not start "
-                                           "responding in time", {REQUEST_ID_HEADER: rid})
+                                           "responding in time", {REQUEST_ID_HEADER: rid}), ""
                 except _RETRY_SAME as exc:
                     if replayable and not retried_same:
                         retried_same = True  # perhaps a stale keep-alive connection
                         continue
                     self.registry.drop(worker, repr(exc))
                     if not replayable:
-                        return json_error(502, f"worker failed: {exc!r}")
+                        return json_error(502, f"worker failed: {exc!r}"), ""
                     tried.add(worker)
                     continue
                 except (aiohttp.ClientError, OSError) as exc:
                     self.registry.drop(worker, repr(exc))
                     if not replayable:
-                        return json_error(502, f"worker unreachable: {exc!r}")
+                        return json_error(502, f"worker unreachable: {exc!r}"), ""
                     tried.add(worker)
                     continue
+                self.metrics.response_start.labels(sid).observe(
+                    loop.time() - head_deadline + self.config.proxy_response_timeout)
                 try:
                     result = await relay(
                         request, upstream, {REQUEST_ID_HEADER: rid},
@@ -162,7 +180,7 @@ class ProxyRouter:
                     logger.warn(f"proxy {request.method} {request.path} via "
                                 f"{worker.worker_id} cut ({result.cut}): {result.detail}",
                                 request_id=rid)
-                return result.response
+                return result.response, result.cut
             finally:
                 worker.inflight -= 1
 
@@ -248,7 +266,8 @@ ROUTER_KEY: web.AppKey[ProxyRouter] = web.AppKey("spirit_proxy_router", ProxyRou
 
 def install(app: web.Application, config: GatewayConfig) -> None:
     """Mount the proxy route, the registration extension and the feature announcement."""
-    router = ProxyRouter(config)
+    gateway = app.get(GATEWAY_KEY)
+    router = ProxyRouter(config, ProxyMetrics(gateway.metrics.registry if gateway else None))
     app[ROUTER_KEY] = router
     app.middlewares.insert(0, router.middleware)
     app.cleanup_ctx.append(router.lifetime)

@@ -199,6 +199,16 @@ async def test_transfer_limit_cuts_the_stream(llm: FakeLLM, make_gateway: MakeGa
     await until(lambda: "long" in llm.aborted, what="upstream aborted after the cut")
     assert "long" not in llm.finished
     assert len(gateway.ready_workers()) == 1
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gateway.url + "/v1/models", headers=AUTH) as r:
+            assert r.status == 200
+        async with s.get(gateway.url + "/metrics") as r:
+            metrics = await r.text()
+    assert 'spirit_gateway_proxy_requests_total{code="cut_transfer_limit",sid="sid1"} 1.0' \
+        in metrics
+    assert 'spirit_gateway_proxy_requests_total{code="200",sid="sid1"} 1.0' in metrics
+    assert 'spirit_gateway_proxy_in_flight{sid="sid1"} 0.0' in metrics
+    assert 'spirit_gateway_proxy_response_start_seconds_count{sid="sid1"} 2.0' in metrics
 
 
 @pytest.mark.parametrize("cancellation", [False, True])
