@@ -112,7 +112,7 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
     if extra_headers:
         headers.update(extra_headers)
     length = upstream.content_length
-    if length is not None and length <= SMALL_RESPONSE:
+    if length is not None and length <= SMALL_RESPONSE and request.method != "HEAD":
         try:
             if deadline is None:
                 body = await upstream.read()

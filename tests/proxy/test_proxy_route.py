@@ -369,3 +369,17 @@ async def test_expect_100_continue(llm: FakeLLM, make_gateway: MakeGateway,
                     echo = await r.json()
             assert echo["body_len"] == len(body)
             assert "expect" not in {k.lower() for k in echo["headers"]}
+
+
+async def test_head_keeps_the_content_length(llm: FakeLLM, make_gateway: MakeGateway,
+                                             make_worker: MakeWorker) -> None:
+    gateway = await ready_pair(llm, make_gateway, make_worker)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gateway.url + "/v1/models", headers=AUTH) as r:
+            length = len(await r.read())
+        async with s.head(gateway.url + "/v1/models", headers=AUTH) as r:
+            assert r.status == 200
+            assert int(r.headers["Content-Length"]) == length
+            assert await r.read() == b""
+        async with s.get(gateway.url + "/v1/models", headers=AUTH) as r:
+            assert r.status == 200  # the connection is still in good shape
