@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -19,10 +19,15 @@ class Env:
     mode: str = "sync"
     webhook: str = ""
     test_mode: bool = False
-    agent_url: str = field(default_factory=lambda: os.environ.get(
-        "EASE_AGENT_URL", "http://localhost:8087"))
-    pid: int = field(default_factory=os.getpid)
     recycle_requested: bool = False
+
+    @property
+    def agent_url(self) -> str:
+        return os.environ.get("EASE_AGENT_URL", "http://localhost:8087")
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
 
     def recycle(self) -> None:
         """Replace this handler process after the current job (frees GPU memory)."""

@@ -37,10 +37,6 @@ class Cancel(msgspec.Struct, tag="cancel", array_like=True):
     reason: str = "cancelled"
 
 
-class Ping(msgspec.Struct, tag="ping", array_like=True):
-    seq: int
-
-
 class Stop(msgspec.Struct, tag="stop", array_like=True):
     """Finish running jobs, then exit 0."""
 
@@ -86,7 +82,12 @@ class Done(msgspec.Struct, tag="done", array_like=True):
     recycle: bool = False
 
 
-class Pong(msgspec.Struct, tag="pong", array_like=True):
+class Beat(msgspec.Struct, tag="beat", array_like=True):
+    """Sent every beat interval by a thread of its own: the child is alive.
+
+    A child stopped, or stuck in C code holding the GIL, stops beating.
+    """
+
     seq: int
 
 
@@ -105,8 +106,8 @@ class Fatal(msgspec.Struct, tag="fatal", array_like=True):
     message: str
 
 
-Message = (Run | Cancel | Ping | Stop | AskConcurrency | CheckStart | Hello | Chunk | Done
-           | Pong | Concurrency | StartChecked | Fatal)
+Message = (Run | Cancel | Stop | AskConcurrency | CheckStart | Hello | Chunk | Done | Beat
+           | Concurrency | StartChecked | Fatal)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ def main() -> None:
         os._exit(0)
     chan = channel_mod.Channel(read_fd, write_fd)
     channel_mod.CHANNEL = chan
-    chan.start_reader()
+    chan.start_beats(float(os.environ.pop("SPIRIT_BEAT_INTERVAL", "") or 1.0))
     script = os.path.abspath(sys.argv[1])
     sys.argv = [script, *sys.argv[2:]]
     sys.path.insert(0, os.path.dirname(script))

@@ -1,8 +1,9 @@
-"""The child's end of the pipe pair: framed writes and a reader thread.
+"""The child's end of the pipe pair.
 
-The reader thread answers liveness pings itself, so a child busy in a long
-(GIL-releasing) handler still answers, while one stuck in C code holding the
-GIL, or stopped, does not, and is killed by the supervisor.
+The main thread reads the pipe itself (no hand-off between threads on the hot
+path). A beat thread sends ``Beat`` every interval so the supervisor knows the
+process is alive even while a handler runs for hours; a process that is
+stopped, or stuck in C code holding the GIL, stops beating and is killed.
 """
 
 from __future__ import annotations
@@ -10,50 +11,72 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Iterable
 from typing import NoReturn
 
 from spirit_gpu import ipc
 
 CHANNEL: Channel | None = None  # set by the child bootstrap before the script runs
+READ_SIZE = 1 << 20
 
 
 class Channel:
     def __init__(self, read_fd: int, write_fd: int) -> None:
-        self._rfd = read_fd
+        self.read_fd = read_fd
         self._wfd = write_fd
         self._wlock = threading.Lock()
-        self.on_message: Callable[[ipc.Message], None] | None = None
+        self._frames = ipc.FrameBuffer()
 
     def send(self, msg: ipc.Message) -> None:
-        frame = ipc.encode(msg)
+        self.write(ipc.encode(msg))
+
+    def write(self, data: bytes) -> None:
         with self._wlock:
             try:
-                ipc.write_all(self._wfd, frame)
-            except BrokenPipeError:
+                ipc.write_all(self._wfd, data)
+            except (BrokenPipeError, OSError):
                 _supervisor_gone()
 
-    def start_reader(self) -> None:
-        threading.Thread(target=self._read_forever, name="spirit-ipc-reader",
-                         daemon=True).start()
+    def write_frames(self, frames: Iterable[bytes]) -> None:
+        self.write(b"".join(frames))
 
-    def _read_forever(self) -> None:
+    def read_blocking(self) -> list[ipc.Message]:
+        """Block until at least one whole message arrived; exit at end of stream."""
         while True:
             try:
-                msg = ipc.read_message(self._rfd)
-            except OSError:
-                msg = None
-            if msg is None:
-                _supervisor_gone()
-                return
-            if isinstance(msg, ipc.Ping):
-                self.send(ipc.Pong(msg.seq))
+                data = os.read(self.read_fd, READ_SIZE)
+            except InterruptedError:
                 continue
-            handler = self.on_message
-            if handler is not None:
-                handler(msg)
-            elif isinstance(msg, ipc.Stop):  # asked to stop while still importing
-                _exit(0)
+            except OSError:
+                data = b""
+            if not data:
+                _supervisor_gone()
+            messages = self._frames.feed(data)
+            if messages:
+                return messages
+
+    def read_available(self) -> list[ipc.Message]:
+        """What a non-blocking read finds now (the async runtime's reader callback)."""
+        try:
+            data = os.read(self.read_fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            _supervisor_gone()
+        return self._frames.feed(data)
+
+    def start_beats(self, interval: float) -> None:
+        def beat() -> None:
+            seq = 0
+            while True:
+                time.sleep(interval)
+                seq += 1
+                self.send(ipc.Beat(seq))
+
+        threading.Thread(target=beat, name="spirit-beat", daemon=True).start()
 
 
 def _exit(code: int) -> NoReturn:
@@ -65,7 +88,7 @@ def _exit(code: int) -> NoReturn:
 
 
 def _supervisor_gone() -> NoReturn:
-    """Pipe EOF: the supervisor is gone; a handler process never outlives it."""
+    """Pipe closed: the supervisor is gone; a handler process never outlives it."""
     _exit(0)
 
 

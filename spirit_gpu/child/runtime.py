@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -48,33 +47,25 @@ class _Base:
 
 
 class SyncRuntime(_Base):
-    """Sync and generator handlers (and proxy mode): one job at a time, main thread."""
+    """Sync and generator handlers (and proxy mode): one job at a time, main thread.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.inbox: queue.SimpleQueue[ipc.Message | None] = queue.SimpleQueue()
-
-    def _on_message(self, msg: ipc.Message) -> None:  # reader thread
-        if isinstance(msg, ipc.AskConcurrency):
-            self.ask_concurrency(msg)
-        elif isinstance(msg, ipc.Stop):
-            self.inbox.put(None)
-        elif isinstance(msg, ipc.Run | ipc.CheckStart):
-            self.inbox.put(msg)
-        # Cancel: a sync handler cannot be interrupted; the supervisor kills the process.
+    The main thread reads the pipe itself, like a plain echo loop would.
+    """
 
     def serve(self) -> NoReturn:
-        self.channel.on_message = self._on_message
         self.hello()
         while True:
-            msg = self.inbox.get()
-            if msg is None:
-                exit_process(0)
-            if isinstance(msg, ipc.CheckStart):
-                ok, error = handlers.call_check_start(self.check_start)
-                self.channel.send(ipc.StartChecked(ok, error))
-            elif isinstance(msg, ipc.Run):
-                self._run(msg)
+            for msg in self.channel.read_blocking():
+                if isinstance(msg, ipc.Run):
+                    self._run(msg)
+                elif isinstance(msg, ipc.Stop):
+                    exit_process(0)
+                elif isinstance(msg, ipc.AskConcurrency):
+                    self.ask_concurrency(msg)
+                elif isinstance(msg, ipc.CheckStart):
+                    ok, error = handlers.call_check_start(self.check_start)
+                    self.channel.send(ipc.StartChecked(ok, error))
+                # Cancel: a sync handler cannot be interrupted; the supervisor kills us.
 
     def _run(self, msg: ipc.Run) -> None:
         env = _env(msg)
@@ -90,30 +81,53 @@ class SyncRuntime(_Base):
 
 
 class AsyncRuntime(_Base):
-    """Async and async-generator handlers: many jobs as tasks on one event loop."""
+    """Async and async-generator handlers: many jobs as tasks on one event loop.
+
+    The loop reads the pipe (non-blocking) and writes what a loop turn produced
+    in one write.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.cancel_reasons: dict[int, ipc.Cancel] = {}
         self.stopping = False
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.finished = asyncio.Event()
+        self._out: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _on_message(self, msg: ipc.Message) -> None:  # reader thread
-        if isinstance(msg, ipc.AskConcurrency):
-            self.ask_concurrency(msg)
-        elif self.loop is not None:
-            self.loop.call_soon_threadsafe(self._dispatch, msg)
+    def _queue(self, msg: ipc.Message) -> None:
+        if not self._out and self._loop is not None:
+            self._loop.call_soon(self._flush)
+        self._out.append(ipc.encode(msg))
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out:
+            self.channel.write_frames(out)
+
+    def done(self, msg: ipc.Run, outcome: Outcome, env: Env) -> None:
+        self._queue(ipc.Done(msg.job, outcome.status_code, outcome.body, outcome.message,
+                             env.recycle_requested))
+
+    def emitter(self, job: int) -> handlers.EmitChunk:
+        return lambda seq, data: self._queue(ipc.Chunk(job, seq, data))
+
+    def _readable(self) -> None:
+        for msg in self.channel.read_available():
+            self._dispatch(msg)
 
     def _dispatch(self, msg: ipc.Message) -> None:
-        if isinstance(msg, ipc.Run) and not self.stopping:
-            self.tasks[msg.job] = asyncio.ensure_future(self._run(msg))
+        if isinstance(msg, ipc.Run):
+            if not self.stopping:
+                self.tasks[msg.job] = asyncio.ensure_future(self._run(msg))
         elif isinstance(msg, ipc.Cancel):
             task = self.tasks.get(msg.job)
             if task is not None:
                 self.cancel_reasons[msg.job] = msg
                 task.cancel()
+        elif isinstance(msg, ipc.AskConcurrency):
+            self.ask_concurrency(msg)
         elif isinstance(msg, ipc.Stop):
             self.stopping = True
             if not self.tasks:
@@ -142,10 +156,12 @@ class AsyncRuntime(_Base):
             self.finished.set()
 
     async def _main(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.channel.on_message = self._on_message
+        self._loop = asyncio.get_running_loop()
+        os.set_blocking(self.channel.read_fd, False)
+        self._loop.add_reader(self.channel.read_fd, self._readable)
         self.hello()
         await self.finished.wait()
+        self._flush()
 
     def serve(self) -> NoReturn:
         from spirit_gpu.loop import new_event_loop

@@ -60,8 +60,10 @@ class ChildProcess:
         self.started_at = time.monotonic()
         self.fatal = ""
         self.kill_reason = ""
+        self._out: list[bytes] = []
 
-    async def spawn(self, script: str, args: list[str], env: dict[str, str]) -> None:
+    async def spawn(self, script: str, args: list[str], env: dict[str, str],
+                    beat_interval: float) -> None:
         down_r, down_w = os.pipe()
         up_r, up_w = os.pipe()
         for fd in (down_w, up_w):
@@ -69,7 +71,8 @@ class ChildProcess:
                 fcntl.fcntl(fd, F_SETPIPE_SZ, _PIPE_SIZE)
             except OSError:
                 pass
-        child_env = dict(env, SPIRIT_CHILD_FDS=f"{down_r},{up_w}")
+        child_env = dict(env, SPIRIT_CHILD_FDS=f"{down_r},{up_w}",
+                         SPIRIT_BEAT_INTERVAL=str(beat_interval))
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "spirit_gpu.child", script, *args,
@@ -87,8 +90,15 @@ class ChildProcess:
             asyncio.Protocol, os.fdopen(down_w, "wb", buffering=0))
 
     def send(self, msg: ipc.Message) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(ipc.encode(msg))
+        """Queue a frame; what one loop turn queues goes out in one write."""
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(ipc.encode(msg))
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._writer is not None and not self._writer.is_closing() and out:
+            self._writer.write(out[0] if len(out) == 1 else b"".join(out))
 
     def kill(self, reason: str = "") -> None:
         if reason and not self.kill_reason:

@@ -53,6 +53,7 @@ class Pool:
         self.script = script
         self.args = args
         self.kind: str | None = None
+        self._async = False
         self.options: dict[str, object] = {}
         self.allowed = 1
         self.children: dict[int, ChildProcess] = {}
@@ -69,7 +70,6 @@ class Pool:
         self._spawn_timer: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
         self._job_ids = itertools.count(1)
-        self._ping_seq = itertools.count(1)
         self._fatal_seen: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._check: asyncio.Future[tuple[bool, str]] | None = None
@@ -85,7 +85,7 @@ class Pool:
 
     @property
     def is_async(self) -> bool:
-        return self.kind in ASYNC_KINDS
+        return self._async
 
     @property
     def slots(self) -> int:
@@ -130,7 +130,7 @@ class Pool:
 
     async def _run_child(self, child: ChildProcess) -> None:
         try:
-            await child.spawn(self.script, self.args, self._env)
+            await child.spawn(self.script, self.args, self._env, self.cfg.ping_interval)
         except OSError as exc:
             logger.error(f"could not start a handler process: {exc}")
             child.state = "dead"
@@ -175,12 +175,14 @@ class Pool:
         child.idle_since = time.monotonic()
         if self.kind is None:
             self.kind = msg.kind
+            self._async = msg.kind in ASYNC_KINDS
             self.options = dict(msg.options)
             self.allowed = msg.concurrency
         self.ever_ready = True
         logger.debug(f"handler process {msg.pid} ready ({msg.kind} handler)")
         self.ready.set()
         self._pump()
+        self._scale()
         self._notify()
 
     def _on_done(self, child: ChildProcess, msg: ipc.Done) -> None:
@@ -199,7 +201,9 @@ class Pool:
                 why = "the handler asked for it" if msg.recycle else f"{limit} jobs served"
                 logger.info(f"recycling handler process {child.pid}: {why}")
                 child.stop()
-        self._pump()
+                self._scale()
+        if self.pending:
+            self._pump()
         self._notify()
 
     def _on_exit(self, child: ChildProcess, code: int) -> None:
@@ -235,6 +239,7 @@ class Pool:
             logger.error(f"handler process {child.pid} {what}{reason}{state}; "
                          f"starting a replacement{backoff}")
         self._pump()
+        self._scale()
         self._notify()
 
     # ---- dispatch ---------------------------------------------------------------
@@ -248,13 +253,17 @@ class Pool:
         return await run.future
 
     def _pick(self) -> ChildProcess | None:
-        ready = [c for c in self.children.values() if c.state == "ready"]
-        if self.is_async:
-            return min(ready, key=lambda c: len(c.jobs), default=None)
-        for child in ready:
+        """An idle ready process; for async handlers else the least loaded one."""
+        best: ChildProcess | None = None
+        multiplex = self.is_async
+        for child in self.children.values():
+            if child.state != "ready":
+                continue
             if not child.jobs:
                 return child
-        return None
+            if multiplex and (best is None or len(child.jobs) < len(best.jobs)):
+                best = child
+        return best
 
     def _pump(self) -> None:
         while self.pending:
@@ -269,7 +278,8 @@ class Pool:
             if self.cfg.job_timeout > 0:
                 run.timer = asyncio.get_running_loop().call_later(
                     self.cfg.job_timeout, self._timed_out, run)
-        self._scale()
+        if self.pending:  # more work than ready processes: maybe start some
+            self._scale()
 
     def _wanted(self) -> int:
         if self.closing:
@@ -338,24 +348,21 @@ class Pool:
 
     async def _watchdog(self) -> None:
         tick = max(0.05, min(self.cfg.ping_interval, 1.0))
-        last_ping = last_ask = 0.0
+        last_ask = 0.0
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
             live = [c for c in self.children.values() if c.state in ("starting", "ready",
                                                                       "stopping")]
-            if now - last_ping >= self.cfg.ping_interval:
-                last_ping = now
-                seq = next(self._ping_seq)
-                for child in live:
-                    child.send(ipc.Ping(seq))
-            for child in live:
+            for child in live:  # every message counts; a beat comes each ping_interval
                 silent = now - child.last_seen
                 if child.pid and silent > self.cfg.ping_timeout:
-                    child.kill(f"unresponsive: no answer to liveness pings for {silent:.0f} s")
+                    child.kill(f"unresponsive: no liveness beat for {silent:.0f} s")
             if self.ever_ready and now - last_ask >= self.cfg.concurrency_interval:
                 last_ask = now
-                target = next((c for c in live if c.state == "ready"), None)
+                # an idle process answers at once; a busy sync one only after its job
+                ready = [c for c in live if c.state == "ready"]
+                target = next((c for c in ready if not c.jobs), ready[0] if ready else None)
                 if target is not None:
                     target.send(ipc.AskConcurrency(self.allowed))
             self._retire_idle(now)

@@ -101,7 +101,7 @@ async def test_script_without_start_is_reported(agent: FakeAgent, worker_factory
     assert "without calling spirit_gpu.start()" in w.output
 
 
-async def test_wedged_child_is_killed_by_liveness_pings(agent: FakeAgent, worker_factory) -> None:
+async def test_wedged_child_is_killed_when_its_beats_stop(agent: FakeAgent, worker_factory) -> None:
     agent.enqueue("wedge", {"input": {"wedge": True}})
     agent.enqueue("next", {"input": {"x": 1}})
     worker_factory("behave.py", worker_env(agent, SPIRIT_PING_INTERVAL="0.2",

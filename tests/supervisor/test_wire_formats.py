@@ -16,7 +16,7 @@ def test_ipc_frames_are_length_prefixed_tagged_msgpack() -> None:
     frame = ipc.encode(ipc.Run(7, "r1", "sync", "", b'{"input":1}'))
     assert frame == (b"\x00\x00\x00\x1c\x96\xa3run\x07\xa2r1\xa4sync\xa0\xc4\x0b"
                      b'{"input":1}')
-    assert ipc.encode(ipc.Ping(3)) == b"\x00\x00\x00\x07\x92\xa4ping\x03"
+    assert ipc.encode(ipc.Beat(3)) == b"\x00\x00\x00\x07\x92\xa4beat\x03"
     assert ipc.encode(ipc.Done(1, 200, b"[]", "", False)) == (
         b"\x00\x00\x00\x0f\x96\xa4done\x01\xcc\xc8\xc4\x02[]\xa0\xc2")
 
@@ -24,9 +24,9 @@ def test_ipc_frames_are_length_prefixed_tagged_msgpack() -> None:
 def test_every_message_round_trips_through_the_frame_buffer() -> None:
     messages: list[ipc.Message] = [
         ipc.Run(1, "a", "async", "http://hook", b"\x00" * 70000), ipc.Cancel(1, 408, "late"),
-        ipc.Ping(1), ipc.Stop(), ipc.AskConcurrency(2), ipc.CheckStart(),
+        ipc.Beat(1), ipc.Stop(), ipc.AskConcurrency(2), ipc.CheckStart(),
         ipc.Hello(10, "sync", 2, {"mode": "handler"}), ipc.Chunk(1, 0, b"1"),
-        ipc.Done(1, 500, b"{}", "boom", True), ipc.Pong(1), ipc.Concurrency(4),
+        ipc.Done(1, 500, b"{}", "boom", True), ipc.Concurrency(4),
         ipc.StartChecked(False, "no"), ipc.Fatal("bad import")]
     stream = b"".join(ipc.encode(m) for m in messages)
     buf = ipc.FrameBuffer()
