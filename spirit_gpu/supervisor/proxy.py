@@ -6,7 +6,8 @@ Life of a proxy worker, top to bottom:
    agent learns the listener URL, ``ready=false``);
 2. poll the user's ``check_start`` until it says True; past
    ``cfg.start_deadline`` the worker gives up with exit code 1;
-3. ready: the registrar tells the agent at once, traffic flows;
+3. ready: the registrar tells the agent at once, traffic flows (over the
+   proxy link when the agent offers one, else to the listener);
 4. on ``stop``: deregister, let in-flight streams finish (up to
    ``cfg.grace_period``), close, exit code 0.
 
@@ -22,6 +23,7 @@ from typing import Literal
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
+from spirit_gpu.supervisor.proxy_link import WorkerLink, stop_link
 from spirit_gpu.supervisor.proxy_listener import ProxyListener
 from spirit_gpu.supervisor.proxy_register import Registrar
 
@@ -45,6 +47,7 @@ async def serve_proxy(cfg: WorkerConfig, base_url: str, check_start: CheckStart,
         return 1
     registrar = Registrar(cfg, listener)
     beating = asyncio.create_task(registrar.run(), name="proxy-registrar")
+    linking = asyncio.create_task(WorkerLink(cfg, listener, registrar).run(), name="proxy-link")
     try:
         outcome = await wait_ready(check_start, cfg.start_deadline, stop)
         if outcome == "deadline":
@@ -67,6 +70,7 @@ async def serve_proxy(cfg: WorkerConfig, base_url: str, check_start: CheckStart,
         await registrar.deregister()
         await registrar.close()
         await listener.drain(cfg.grace_period)
+        await stop_link(linking)
         await listener.close()
 
 

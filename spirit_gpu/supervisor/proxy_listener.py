@@ -39,13 +39,14 @@ from spirit_gpu.supervisor.proxy_protocol import (
 )
 
 METRICS_PATH = "/_spirit/proxy/metrics"
-_DROP = HOP_BY_HOP | {CLIENT_AUTH_HEADER.lower(), REQUEST_ID_HEADER.lower(),
+DROP = HOP_BY_HOP | {CLIENT_AUTH_HEADER.lower(), REQUEST_ID_HEADER.lower(),
                       WORKER_TOKEN_HEADER.lower()}
 _ids = itertools.count(1)
+_keys = itertools.count(1)
 _prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}"
 
 
-def _new_request_id() -> str:
+def new_request_id() -> str:
     return f"px-{_prefix}-{next(_ids)}"
 
 
@@ -53,7 +54,7 @@ class ProxyStats:
     """In-flight requests and latency of the last 1024 finished ones."""
 
     def __init__(self) -> None:
-        self.inflight: dict[str, float] = {}
+        self.inflight: dict[int, str] = {}  # a key per exchange -> its request id
         self.total = 0
         self.failed = 0
         self.cut = 0
@@ -150,30 +151,26 @@ class ProxyListener:
         if not self.ready:
             return json_error(503, "worker not ready: check_start has not succeeded yet")
         assert self._session is not None
-        rid = request.headers.get(REQUEST_ID_HEADER) or _new_request_id()
-        stats = self.stats
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        stats.inflight[rid] = started
-        self._idle.clear()
+        rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        key, started = self.begin(rid)
         status, nbytes, note = 0, 0, ""
         try:
             url = URL(self.base_url + request.raw_path, encoded=True)  # as the client wrote it
             try:
                 upstream = await self._session.request(
-                    request.method, url, headers=filter_headers(request.headers, _DROP),
+                    request.method, url, headers=filter_headers(request.headers, DROP),
                     data=await request_body(request), allow_redirects=False)
             except (aiohttp.ClientError, OSError) as exc:
                 status, note = 502, f"upstream {self.base_url} unreachable: {exc!r}"
-                stats.failed += 1
+                self.stats.failed += 1
                 return json_error(502, note)
             try:
-                stats.first_bytes.append(loop.time() - started)
+                self.stats.first_bytes.append(time.monotonic() - started)
                 status = upstream.status
                 result = await relay(request, upstream, {REQUEST_ID_HEADER: rid})
                 nbytes = result.nbytes
                 if result.cut:
-                    stats.cut += 1
+                    self.stats.cut += 1
                     note = f"cut ({result.cut}): {result.detail}"
                 return result.response
             finally:
@@ -183,18 +180,35 @@ class ProxyListener:
                     upstream.close()  # unfinished: abort the upstream request
         except asyncio.CancelledError:
             note = "client disconnected; upstream request aborted"
-            stats.cut += 1
+            self.stats.cut += 1
             raise
         finally:
-            elapsed = loop.time() - started
-            stats.total += 1
-            stats.durations.append(elapsed)
-            del stats.inflight[rid]
-            if not stats.inflight:
-                self._idle.set()
-            message = (f"proxy {request.method} {request.path} -> {status} "
-                       f"{elapsed * 1000:.1f} ms {nbytes} bytes")
-            if note:
-                logger.warn(f"{message}: {note}", request_id=rid)
-            else:
-                logger.info(message, request_id=rid)
+            self.end(key, rid, started, request.method, request.path, status, nbytes, note)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "listener not started"
+        return self._session
+
+    def begin(self, rid: str) -> tuple[int, float]:
+        """Count a proxied request in flight: its key and start time."""
+        key = next(_keys)
+        self.stats.inflight[key] = rid
+        self._idle.clear()
+        return key, time.monotonic()
+
+    def end(self, key: int, rid: str, started: float, method: str, path: str, status: int,
+            nbytes: int, note: str) -> None:
+        """Count it done, and log it (one line a request, with its id)."""
+        stats = self.stats
+        elapsed = time.monotonic() - started
+        stats.total += 1
+        stats.durations.append(elapsed)
+        stats.inflight.pop(key, None)
+        if not stats.inflight:
+            self._idle.set()
+        message = f"proxy {method} {path} -> {status} {elapsed * 1000:.1f} ms {nbytes} bytes"
+        if note:
+            logger.warn(f"{message}: {note}", request_id=rid)
+        else:
+            logger.info(message, request_id=rid)

@@ -47,6 +47,7 @@ class ProxyRegistration(msgspec.Struct):
 class RegisterReply(msgspec.Struct):
     workerID: str
     leaseSeconds: float
+    link: str = ""  # path of the proxy link under the agent URL; "" when not offered
 
 
 class ProxyDeregistration(msgspec.Struct):
@@ -80,3 +81,54 @@ def has_feature(header_value: str | None, feature: str = FEATURE) -> bool:
 def join_url(base: str, path: str) -> str:
     """``base`` (which may carry a path prefix like ``/agent/<sid>``) plus ``path``."""
     return base.rstrip("/") + "/" + path.lstrip("/")
+
+
+# ---- the proxy link: proxied exchanges multiplexed over one WebSocket ----------------
+#
+# When the register reply names ``link`` (a path under the agent URL), the worker
+# dials ``GET {agent}{link}?workerID=<id>`` (a WebSocket, same bearer token) and the
+# gateway sends proxied requests over it instead of opening HTTP connections to the
+# listener. Each binary message is a msgpack array of frames (``LinkFrames``); frames
+# produced in the same event-loop turn travel together. A request body travels in
+# ``LinkOpen.body``; when ``more`` is set, ``LinkData`` frames follow, then ``LinkEnd``.
+# The answer is ``LinkHead``, ``LinkData``..., then ``LinkEnd`` (complete) or
+# ``LinkFail`` (cut; before ``LinkHead`` it means the LLM server could not be reached).
+# ``LinkCancel`` aborts an exchange (the client went away, or a limit passed).
+
+class LinkOpen(msgspec.Struct, tag="open", array_like=True):
+    id: int
+    method: str
+    path: str  # raw path and query, as the client wrote them
+    headers: list[tuple[str, str]]
+    body: bytes
+    more: bool
+    request_id: str
+
+
+class LinkCancel(msgspec.Struct, tag="cancel", array_like=True):
+    id: int
+
+
+class LinkHead(msgspec.Struct, tag="head", array_like=True):
+    id: int
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+
+
+class LinkData(msgspec.Struct, tag="data", array_like=True):
+    id: int
+    data: bytes
+
+
+class LinkEnd(msgspec.Struct, tag="end", array_like=True):
+    id: int
+
+
+class LinkFail(msgspec.Struct, tag="fail", array_like=True):
+    id: int
+    message: str
+
+
+LinkFrame = LinkOpen | LinkCancel | LinkHead | LinkData | LinkEnd | LinkFail
+LINK_PATH = "/apis/v1/proxy/link"

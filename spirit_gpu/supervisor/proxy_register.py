@@ -49,6 +49,8 @@ class Registrar:
         self.mode: Mode = "unknown"
         self.lease: float | None = None
         self.beats = 0
+        self.link_path = ""  # the proxy link's path when the agent offers one
+        self.link_offered = asyncio.Event()
         self._wake = asyncio.Event()
         self._last_problem = ""
         self._headers = {"Content-Type": "application/json"}
@@ -122,16 +124,20 @@ class Registrar:
                             f"{self.listener.url} (ready={self.listener.ready}, "
                             f"lease {reply.leaseSeconds:g}s)")
             self.mode, self.lease, self._last_problem = "proxy", reply.leaseSeconds, ""
+            if reply.link and self.cfg.transport != "plain":
+                self.link_path = reply.link
+                self.link_offered.set()
         elif status in _NOT_OFFERED or 200 <= status < 300:
             logger.info(f"the agent does not offer proxy registration (HTTP {status}); "
                         "using the plain heartbeat")
             self.mode, self.lease = "plain", None
+            self.link_offered.clear()
         else:
             text = body.decode(errors="replace")[:200]
             self._problem(f"proxy registration refused: HTTP {status} {text}")
 
     async def _plain_heartbeat(self) -> None:
-        body = _encode(PlainHeartbeat(requestIDs=list(self.listener.stats.inflight)))
+        body = _encode(PlainHeartbeat(requestIDs=list(self.listener.stats.inflight.values())))
         status, features, _ = await self._post(HEARTBEAT_PATH, body)
         if has_feature(features):
             self.mode = "unknown"

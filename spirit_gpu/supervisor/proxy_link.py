@@ -1,0 +1,185 @@
+"""The worker end of the proxy link: proxied exchanges arrive over one WebSocket.
+
+The worker dials the gateway (so a worker behind NAT needs no reachable
+listener), and each ``LinkOpen`` becomes a request to the LLM server whose
+answer goes back as ``LinkHead``/``LinkData``/``LinkEnd`` frames. Exchanges
+share the listener's client pool, statistics, drain and log lines. The link
+redials with back-off while the agent offers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgspec
+from multidict import CIMultiDict
+from yarl import URL
+
+from spirit_gpu.config import WorkerConfig
+from spirit_gpu.log import logger
+from spirit_gpu.supervisor.proxy_frames import FrameWriter, decode_frames, header_list
+from spirit_gpu.supervisor.proxy_http import HOP_BY_HOP, filter_headers
+from spirit_gpu.supervisor.proxy_listener import DROP, ProxyListener, new_request_id
+from spirit_gpu.supervisor.proxy_protocol import (
+    LinkCancel,
+    LinkData,
+    LinkEnd,
+    LinkFail,
+    LinkHead,
+    LinkOpen,
+    join_url,
+)
+from spirit_gpu.supervisor.proxy_register import Registrar
+
+_JSON = [("Content-Type", "application/json")]
+
+
+class WorkerLink:
+    def __init__(self, cfg: WorkerConfig, listener: ProxyListener, registrar: Registrar) -> None:
+        self.cfg = cfg
+        self.listener = listener
+        self.registrar = registrar
+        self.connected = asyncio.Event()
+        self._headers = ({"Authorization": f"Bearer {cfg.worker_token}"}
+                         if cfg.worker_token else {})
+
+    async def run(self) -> None:
+        """Keep the link up while the agent offers it (cancel to stop)."""
+        backoff = 0.1
+        async with aiohttp.ClientSession() as session:
+            while True:
+                await self.registrar.link_offered.wait()
+                url = (join_url(self.cfg.agent_url, self.registrar.link_path)
+                       + f"?workerID={self.registrar.worker_id}")
+                try:
+                    async with session.ws_connect(url, headers=self._headers, max_msg_size=0,
+                                                  heartbeat=30.0) as ws:
+                        logger.info(f"proxy link to {url} up")
+                        backoff = 0.1
+                        self.connected.set()
+                        await self._serve(ws)
+                    logger.info("proxy link closed by the gateway")
+                except (aiohttp.ClientError, OSError) as exc:
+                    logger.warn(f"proxy link to {url} failed: {exc!r}; retrying")
+                finally:
+                    self.connected.clear()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        writer = FrameWriter(ws)
+        tasks: dict[int, asyncio.Task[None]] = {}
+        bodies: dict[int, asyncio.Queue[bytes | None]] = {}
+
+        def forget(exchange: int, _: object = None) -> None:
+            tasks.pop(exchange, None)
+            bodies.pop(exchange, None)
+
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                for frame in decode_frames(msg.data):
+                    if isinstance(frame, LinkOpen):
+                        body: asyncio.Queue[bytes | None] | None = None
+                        if frame.more:
+                            body = bodies[frame.id] = asyncio.Queue()
+                        task = asyncio.create_task(self._exchange(frame, writer, body))
+                        tasks[frame.id] = task
+                        task.add_done_callback(functools.partial(forget, frame.id))
+                    elif isinstance(frame, LinkData):
+                        if frame.id in bodies:
+                            bodies[frame.id].put_nowait(frame.data)
+                    elif isinstance(frame, LinkEnd):
+                        if frame.id in bodies:
+                            bodies[frame.id].put_nowait(None)
+                    elif isinstance(frame, LinkCancel):
+                        if frame.id in tasks:
+                            tasks[frame.id].cancel()
+        finally:
+            for task in list(tasks.values()):
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await writer.close()
+
+    async def _exchange(self, frame: LinkOpen, writer: FrameWriter,
+                        body_queue: asyncio.Queue[bytes | None] | None) -> None:
+        listener = self.listener
+        exchange = frame.id
+        if not listener.ready:
+            _answer(writer, exchange, 503, b'{"error": "worker not ready: check_start has not '
+                                           b'succeeded yet"}')
+            return
+        rid = frame.request_id or new_request_id()
+        key, started = listener.begin(rid)
+        status, nbytes, note = 0, 0, ""
+        path = frame.path.split("?", 1)[0]
+        try:
+            headers = filter_headers(CIMultiDict(frame.headers), DROP)
+            data = frame.body if body_queue is None else _body(frame.body, body_queue)
+            try:
+                upstream = await listener.session.request(
+                    frame.method, URL(listener.base_url + frame.path, encoded=True),
+                    headers=headers, data=data, allow_redirects=False)
+            except (aiohttp.ClientError, OSError) as exc:
+                status, note = 502, f"upstream {listener.base_url} unreachable: {exc!r}"
+                listener.stats.failed += 1
+                _answer(writer, exchange, 502, msgspec.json.encode({"error": note}))
+                return
+            try:
+                status = upstream.status
+                listener.stats.first_bytes.append(time.monotonic() - started)
+                writer.send(LinkHead(exchange, status, upstream.reason or "",
+                                     header_list(filter_headers(upstream.headers, HOP_BY_HOP))))
+                content = upstream.content
+                while True:
+                    try:
+                        chunk = await content.readany()
+                    except (aiohttp.ClientError, OSError) as exc:
+                        note = f"cut (upstream): {exc!r}"
+                        listener.stats.cut += 1
+                        writer.send(LinkFail(exchange, f"the LLM server failed mid-answer: "
+                                                       f"{exc!r}"))
+                        break
+                    if not chunk:
+                        writer.send(LinkEnd(exchange))
+                        break
+                    writer.send(LinkData(exchange, chunk))
+                    nbytes += len(chunk)
+                    await writer.wait_drained()
+            finally:
+                if upstream.content.is_eof():
+                    upstream.release()
+                else:
+                    upstream.close()
+        except asyncio.CancelledError:
+            note = "cancelled by the gateway (client gone or limit); upstream request aborted"
+            listener.stats.cut += 1
+            raise
+        finally:
+            listener.end(key, rid, started, frame.method, path, status, nbytes, note)
+
+
+async def _body(first: bytes, rest: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    while (chunk := await rest.get()) is not None:
+        yield chunk
+
+
+def _answer(writer: FrameWriter, exchange: int, status: int, body: bytes) -> None:
+    reason = {502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "")
+    writer.send(LinkHead(exchange, status, reason, _JSON))
+    writer.send(LinkData(exchange, body))
+    writer.send(LinkEnd(exchange))
+
+
+async def stop_link(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
