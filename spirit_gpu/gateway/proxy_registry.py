@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from yarl import URL
 
+from spirit_gpu.gateway.proxy_link import GatewayLink
 from spirit_gpu.log import logger
 from spirit_gpu.supervisor.proxy_protocol import ProxyRegistration, ProxyWorkerInfo
 
@@ -27,6 +28,7 @@ class ProxyWorker:
     reported_inflight: int = 0
     inflight: int = 0
     failed: bool = False
+    link: GatewayLink | None = None  # the worker's proxy link, when it dialled one
 
     def routable(self, now: float) -> bool:
         return self.ready and not self.failed and now < self.expires_at
@@ -48,6 +50,7 @@ class ProxyRegistry:
                                  now + self.lease_seconds)
             if reg.workerID in workers:
                 worker.inflight = workers[reg.workerID].inflight
+                worker.link = workers[reg.workerID].link
             workers[reg.workerID] = worker
             logger.info(f"proxy worker {reg.workerID} of {sid} registered at {reg.url} "
                         f"(ready={reg.ready})")
@@ -60,6 +63,13 @@ class ProxyRegistry:
         worker.expires_at = now + self.lease_seconds
         self._expire(sid, now)
         return worker
+
+    def get(self, sid: str, worker_id: str) -> ProxyWorker | None:
+        return self._by_sid.get(sid, {}).get(worker_id)
+
+    def links(self) -> list[GatewayLink]:
+        return [w.link for workers in self._by_sid.values() for w in workers.values()
+                if w.link is not None]
 
     def deregister(self, sid: str, worker_id: str) -> bool:
         worker = self._by_sid.get(sid, {}).pop(worker_id, None)

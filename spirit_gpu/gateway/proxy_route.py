@@ -27,20 +27,25 @@ import hmac
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from spirit_gpu.gateway.auth import bearer
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.gateway.proxy_link import GatewayLink, LinkStream
 from spirit_gpu.gateway.proxy_metrics import ProxyMetrics
 from spirit_gpu.gateway.proxy_registry import ProxyRegistry, ProxyWorker
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.log import logger
+from spirit_gpu.supervisor.proxy_frames import header_list
 from spirit_gpu.supervisor.proxy_http import (
     HOP_BY_HOP,
+    cut_connection,
     filter_headers,
     json_error,
     new_session,
@@ -51,10 +56,15 @@ from spirit_gpu.supervisor.proxy_protocol import (
     CLIENT_AUTH_HEADER,
     DEREGISTER_PATH,
     FEATURE,
+    LINK_PATH,
     REGISTER_PATH,
     REQUEST_ID_HEADER,
     WORKER_TOKEN_HEADER,
     WORKERS_PATH,
+    LinkData,
+    LinkEnd,
+    LinkFail,
+    LinkHead,
     ProxyDeregistration,
     ProxyRegistration,
     ProxyWorkers,
@@ -83,6 +93,11 @@ class ProxyRouter:
         self.registry = ProxyRegistry(lease_seconds=config.lease_seconds)
         self.metrics = metrics or ProxyMetrics()
         self.session: aiohttp.ClientSession | None = None
+
+    async def shutdown(self, app: web.Application) -> None:
+        """Close the proxy links, so that the server's shutdown does not wait on them."""
+        for link in self.registry.links():
+            await link.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"gateway stopping")
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         self.session = new_session()
@@ -136,6 +151,14 @@ class ProxyRouter:
                 return json_error(503, "not enough gpu now", {REQUEST_ID_HEADER: rid}), ""
             worker.inflight += 1
             try:
+                link = worker.link
+                if link is not None and not link.closed:
+                    outcome = await self._via_link(request, sid, worker, link, rid, headers,
+                                                   body, head_deadline)
+                    if outcome is None:  # the link died before an answer began
+                        tried.add(worker)
+                        continue
+                    return outcome
                 url = URL(worker.url + request.raw_path, encoded=True)
                 try:
                     async with asyncio.timeout_at(head_deadline):
@@ -184,7 +207,108 @@ class ProxyRouter:
             finally:
                 worker.inflight -= 1
 
+    async def _via_link(self, request: web.Request, sid: str, worker: ProxyWorker,
+                        link: GatewayLink, rid: str, headers: CIMultiDict[str], body: Any,
+                        head_deadline: float) -> tuple[web.StreamResponse, str] | None:
+        """One exchange over ``worker``'s proxy link; None: try another worker."""
+        streamed = body is not None and not isinstance(body, bytes)
+        stream = link.open(request.method, request.raw_path, header_list(headers),
+                           b"" if streamed or body is None else body, streamed, rid)
+        pump = asyncio.create_task(_pump_body(link, stream, body)) if streamed else None
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                async with asyncio.timeout_at(head_deadline):
+                    head = await stream.get()
+            except TimeoutError:
+                logger.warn(f"proxy {request.method} {request.path}: no response from worker "
+                            f"{worker.worker_id} within "
+                            f"{self.config.proxy_response_timeout:g}s", request_id=rid)
+                return json_error(408, "request timeout: the worker did not start responding "
+                                       "in time", {REQUEST_ID_HEADER: rid}), ""
+            if isinstance(head, LinkFail):
+                if stream.lost:
+                    self.registry.drop(worker, head.message)
+                    if streamed:
+                        return json_error(502, f"worker failed: {head.message}"), ""
+                    return None
+                return json_error(502, head.message, {REQUEST_ID_HEADER: rid}), ""
+            assert isinstance(head, LinkHead), head
+            self.metrics.response_start.labels(sid).observe(
+                loop.time() - head_deadline + self.config.proxy_response_timeout)
+            out = CIMultiDict(head.headers)
+            out[REQUEST_ID_HEADER] = rid
+            if stream.ended and request.method != "HEAD" and not any(
+                    isinstance(f, LinkFail) for f in stream.frames):
+                # the whole answer came in one batch: one write, with its length
+                parts = [f.data for f in stream.frames if isinstance(f, LinkData)]
+                stream.frames.clear()
+                out.popall("Content-Length", None)
+                return web.Response(status=head.status, reason=head.reason or None,
+                                    body=b"".join(parts), headers=out), ""
+            resp = web.StreamResponse(status=head.status, reason=head.reason or None,
+                                      headers=out)
+            try:
+                await resp.prepare(request)
+            except ConnectionError:
+                return resp, "client"
+            cut, detail = "", ""
+            try:
+                async with asyncio.timeout_at(loop.time() + self.config.proxy_transfer_timeout):
+                    while True:
+                        frame = await stream.get()
+                        if isinstance(frame, LinkData):
+                            try:
+                                await resp.write(frame.data)
+                            except ConnectionError as exc:
+                                cut, detail = "client", repr(exc)
+                                break
+                        elif isinstance(frame, LinkEnd):
+                            break
+                        else:
+                            cut, detail = "upstream", getattr(frame, "message", repr(frame))
+                            if stream.lost:
+                                self.registry.drop(worker, detail)
+                            break
+            except TimeoutError:
+                cut, detail = "deadline", "transfer limit reached"
+            if cut in ("upstream", "deadline"):
+                cut_connection(request)
+            if cut:
+                logger.warn(f"proxy {request.method} {request.path} via {worker.worker_id} "
+                            f"cut ({cut}): {detail}", request_id=rid)
+            return resp, cut
+        finally:
+            if pump is not None:
+                pump.cancel()
+            link.finish(stream)
+
     # ---- agent side (registration extension) -------------------------------------
+
+    async def link(self, request: web.Request) -> web.StreamResponse:
+        """The proxy link: the worker dials in, exchanges are multiplexed over it."""
+        denied = self._worker_denied(request)
+        if denied is not None:
+            return denied
+        sid = request.match_info["sid"]
+        worker_id = request.query.get("workerID", "")
+        worker = self.registry.get(sid, worker_id)
+        if worker is None:
+            return json_error(404, f"unknown proxy worker {worker_id!r}: register first",
+                              {FEATURES_HEADER: FEATURE})
+        ws = web.WebSocketResponse(max_msg_size=0, heartbeat=30.0)
+        await ws.prepare(request)
+        link = GatewayLink(ws)
+        worker.link = link
+        logger.info(f"proxy worker {worker_id} of {sid}: link up")
+        try:
+            await link.read_loop()
+        finally:
+            if worker.link is link:
+                worker.link = None
+            if self.registry.get(sid, worker_id) is worker:
+                self.registry.drop(worker, "its proxy link closed")
+        return ws
 
     def _worker_denied(self, request: web.Request) -> web.Response | None:
         token = self.config.worker_token
@@ -209,7 +333,8 @@ class ProxyRouter:
             return json_error(400, "invalid registration: url must be http(s)://host:port "
                                    "and workerID non-empty", {FEATURES_HEADER: FEATURE})
         self.registry.register(request.match_info["sid"], reg)
-        reply = RegisterReply(workerID=reg.workerID, leaseSeconds=self.config.lease_seconds)
+        reply = RegisterReply(workerID=reg.workerID, leaseSeconds=self.config.lease_seconds,
+                              link=LINK_PATH)
         return web.Response(body=msgspec.json.encode(reply), content_type="application/json",
                             headers={FEATURES_HEADER: FEATURE})
 
@@ -231,6 +356,17 @@ class ProxyRouter:
         listing = ProxyWorkers(workers=self.registry.workers(request.match_info["sid"]))
         return web.Response(body=msgspec.json.encode(listing), content_type="application/json",
                             headers={FEATURES_HEADER: FEATURE})
+
+
+async def _pump_body(link: GatewayLink, stream: LinkStream, body: aiohttp.StreamReader) -> None:
+    """A streamed request body, on to the worker as LinkData frames, then LinkEnd."""
+    try:
+        while chunk := await body.readany():
+            link.send(LinkData(stream.id, chunk))
+            await link.writer.wait_drained()
+        link.send(LinkEnd(stream.id))
+    except (aiohttp.ClientError, OSError):  # the client went away mid-upload
+        link.finish(stream)
 
 
 async def _announce(request: web.Request, response: web.StreamResponse) -> None:
@@ -271,11 +407,13 @@ def install(app: web.Application, config: GatewayConfig) -> None:
     app[ROUTER_KEY] = router
     app.middlewares.insert(0, router.middleware)
     app.cleanup_ctx.append(router.lifetime)
+    app.on_shutdown.append(router.shutdown)
     app.on_response_prepare.append(_announce)
     base = "/agent/{sid}"
     app.router.add_post(base + REGISTER_PATH, router.register)
     app.router.add_post(base + DEREGISTER_PATH, router.deregister)
     app.router.add_get(base + WORKERS_PATH, router.workers)
+    app.router.add_get(base + LINK_PATH, router.link)
     for prefix in _PREFIXES:  # last, so every route of the public API matches first
         route = app.router.add_route("*", prefix + "{tail:.*}", _not_proxied)
         route.resource.spirit_catch_all = True  # type: ignore[union-attr]

@@ -1,0 +1,104 @@
+"""The gateway end of the proxy link: one WebSocket per proxy worker, many exchanges.
+
+``GatewayLink.open`` starts an exchange and returns its ``LinkStream``, whose
+``get()`` yields the worker's frames in order. When the WebSocket closes every
+open exchange gets a ``LinkFail`` with ``lost=True`` (the worker is gone).
+A stream whose client reads slower than the worker writes is cut past
+``MAX_BUFFERED`` bytes rather than growing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+
+import aiohttp
+from aiohttp import web
+
+from spirit_gpu.supervisor.proxy_frames import FrameWriter, decode_frames
+from spirit_gpu.supervisor.proxy_protocol import (
+    LinkCancel,
+    LinkData,
+    LinkEnd,
+    LinkFail,
+    LinkFrame,
+    LinkOpen,
+)
+
+MAX_BUFFERED = 16 * 1024 * 1024
+
+
+class LinkStream:
+    __slots__ = ("id", "frames", "ended", "lost", "buffered", "_event")
+
+    def __init__(self, exchange: int) -> None:
+        self.id = exchange
+        self.frames: deque[LinkFrame] = deque()
+        self.ended = False  # LinkEnd or LinkFail received
+        self.lost = False  # the link itself went away
+        self.buffered = 0
+        self._event = asyncio.Event()
+
+    def feed(self, frame: LinkFrame) -> None:
+        if self.ended:
+            return
+        if isinstance(frame, LinkData):
+            self.buffered += len(frame.data)
+            if self.buffered > MAX_BUFFERED:
+                frame = LinkFail(self.id, "the client reads too slowly: stream cut")
+        if isinstance(frame, LinkEnd | LinkFail):
+            self.ended = True
+        self.frames.append(frame)
+        self._event.set()
+
+    async def get(self) -> LinkFrame:
+        while not self.frames:
+            self._event.clear()
+            await self._event.wait()
+        frame = self.frames.popleft()
+        if isinstance(frame, LinkData):
+            self.buffered -= len(frame.data)
+        return frame
+
+
+class GatewayLink:
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.writer = FrameWriter(ws)
+        self.streams: dict[int, LinkStream] = {}
+        self._ids = itertools.count(1)
+        self.closed = False
+
+    def open(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+             more: bool, request_id: str) -> LinkStream:
+        stream = LinkStream(next(self._ids))
+        self.streams[stream.id] = stream
+        self.writer.send(LinkOpen(stream.id, method, path, headers, body, more, request_id))
+        return stream
+
+    def send(self, frame: LinkFrame) -> None:
+        self.writer.send(frame)
+
+    def finish(self, stream: LinkStream) -> None:
+        """Forget ``stream``; cancel the exchange at the worker unless it ended."""
+        self.streams.pop(stream.id, None)
+        if not stream.ended and not self.closed:
+            self.writer.send(LinkCancel(stream.id))
+
+    async def read_loop(self) -> None:
+        """Dispatch frames until the WebSocket closes; then fail what is open."""
+        try:
+            async for msg in self.ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                for frame in decode_frames(msg.data):
+                    stream = self.streams.get(frame.id)
+                    if stream is not None:
+                        stream.feed(frame)
+        finally:
+            self.closed = True
+            for stream in list(self.streams.values()):
+                stream.lost = True
+                stream.feed(LinkFail(stream.id, "the worker's proxy link closed"))
+            await self.writer.close()
