@@ -10,8 +10,10 @@ concurrency 1 and 32):
 * worker: the client calls the worker's proxy listener (one hop; a real
   ``python -m spirit_gpu.supervisor`` in proxy mode, INFO logging: one log
   line per request, as users run it);
-* gateway: ``Auth: <sid>-<key>`` to the real gateway, which routes to that
-  worker (the full path: two hops).
+* gateway (link): ``Auth: <sid>-<key>`` to the real gateway, which routes to
+  that worker over its proxy link (the full path: two hops);
+* gateway (http): the same through a second worker with
+  ``SPIRIT_TRANSPORT=plain``: the gateway opens HTTP connections to its listener.
 
 All processes share this machine's CPUs with wrk (and, on a shared box, with
 whatever else runs), so besides requests/s and p50 it reports the CPU time
@@ -117,11 +119,17 @@ def run(quick: bool) -> list[Result]:
         procs.append(spawn([PY, "-m", "spirit_gpu.supervisor", str(app)], "proxy-worker",
                            EASE_AGENT_URL=f"{gateway}/agent/{SID}", LLM_URL=upstream,
                            SPIRIT_PROXY_PORT=str(wk_port), EASE_LOG_LEVEL="INFO"))
+        procs.append(spawn([PY, "-m", "spirit_gpu.supervisor", str(app)], "proxy-worker-http",
+                           EASE_AGENT_URL=f"{gateway}/agent/{SID}http", LLM_URL=upstream,
+                           SPIRIT_TRANSPORT="plain", EASE_LOG_LEVEL="INFO"))
         worker = f"http://127.0.0.1:{wk_port}"
         auth = {"Auth": f"{SID}-{KEY}"}
-        wait_ok(gateway + "/api/chat", BODY, auth, within=60, proc=procs[-1])
+        auth_http = {"Auth": f"{SID}http-{KEY}"}
+        wait_ok(gateway + "/api/chat", BODY, auth, within=60, proc=procs[2])
+        wait_ok(gateway + "/api/chat", BODY, auth_http, within=60, proc=procs[3])
 
-        named = {"upstream": procs[0], "gateway": procs[1], "worker": procs[2]}
+        named = {"upstream": procs[0], "gateway": procs[1], "worker": procs[2],
+                 "worker (http)": procs[3]}
 
         def measure(url: str, headers: dict[str, str] | None, conns: int
                     ) -> tuple[Load, dict[str, float]]:
@@ -136,13 +144,15 @@ def run(quick: bool) -> list[Result]:
                 direct, direct_cpu = measure(upstream + path, None, conns)
                 loads: dict[str, tuple[Load, dict[str, float]]] = {
                     "worker": measure(worker + path, None, conns),
-                    "gateway": measure(gateway + path, auth, conns),
+                    "gateway (link)": measure(gateway + path, auth, conns),
+                    "gateway (http)": measure(gateway + path, auth_http, conns),
                 }
                 if conns == 1:
                     results.append(result(f"proxy {what}: LLM server CPU per request",
                                           direct_cpu["upstream"], "µs"))
                 for via, (load, cpu) in loads.items():
-                    hops = ("worker",) if via == "worker" else ("worker", "gateway")
+                    hops = {"worker": ("worker",), "gateway (link)": ("worker", "gateway"),
+                            "gateway (http)": ("worker (http)", "gateway")}[via]
                     if conns == 1:
                         for hop in hops:
                             results.append(result(

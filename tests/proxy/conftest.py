@@ -74,6 +74,12 @@ class Gateway:
     def ready_workers(self, sid: str = SID) -> list[Any]:
         return [w for w in self.router.registry.workers(sid) if w.ready]
 
+    def linked(self, sid: str = SID) -> int:
+        """How many of the worker entries have a proxy link up."""
+        registry = self.router.registry
+        return sum(1 for w in registry.workers(sid)
+                   if (entry := registry.get(sid, w.workerID)) and entry.link is not None)
+
 
 @pytest.fixture
 async def make_gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
@@ -111,12 +117,19 @@ class Worker:
 
 
 @pytest.fixture
-async def make_worker() -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
+def worker_transport() -> str:
+    """``auto``: exchanges over the proxy link; ``plain``: HTTP to the worker's listener."""
+    return "auto"
+
+
+@pytest.fixture
+async def make_worker(worker_transport: str) -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
     workers: list[Worker] = []
 
     async def make(base_url: str, agent_url: str,
                    check_start: Callable[[], Awaitable[tuple[bool, str]]] | None = None,
                    **values: Any) -> Worker:
+        values.setdefault("transport", worker_transport)
         values.setdefault("heartbeat_interval", 0.1)
         values.setdefault("grace_period", 2.0)
         cfg = WorkerConfig(agent_url=agent_url, **values)

@@ -67,12 +67,16 @@ async def test_check_start_gates_then_streams(llm: FakeLLM, make_gateway: MakeGa
     await until(lambda: gateway.router.registry.workers(SID) == [], 5, what="deregistered")
 
 
+@pytest.mark.parametrize("transport", ["auto", "plain"], ids=["link", "http"])
 async def test_sigkilled_worker_mid_stream(llm: FakeLLM, make_gateway: MakeGateway,
-                                           worker_factory: Any) -> None:
+                                           worker_factory: Any, transport: str) -> None:
     gateway = await make_gateway(worker_token=TOKEN, lease_seconds=30.0)
-    sups: list[Supervisor] = [worker_factory(APP, env_for(gateway, llm)),
-                              worker_factory(APP, env_for(gateway, llm, ASYNC_CHECK="1"))]
+    env = {"SPIRIT_TRANSPORT": transport}
+    sups: list[Supervisor] = [worker_factory(APP, env_for(gateway, llm, **env)),
+                              worker_factory(APP, env_for(gateway, llm, ASYNC_CHECK="1", **env))]
     await until(lambda: len(gateway.ready_workers()) == 2, 30, what="two ready workers")
+    await until(lambda: gateway.linked() == (2 if transport == "auto" else 0), 10,
+                what="proxy links")
     registry = gateway.router.registry
     async with aiohttp.ClientSession() as s:
         held = [await s.post(gateway.url + "/api/generate", json={"chunks": 3},

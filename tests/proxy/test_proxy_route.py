@@ -18,12 +18,20 @@ MakeGateway = Callable[..., Awaitable[Gateway]]
 MakeWorker = Callable[..., Awaitable[Worker]]
 
 
+@pytest.fixture(params=["auto", "plain"], ids=["link", "http"])
+def worker_transport(request: pytest.FixtureRequest) -> str:
+    """Every test here runs over the proxy link and over HTTP to the listener."""
+    return str(request.param)
+
+
 async def ready_pair(llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker,
                      workers: int = 1, **gw: Any) -> Gateway:
     gateway = await make_gateway(**gw)
-    for _ in range(workers):
-        await make_worker(llm.url, gateway.agent_url(), worker_token=gateway.config.worker_token)
+    made = [await make_worker(llm.url, gateway.agent_url(),
+                              worker_token=gateway.config.worker_token) for _ in range(workers)]
     await until(lambda: len(gateway.ready_workers()) == workers, what="workers ready")
+    linked = workers if made[0].cfg.transport != "plain" else 0
+    await until(lambda: gateway.linked() == linked, what=f"{linked} proxy links")
     return gateway
 
 
