@@ -96,14 +96,43 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True):
 
 Frame = Welcome | Dispatch | Cancel | Credit | Metric | Result | Ack | Chunk | Heartbeat
 
+
+class Batch(msgspec.Struct, tag="batch", array_like=True):
+    """Several frames in one WebSocket message: what one event-loop turn produced.
+
+    Sent only to a peer that announced ``batch`` (the gateway in ``Welcome``,
+    the worker with the ``Spirit-Link-Batch: 1`` upgrade header); one message
+    instead of one per frame is what keeps the link's cost per job low.
+    """
+
+    frames: list[Frame]
+
+
+Message = Frame | Batch
+BATCH_HEADER = "Spirit-Link-Batch"
+
 _encoder = msgspec.msgpack.Encoder()
-_decoder: msgspec.msgpack.Decoder[Frame] = msgspec.msgpack.Decoder(Frame)
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]
 
 
-def encode(frame: Frame) -> bytes:
+def encode(frame: Frame | Batch) -> bytes:
     return _encoder.encode(frame)
 
 
+def encode_many(frames: list[Frame]) -> bytes:
+    """One frame as itself, several as a Batch."""
+    return _encoder.encode(frames[0] if len(frames) == 1 else Batch(frames))
+
+
 def decode(data: bytes) -> Frame:
-    """Raises ``msgspec.DecodeError`` (or ValidationError) on a malformed frame."""
-    return _decoder.decode(data)
+    """One frame. Raises ``msgspec.DecodeError`` (or ValidationError) when malformed."""
+    message = _decoder.decode(data)
+    if isinstance(message, Batch):
+        raise msgspec.ValidationError("expected one frame, got a batch")
+    return message
+
+
+def decode_all(data: bytes) -> list[Frame]:
+    """The frames of one message, batched or not."""
+    message = _decoder.decode(data)
+    return message.frames if isinstance(message, Batch) else [message]

@@ -33,8 +33,10 @@ def dispatch_frame(rec: RequestRecord) -> lp.Dispatch:
 class LinkSession:
     """One connected worker."""
 
-    def __init__(self, gw: Gateway, sid: str, worker: str, ws: web.WebSocketResponse) -> None:
+    def __init__(self, gw: Gateway, sid: str, worker: str, ws: web.WebSocketResponse,
+                 batches: bool = False) -> None:
         self.gw = gw
+        self.batches = batches  # the worker reads Batch messages
         self.sid = sid
         self.worker = worker
         self.ws = ws
@@ -47,7 +49,7 @@ class LinkSession:
     async def run(self) -> None:
         lease_ms = int(self.gw.config.lease_seconds * 1000)
         await self.ws.send_bytes(lp.encode(lp.Welcome(version=lp.VERSION, lease_ms=lease_ms,
-                                                      features=list(FEATURES))))
+                                                      features=[*FEATURES, "batch"])))
         await self.gw.storage.touch_worker(self.sid, self.worker)
         dispatcher = asyncio.create_task(self._dispatch())
         try:
@@ -55,11 +57,12 @@ class LinkSession:
                 if msg.type != WSMsgType.BINARY:
                     break
                 try:
-                    frame = lp.decode(msg.data)
+                    frames = lp.decode_all(msg.data)
                 except msgspec.DecodeError:
                     await self.ws.close(code=1002, message=b"malformed frame")
                     break
-                await self._on_frame(frame)
+                for frame in frames:
+                    await self._on_frame(frame)
         finally:
             dispatcher.cancel()
             await asyncio.gather(dispatcher, return_exceptions=True)
@@ -78,16 +81,29 @@ class LinkSession:
             rec = await storage.take(self.sid, self.worker, wait)
             if rec is None:
                 continue
+            taken = [rec]
+            if self.batches and self.credits > 1:
+                # one loop turn lets the other requests that arrived with this one
+                # enqueue, so they go out in the same message
+                await asyncio.sleep(0)
+            while self.batches and len(taken) < self.credits:
+                more = await storage.take(self.sid, self.worker, 0)
+                if more is None:
+                    break
+                taken.append(more)
             if self.ws.closed:
-                await storage.give_back(self.sid, rec.request_id)
+                for r in taken:
+                    await storage.give_back(self.sid, r.request_id)
                 return
-            self.credits -= 1
-            self.held.add(rec.request_id)
-            self.gw.links[rec.request_id] = self.push_cancel
+            self.credits -= len(taken)
+            for r in taken:
+                self.held.add(r.request_id)
+                self.gw.links[r.request_id] = self.push_cancel
             try:
-                await self.ws.send_bytes(lp.encode(dispatch_frame(rec)))
+                await self.ws.send_bytes(lp.encode_many([dispatch_frame(r) for r in taken]))
             except (ConnectionError, RuntimeError):
-                await storage.give_back(self.sid, rec.request_id)
+                for r in taken:
+                    await storage.give_back(self.sid, r.request_id)
                 return
 
     def push_cancel(self, request_ids: list[str]) -> None:
@@ -139,7 +155,8 @@ async def link(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         raise web.HTTPBadRequest(reason="the link is a WebSocket: send an Upgrade request")
     await ws.prepare(request)
-    await LinkSession(gw, sid, worker, ws).run()
+    batches = request.headers.get(lp.BATCH_HEADER) == "1"
+    await LinkSession(gw, sid, worker, ws, batches).run()
     return ws
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -44,7 +45,10 @@ class LinkTransport:
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._buffer: deque[Job] = deque()
-        self._arrived = asyncio.Event()
+        self._waiters: deque[asyncio.Future[Job | None]] = deque()  # pulls waiting for a job
+        self._out: list[tuple[lp.Frame, asyncio.Future[bool]]] = []  # this loop turn's frames
+        self._writes: set[asyncio.Task[Any]] = set()
+        self._batches = False  # the gateway reads Batch messages
         self._outstanding = 0  # credits granted and not yet used by a dispatch
         self._cancels: set[str] = set()
         self._closed = False
@@ -52,7 +56,8 @@ class LinkTransport:
     # --- connection --------------------------------------------------------------
     async def connect(self) -> None:
         """Open the link and read the gateway's Welcome; raises when either fails."""
-        ws = await self.session.ws_connect(self.url, headers=self.headers, max_msg_size=0,
+        headers = dict(self.headers, **{lp.BATCH_HEADER: "1"})
+        ws = await self.session.ws_connect(self.url, headers=headers, max_msg_size=0,
                                            timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
         try:
             first = await ws.receive(timeout=CONNECT_TIMEOUT)
@@ -65,6 +70,7 @@ class LinkTransport:
             await ws.close()
             raise
         self.features = set(welcome.features)
+        self._batches = "batch" in self.features
         self.lease_ms = welcome.lease_ms
         self._buffer.clear()
         self._outstanding = 0
@@ -94,43 +100,96 @@ class LinkTransport:
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     break
                 try:
-                    frame = lp.decode(msg.data)
+                    frames = lp.decode_all(msg.data)
                 except msgspec.DecodeError as exc:
                     logger.error(f"malformed frame on the agent link: {exc}")
                     continue
-                if isinstance(frame, lp.Dispatch):
-                    self._outstanding = max(0, self._outstanding - 1)
-                    self._buffer.append(job_from_dispatch(frame))
-                    self._arrived.set()
-                elif isinstance(frame, lp.Cancel):
-                    self._cancels.update(frame.request_ids)
-                    gone = set(frame.request_ids)
-                    self._buffer = deque(j for j in self._buffer if j.request_id not in gone)
+                for frame in frames:
+                    if isinstance(frame, lp.Dispatch):
+                        self._outstanding = max(0, self._outstanding - 1)
+                        self._deliver(job_from_dispatch(frame))
+                    elif isinstance(frame, lp.Cancel):
+                        self._cancels.update(frame.request_ids)
+                        gone = set(frame.request_ids)
+                        self._buffer = deque(j for j in self._buffer
+                                             if j.request_id not in gone)
         finally:
             if self._ws is ws:
                 self._ws = None
                 self._buffer.clear()  # undelivered: the gateway redelivers them
                 self._outstanding = 0
-                self._arrived.set()
+                while self._waiters:  # their pulls answer [] and reconnect next time
+                    waiter = self._waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(None)
                 if not self._closed:
                     logger.warn("agent link lost; reconnecting on the next call")
 
+    def _deliver(self, job: Job) -> None:
+        """Hand a dispatched job to the oldest waiting pull, else buffer it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(job)
+                return
+        self._buffer.append(job)
+
+    def _queue(self, frame: lp.Frame) -> asyncio.Future[bool]:
+        """Send with the rest of this loop turn's frames; the future says if it went out."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append((frame, done))
+        return done
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if not out:
+            return
+        groups = [out] if self._batches else [[item] for item in out]
+        for group in groups:
+            task = asyncio.ensure_future(self._write(group))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _write(self, group: list[tuple[lp.Frame, asyncio.Future[bool]]]) -> None:
+        try:
+            ws = await self._live()
+            await ws.send_bytes(lp.encode_many([frame for frame, _ in group]))
+            ok = True
+        except (AgentUnavailable, aiohttp.ClientError, ConnectionError, RuntimeError):
+            ok = False
+        for _, done in group:
+            if not done.done():
+                done.set_result(ok)
+
+    def _send_soon(self, frame: lp.Frame, attempts: int, request_id: str = "") -> None:
+        """Queue without waiting (frames of one turn share a message); retry if it failed."""
+        def sent(done: asyncio.Future[bool]) -> None:
+            if not done.result():
+                task = asyncio.ensure_future(self._retry(frame, attempts - 1, request_id))
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
+        self._queue(frame).add_done_callback(sent)
+
     async def _send(self, frame: lp.Frame, attempts: int, request_id: str = "") -> bool:
+        return await self._queue(frame) or await self._retry(frame, attempts - 1, request_id)
+
+    async def _retry(self, frame: lp.Frame, attempts: int, request_id: str) -> bool:
         data = lp.encode(frame)
         delay = 0.1
-        error: object = None
-        for attempt in range(1, attempts + 1):
+        error: object = "the link is down"
+        for _ in range(attempts):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
             try:
                 ws = await self._live()
                 await ws.send_bytes(data)
                 return True
             except (AgentUnavailable, aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
                 error = exc
-            if attempt < attempts:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
         logger.error(f"giving up on sending {type(frame).__name__.lower()} over the link after "
-                     f"{attempts} attempts: {error}", request_id=request_id)
+                     f"{attempts + 1} attempts: {error}", request_id=request_id)
         return False
 
     # --- Transport ------------------------------------------------------------------
@@ -141,34 +200,39 @@ class LinkTransport:
             want = max(want, -self._outstanding)
         if want:
             self._outstanding += want
-            try:
-                await ws.send_bytes(lp.encode(lp.Credit(n=want)))
-            except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
-                raise AgentUnavailable(f"link send failed: {exc}") from exc
-        if not self._buffer:
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), PULL_WAIT)
+            self._queue(lp.Credit(n=want))  # a lost link resets the credits
         jobs: list[Job] = []
         while self._buffer and len(jobs) < limit:
             jobs.append(self._buffer.popleft())
-        return PullResult(jobs)
+        if jobs or ws.closed:
+            return PullResult(jobs)
+        waiter: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait((waiter,), timeout=PULL_WAIT)
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        job = None if waiter.cancelled() else waiter.result()
+        return PullResult([job] if job is not None else [])
 
     async def metric(self, job: Job, status: StatusMetric) -> None:
-        await self._send(lp.Metric(request_id=job.request_id, status=status.status,
+        self._send_soon(lp.Metric(request_id=job.request_id, status=status.status,
                                    message=status.message,
                                    queueing_ms=status.queueingDuration,
                                    execution_ms=status.executionDuration), 6, job.request_id)
 
     async def result(self, job: Job, status_code: int, message: str, data: bytes) -> None:
-        await self._send(lp.Result(request_id=job.request_id, status_code=status_code,
+        self._send_soon(lp.Result(request_id=job.request_id, status_code=status_code,
                                    message=message, data=data), 10, job.request_id)
 
     async def ack(self, job: Job) -> None:
-        await self._send(lp.Ack(request_id=job.request_id), 6, job.request_id)
+        self._send_soon(lp.Ack(request_id=job.request_id), 6, job.request_id)
 
     async def chunk(self, job: Job, seq: int, data: bytes) -> None:
-        await self._send(lp.Chunk(request_id=job.request_id, seq=seq, data=data), 3,
+        self._send_soon(lp.Chunk(request_id=job.request_id, seq=seq, data=data), 3,
                          job.request_id)
 
     async def heartbeat(self, request_ids: list[str]) -> HeartbeatReply:
@@ -179,6 +243,9 @@ class LinkTransport:
         return HeartbeatReply(cancel=cancel)
 
     async def close(self) -> None:
+        self._flush()
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
         self._closed = True
         ws, self._ws = self._ws, None
         if ws is not None:
