@@ -45,3 +45,12 @@ def test_payloads_are_raw_bytes_and_old_frames_still_decode() -> None:
 def test_malformed_frames_raise(bad: bytes) -> None:
     with pytest.raises(msgspec.DecodeError):
         lp.decode(bad)
+
+
+def test_batch_golden_bytes_and_decode_all() -> None:
+    frames: list[lp.Frame] = [lp.Credit(n=1), lp.Ack(request_id="x")]
+    data = lp.encode_many(frames)
+    assert data == b"\x92\xa5batch\x92\x92\xa6credit\x01\x92\xa3ack\xa1x"
+    assert lp.decode_all(data) == frames
+    assert lp.encode_many([lp.Credit(n=2)]) == lp.encode(lp.Credit(n=2))  # one frame: no batch
+    assert lp.decode_all(lp.encode(lp.Credit(n=2))) == [lp.Credit(n=2)]
