@@ -34,6 +34,8 @@ def job_from_dispatch(d: lp.Dispatch) -> Job:
 
 
 class LinkTransport:
+    batched_pulls = True  # one pull() may hand over many jobs
+
     def __init__(self, session: aiohttp.ClientSession, agent_url: str, token: str = "") -> None:
         self.session = session
         self.url = agent_endpoint(agent_url, "link")
@@ -216,7 +218,10 @@ class LinkTransport:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
         job = None if waiter.cancelled() else waiter.result()
-        return PullResult([job] if job is not None else [])
+        jobs = [job] if job is not None else []
+        while self._buffer and len(jobs) < limit:  # what arrived with it
+            jobs.append(self._buffer.popleft())
+        return PullResult(jobs)
 
     async def metric(self, job: Job, status: StatusMetric) -> None:
         self._send_soon(lp.Metric(request_id=job.request_id, status=status.status,

@@ -50,6 +50,9 @@ class Worker:
         self.kick = asyncio.Event()  # a slot freed or the pool's capacity changed
         self.jobs: set[asyncio.Task[None]] = set()
         self.exit_code = 0
+        # a multiplexed transport hands over many jobs per pull: one puller is enough;
+        # the plain protocol pulls one job per request, one request per free slot
+        self.batched = bool(getattr(transport, "batched_pulls", False))
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set (or the agent says it is unhealthy)."""
@@ -59,7 +62,7 @@ class Worker:
         stop_wait = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                while len(pullers) < max(1, self.pool.slots):
+                while len(pullers) < (1 if self.batched else max(1, self.pool.slots)):
                     pullers.append(asyncio.ensure_future(self._puller(stop)))
                 self.kick.clear()
                 kicked = asyncio.ensure_future(self.kick.wait())
@@ -77,37 +80,41 @@ class Worker:
             await asyncio.gather(heartbeat, return_exceptions=True)
         return self.exit_code
 
-    async def _take_slot(self) -> None:
+    async def _take_slots(self) -> int:
+        """Reserve free slots: one for a plain pull, all free ones for a batched pull."""
         while self.reserved >= self.pool.slots:
             self.kick.clear()
             await self.kick.wait()
-        self.reserved += 1
+        n = self.pool.slots - self.reserved if self.batched else 1
+        self.reserved += n
+        return n
 
-    def _free_slot(self) -> None:
-        self.reserved -= 1
+    def _free_slot(self, n: int = 1) -> None:
+        self.reserved -= n
         self.kick.set()
 
     async def _puller(self, stop: asyncio.Event) -> None:
         idle_delay = 0.05
         while not stop.is_set():
-            await self._take_slot()
+            taken = await self._take_slots()
             try:
-                result = await self.transport.pull(1)
+                result = await self.transport.pull(taken)
             except AgentUnavailable:
-                self._free_slot()
+                self._free_slot(taken)
                 await asyncio.sleep(min(5.0, idle_delay * 4))
                 idle_delay = min(idle_delay * 2, 1.25)
                 continue
             except BaseException:
-                self._free_slot()
+                self._free_slot(taken)
                 raise
+            if len(result.jobs) < taken:
+                self._free_slot(taken - len(result.jobs))
             if not result.healthy and not self.pool.running_request_ids() and not self.jobs:
                 logger.error("agent reports it is unhealthy (X-Agent-Health: false) and no "
                              "job is running: exiting with status 1")
                 self.exit_code = 1
                 stop.set()
             if not result.jobs:
-                self._free_slot()
                 if "longpoll" not in self.transport.features:
                     await asyncio.sleep(idle_delay)
                     idle_delay = min(idle_delay * 2, self.cfg.pull_backoff_max)
