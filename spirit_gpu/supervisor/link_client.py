@@ -24,6 +24,9 @@ from spirit_gpu.supervisor.jobs import DEFAULT_TTL_MS, Job, StatusMetric, now_ms
 from spirit_gpu.supervisor.transport import HeartbeatReply, PullResult
 
 PULL_WAIT = 1.0  # seconds pull() waits for a dispatch before answering []
+# A job's "executing" metric waits this long for its result, so a short job's
+# metrics, result and ack share one message; a longer job reports it on time.
+EXECUTING_DELAY = 0.05
 CONNECT_TIMEOUT = 10.0
 
 
@@ -52,6 +55,7 @@ class LinkTransport:
         self._writes: set[asyncio.Task[Any]] = set()
         self._batches = False  # the gateway reads Batch messages
         self._outstanding = 0  # credits granted and not yet used by a dispatch
+        self._executing: dict[str, tuple[asyncio.TimerHandle, lp.Metric]] = {}
         self._cancels: set[str] = set()
         self._closed = False
 
@@ -200,7 +204,8 @@ class LinkTransport:
         want = limit - len(self._buffer) - self._outstanding
         if want < 0:
             want = max(want, -self._outstanding)
-        if want:
+        # top credits up in bulk (one frame per many jobs), never leaving none
+        if want > 0 and want >= max(1, limit // 2) or want < 0:
             self._outstanding += want
             self._queue(lp.Credit(n=want))  # a lost link resets the credits
         jobs: list[Job] = []
@@ -224,12 +229,25 @@ class LinkTransport:
         return PullResult(jobs)
 
     async def metric(self, job: Job, status: StatusMetric) -> None:
-        self._send_soon(lp.Metric(request_id=job.request_id, status=status.status,
-                                   message=status.message,
-                                   queueing_ms=status.queueingDuration,
-                                   execution_ms=status.executionDuration), 6, job.request_id)
+        frame = lp.Metric(request_id=job.request_id, status=status.status,
+                          message=status.message, queueing_ms=status.queueingDuration,
+                          execution_ms=status.executionDuration)
+        if status.status == "executing":
+            timer = asyncio.get_running_loop().call_later(EXECUTING_DELAY, self._executing_due,
+                                                          job.request_id)
+            self._executing[job.request_id] = (timer, frame)
+            return
+        self._executing_due(job.request_id)
+        self._send_soon(frame, 6, job.request_id)
+
+    def _executing_due(self, request_id: str) -> None:
+        pending = self._executing.pop(request_id, None)
+        if pending is not None:
+            pending[0].cancel()
+            self._send_soon(pending[1], 6, request_id)
 
     async def result(self, job: Job, status_code: int, message: str, data: bytes) -> None:
+        self._executing_due(job.request_id)  # "executing" always precedes the result
         self._send_soon(lp.Result(request_id=job.request_id, status_code=status_code,
                                    message=message, data=data), 10, job.request_id)
 
@@ -248,6 +266,8 @@ class LinkTransport:
         return HeartbeatReply(cancel=cancel)
 
     async def close(self) -> None:
+        for request_id in list(self._executing):
+            self._executing_due(request_id)
         self._flush()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
