@@ -81,11 +81,7 @@ class LinkSession:
             rec = await storage.take(self.sid, self.worker, wait)
             if rec is None:
                 continue
-            taken = [rec]
-            if self.batches and self.credits > 1:
-                # one loop turn lets the other requests that arrived with this one
-                # enqueue, so they go out in the same message
-                await asyncio.sleep(0)
+            taken = [rec]  # with whatever else is queued now, in one message
             while self.batches and len(taken) < self.credits:
                 more = await storage.take(self.sid, self.worker, 0)
                 if more is None:
