@@ -8,21 +8,17 @@ environment.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def _opt(default: Any, env: str, doc: str) -> Any:
-    return field(default=default, metadata={"env": env, "doc": doc})
+from spirit_gpu.settings import EnvSettings
+from spirit_gpu.settings import setting as _opt
 
 
 @dataclass
-class WorkerConfig:
+class WorkerConfig(EnvSettings):
     """Settings of the supervisor and its handler children."""
 
     agent_url: str = _opt("http://localhost:8087", "EASE_AGENT_URL",
@@ -74,36 +70,12 @@ class WorkerConfig:
                                  "Proxy mode: seconds for check_start to return True")
 
     @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    def apply(self, values: Mapping[str, Any]) -> WorkerConfig:
-        """A copy with the known keys of ``values`` set (unknown keys ignored)."""
-        known = {f.name: f for f in fields(self)}
-        updates = {k: _coerce(known[k].type, v) for k, v in values.items()
-                   if k in known and v is not None}
-        return dataclasses.replace(self, **updates)
-
-    @classmethod
     def from_sources(cls, start_options: Mapping[str, Any] | None = None,
                      environ: Mapping[str, str] | None = None,
                      flags: Mapping[str, Any] | None = None) -> WorkerConfig:
         environ = os.environ if environ is None else environ
-        cfg = cls().apply(start_options or {})
-        from_env = {f.name: environ[f.metadata["env"]] for f in fields(cls)
-                    if environ.get(f.metadata["env"], "") != ""}
-        return cfg.apply(from_env).apply(flags or {})
-
-
-def _coerce(kind: Any, value: Any) -> Any:
-    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-    if kind == "bool":
-        return value if isinstance(value, bool) else str(value).strip().lower() in _TRUE
-    if kind == "int":
-        return int(value)
-    if kind == "float":
-        return float(value)
-    return str(value)
+        return (cls().apply(start_options or {}).apply(cls.env_values(environ))
+                .apply(flags or {}))
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +91,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def flags_from(ns: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(ns).items() if k in WorkerConfig.names() and v is not None}
+    return WorkerConfig.flag_values(ns)
 
 
 def start_options(config: Mapping[str, Any]) -> dict[str, Any]:

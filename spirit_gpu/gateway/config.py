@@ -7,25 +7,21 @@ Durations are seconds (floats, so tests can shorten them); sizes are bytes.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from spirit_gpu.settings import EnvSettings
+from spirit_gpu.settings import setting as _opt
+
 MB = 1024 * 1024
 
 
-def _opt(default: Any, env: str, doc: str) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"env": env, "doc": doc})
-    return field(default=default, metadata={"env": env, "doc": doc})
-
-
 @dataclass
-class GatewayConfig:
+class GatewayConfig(EnvSettings):
     """Settings of one gateway process (public API, agent API, proxy route)."""
 
     host: str = _opt("127.0.0.1", "SPIRIT_HOST", "Address to listen on")
@@ -60,36 +56,11 @@ class GatewayConfig:
                                          "Proxy route: longest whole transfer")
 
     @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    def apply(self, values: Mapping[str, Any]) -> GatewayConfig:
-        """A copy with the known keys of ``values`` set (unknown keys ignored)."""
-        known = {f.name: f for f in fields(self)}
-        updates = {k: _coerce(known[k].type, v) for k, v in values.items()
-                   if k in known and v is not None}
-        return dataclasses.replace(self, **updates)
-
-    @classmethod
     def from_sources(cls, environ: Mapping[str, str] | None = None,
                      flags: Mapping[str, Any] | None = None,
                      **values: Any) -> GatewayConfig:
         environ = os.environ if environ is None else environ
-        from_env = {f.name: environ[f.metadata["env"]] for f in fields(cls)
-                    if environ.get(f.metadata["env"], "") != ""}
-        return cls().apply(values).apply(from_env).apply(flags or {})
-
-
-def _coerce(kind: Any, value: Any) -> Any:
-    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-    if kind == "list[str]":
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return [str(v).strip() for v in items if str(v).strip()]
-    if kind == "int":
-        return int(value)
-    if kind == "float":
-        return float(value)
-    return str(value)
+        return cls().apply(values).apply(cls.env_values(environ)).apply(flags or {})
 
 
 CONFIG_KEY: web.AppKey[GatewayConfig] = web.AppKey("spirit_gateway_config", GatewayConfig)

@@ -1,0 +1,35 @@
+"""The shared config mechanism: precedence and coercion, for both configs."""
+
+from __future__ import annotations
+
+import argparse
+
+from spirit_gpu.config import WorkerConfig, add_flags, flags_from
+from spirit_gpu.gateway.config import GatewayConfig
+
+
+def test_worker_precedence_flag_over_env_over_start_key() -> None:
+    env = {"SPIRIT_MAX_CHILDREN": "5", "SPIRIT_JOB_TIMEOUT": "2.5", "EASE_TEST_MODE": "yes"}
+    cfg = WorkerConfig.from_sources({"max_children": 3, "idle_timeout": 9}, environ=env)
+    assert (cfg.max_children, cfg.idle_timeout, cfg.job_timeout, cfg.test_mode) == (5, 9.0,
+                                                                                   2.5, True)
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    flags = flags_from(parser.parse_args(["--max-children", "7", "--no-in-process"]))
+    assert flags == {"max_children": "7", "in_process": False}
+    cfg = WorkerConfig.from_sources({"max_children": 3}, environ=env, flags=flags)
+    assert cfg.max_children == 7 and cfg.in_process is False
+
+
+def test_unknown_keys_and_empty_env_values_are_ignored() -> None:
+    cfg = WorkerConfig.from_sources({"handler": print, "nope": 1},
+                                    environ={"SPIRIT_MAX_CHILDREN": ""})
+    assert cfg == WorkerConfig()
+
+
+def test_gateway_lists_from_env_and_code() -> None:
+    cfg = GatewayConfig.from_sources(environ={"SPIRIT_API_KEYS": "a, b,,c", "SPIRIT_PORT": "9"},
+                                     port=1, api_keys=["x"])
+    assert (cfg.api_keys, cfg.port) == (["a", "b", "c"], 9)
+    assert GatewayConfig().api_keys == [] and GatewayConfig().api_keys is not \
+        GatewayConfig().api_keys  # no shared mutable default
