@@ -17,7 +17,11 @@ MAX_BODY = 20 * 1024 * 1024
 
 async def serve_test_mode(cfg: WorkerConfig, pool: JobPool, stop: asyncio.Event) -> int:
     async def run(request: web.Request) -> web.Response:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": f"body too large: the limit is {MAX_BODY} bytes"},
+                                     status=413)
         request_id = request.headers.get("Ease-Request-Id") or f"test-{uuid.uuid4().hex}"
         job = Job(request_id=request_id, mode="sync", body=body, received_at=now_ms())
         job.started_at = job.received_at

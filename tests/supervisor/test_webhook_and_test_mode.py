@@ -125,3 +125,6 @@ async def test_test_mode_serves_post_root(worker_factory, in_process: str) -> No
             assert resp.status == 400 and "error" in await resp.json()
         async with session.post(url, data=b'{"input": {"raise": "no"}}') as resp:
             assert resp.status == 500 and await resp.json() == {"error": "RuntimeError: no"}
+        huge = b'{"input": "' + b"x" * (20 * 1024 * 1024) + b'"}'
+        async with session.post(url, data=huge) as resp:
+            assert resp.status == 413 and "too large" in (await resp.json())["error"]
