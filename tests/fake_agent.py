@@ -33,6 +33,7 @@ class FakeAgent:
     calls: list[str] = field(default_factory=list)
     cancel: list[str] = field(default_factory=list)
     auth: list[str] = field(default_factory=list)
+    worker_ids: list[str] = field(default_factory=list)
     url: str = ""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -71,6 +72,7 @@ class FakeAgent:
     def _record(self, request: web.Request) -> None:
         self.calls.append(f"{request.method} {request.path}")
         self.auth.append(request.headers.get("Authorization", ""))
+        self.worker_ids.append(request.headers.get("Spirit-Worker-Id", ""))
         self._changed.set()
 
     def _headers(self) -> dict[str, str]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import socket
 import time
+import uuid
 
 import aiohttp
 import msgspec
@@ -50,7 +53,12 @@ class PlainTransport:
     def __init__(self, session: aiohttp.ClientSession, agent_url: str, token: str = "") -> None:
         self.session = session
         self.agent_url = agent_url
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # the worker id lets our gateway tell workers on one host apart (leases, counts);
+        # the reference agent ignores it
+        self.headers = {"Spirit-Worker-Id": f"{socket.gethostname()}-{os.getpid()}-"
+                                            f"{uuid.uuid4().hex[:8]}"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
         self.features: set[str] = set()
         self.outage = Outage(f"agent at {agent_url}")
 

@@ -54,6 +54,7 @@ async def test_agent_path_prefix_and_worker_token(agent: FakeAgent, worker_facto
         await agent.wait_for(lambda: "p1" in agent.acks)
         assert all(c.split()[1].startswith("/agent/my-sid/apis/v1/") for c in agent.calls)
         assert set(agent.auth) == {"Bearer s3cret"}
+        assert len(set(agent.worker_ids)) == 1 and agent.worker_ids[0]
     finally:
         await runner.cleanup()
 
