@@ -36,7 +36,8 @@ class WorkerConfig(EnvSettings):
                           "auto (multiplexed link when offered), plain, or link")
     max_children: int = _opt(8, "SPIRIT_MAX_CHILDREN",
                              "Upper bound on handler processes (sync/generator handlers)")
-    min_children: int = _opt(1, "SPIRIT_MIN_CHILDREN", "Handler processes kept warm when idle")
+    min_children: int = _opt(1, "SPIRIT_MIN_CHILDREN",
+                             "Handler processes kept warm when idle (at most the concurrency)")
     async_children: int = _opt(1, "SPIRIT_ASYNC_CHILDREN",
                                "Handler processes for async handlers (jobs multiplex as tasks)")
     idle_timeout: float = _opt(60.0, "SPIRIT_IDLE_TIMEOUT",
