@@ -48,8 +48,6 @@ class InProcessPool:
     def slots(self) -> int:
         return 0 if self.closing else self.allowed
 
-    def free(self) -> int:
-        return max(0, self.slots - len(self.runs))
 
     def running_request_ids(self) -> list[str]:
         return [r.job.request_id for r in self.runs.values()]

@@ -95,8 +95,6 @@ class Pool:
             return self.allowed
         return max(1, min(self.allowed, self.cfg.max_children))
 
-    def free(self) -> int:
-        return max(0, self.slots - len(self.runs))
 
     def running_request_ids(self) -> list[str]:
         return [r.job.request_id for r in self.runs.values()]
