@@ -42,11 +42,10 @@ from spirit_gpu.gateway.proxy_metrics import ProxyMetrics
 from spirit_gpu.gateway.proxy_registry import ProxyRegistry, ProxyWorker
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.proxy_frames import header_list
 from spirit_gpu.supervisor.proxy_http import (
     HOP_BY_HOP,
     cut_connection,
-    filter_headers,
+    filter_pairs,
     json_error,
     new_session,
     relay,
@@ -74,7 +73,9 @@ from spirit_gpu.supervisor.proxy_protocol import (
 from spirit_gpu.supervisor.transport import FEATURES_HEADER
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_DROP = HOP_BY_HOP | {CLIENT_AUTH_HEADER.lower(), WORKER_TOKEN_HEADER.lower()}
+# dropped from what the worker gets; the request id is set anew (one value: ours)
+_DROP = HOP_BY_HOP | {CLIENT_AUTH_HEADER.lower(), WORKER_TOKEN_HEADER.lower(),
+                      REQUEST_ID_HEADER.lower()}
 _PREFIXES = ("/api/", "/v1/")
 _ids = itertools.count(1)
 _id_prefix = f"gw-{os.getpid():x}"
@@ -93,6 +94,17 @@ class ProxyRouter:
         self.registry = ProxyRegistry(lease_seconds=config.lease_seconds)
         self.metrics = metrics or ProxyMetrics()
         self.session: aiohttp.ClientSession | None = None
+        # metric children by label (``labels()`` costs more than the rest of a request's
+        # bookkeeping); as many as the metrics have anyway
+        self._in_flight: dict[str, Any] = {}
+        self._answers: dict[tuple[str, str], Any] = {}
+        self._response_start: dict[str, Any] = {}
+
+    def _observe_start(self, sid: str, seconds: float) -> None:
+        child = self._response_start.get(sid)
+        if child is None:
+            child = self._response_start[sid] = self.metrics.response_start.labels(sid)
+        child.observe(seconds)
 
     async def shutdown(self, app: web.Application) -> None:
         """Close the proxy links, so that the server's shutdown does not wait on them."""
@@ -120,7 +132,9 @@ class ProxyRouter:
         length = request.content_length
         if length is not None and length > self.config.max_body_bytes:
             return json_error(400, "request body too large")
-        in_flight = self.metrics.in_flight.labels(sid)
+        in_flight = self._in_flight.get(sid)
+        if in_flight is None:
+            in_flight = self._in_flight[sid] = self.metrics.in_flight.labels(sid)
         in_flight.inc()
         code = "500"
         try:
@@ -129,16 +143,19 @@ class ProxyRouter:
             return response
         finally:
             in_flight.dec()
-            self.metrics.requests.labels(sid, code).inc()
+            counter = self._answers.get((sid, code))
+            if counter is None:
+                counter = self._answers[sid, code] = self.metrics.requests.labels(sid, code)
+            counter.inc()
 
     async def forward(self, request: web.Request, sid: str) -> tuple[web.StreamResponse, str]:
         """The response, and why its stream was cut ("" when it was not)."""
         assert self.session is not None, "proxy route used before the app started"
         rid = request.headers.get(REQUEST_ID_HEADER) or f"{_id_prefix}-{next(_ids)}"
-        headers = filter_headers(request.headers, _DROP)
-        headers[REQUEST_ID_HEADER] = rid
+        headers = filter_pairs(request.headers.items(), _DROP)
+        headers.append((REQUEST_ID_HEADER, rid))
         if self.config.worker_token:
-            headers[WORKER_TOKEN_HEADER] = self.config.worker_token
+            headers.append((WORKER_TOKEN_HEADER, self.config.worker_token))
         body = await request_body(request)
         replayable = body is None or isinstance(body, bytes)
         loop = asyncio.get_running_loop()
@@ -186,8 +203,8 @@ class ProxyRouter:
                         return json_error(502, f"worker unreachable: {exc!r}"), ""
                     tried.add(worker)
                     continue
-                self.metrics.response_start.labels(sid).observe(
-                    loop.time() - head_deadline + self.config.proxy_response_timeout)
+                self._observe_start(
+                    sid, loop.time() - head_deadline + self.config.proxy_response_timeout)
                 try:
                     result = await relay(
                         request, upstream, {REQUEST_ID_HEADER: rid},
@@ -208,11 +225,11 @@ class ProxyRouter:
                 worker.inflight -= 1
 
     async def _via_link(self, request: web.Request, sid: str, worker: ProxyWorker,
-                        link: GatewayLink, rid: str, headers: CIMultiDict[str], body: Any,
+                        link: GatewayLink, rid: str, headers: list[tuple[str, str]], body: Any,
                         head_deadline: float) -> tuple[web.StreamResponse, str] | None:
         """One exchange over ``worker``'s proxy link; None: try another worker."""
         streamed = body is not None and not isinstance(body, bytes)
-        stream = link.open(request.method, request.raw_path, header_list(headers),
+        stream = link.open(request.method, request.raw_path, headers,
                            b"" if streamed or body is None else body, streamed, rid)
         pump = asyncio.create_task(_pump_body(link, stream, body)) if streamed else None
         loop = asyncio.get_running_loop()
@@ -234,8 +251,8 @@ class ProxyRouter:
                     return None
                 return json_error(502, head.message, {REQUEST_ID_HEADER: rid}), ""
             assert isinstance(head, LinkHead), head
-            self.metrics.response_start.labels(sid).observe(
-                loop.time() - head_deadline + self.config.proxy_response_timeout)
+            self._observe_start(
+                sid, loop.time() - head_deadline + self.config.proxy_response_timeout)
             out = CIMultiDict(head.headers)
             out[REQUEST_ID_HEADER] = rid
             if stream.ended and request.method != "HEAD" and not any(

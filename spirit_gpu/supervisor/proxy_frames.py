@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Coroutine
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -16,29 +17,30 @@ from spirit_gpu.supervisor.proxy_protocol import LinkData, LinkFrame
 _encode = msgspec.msgpack.Encoder().encode
 decode_frames = msgspec.msgpack.Decoder(list[LinkFrame]).decode
 HIGH_WATER = 4 * 1024 * 1024  # queued bytes before a producer waits
-
-
-def header_list(headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Headers as plain ``(str, str)`` pairs (aiohttp's keys are ``istr``)."""
-    return [(str(k), v) for k, v in headers.items()]
+_closing: set[asyncio.Task[Any]] = set()
 
 
 class FrameWriter:
-    """Queues frames; one task sends everything queued in a loop turn as one message.
+    """Queues frames; everything queued in a loop turn goes out as one message.
 
+    The first ``send`` of a turn schedules one flush callback (no writer task
+    to wake): it encodes the batch and writes it at once. Only when the link
+    pushes back (the transport's buffer is full) does a task finish that write;
+    frames queued meanwhile wait for it and then go out together.
     ``send`` never blocks (it is called from many exchanges); producers of bulk
     data call ``wait_drained`` so that a slow link holds them back.
     """
 
     def __init__(self, ws: web.WebSocketResponse | ClientWebSocketResponse) -> None:
         self._ws = ws
+        self._loop = asyncio.get_running_loop()
         self._pending: list[LinkFrame] = []
         self._pending_bytes = 0
-        self._wake = asyncio.Event()
+        self._scheduled = False
+        self._blocked: asyncio.Task[None] | None = None  # finishing a write the link held back
         self._drained = asyncio.Event()
         self._drained.set()
         self.closed = False
-        self._task = asyncio.create_task(self._run(), name="proxy-link-writer")
 
     def send(self, frame: LinkFrame) -> None:
         if self.closed:
@@ -48,31 +50,69 @@ class FrameWriter:
             self._pending_bytes += len(frame.data)
             if self._pending_bytes > HIGH_WATER:
                 self._drained.clear()
-        self._wake.set()
+        if not self._scheduled and self._blocked is None:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
 
     async def wait_drained(self) -> None:
         await self._drained.wait()
 
-    async def _run(self) -> None:
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self.closed or self._blocked is not None or not self._pending:
+            return
+        frames, self._pending, self._pending_bytes = self._pending, [], 0
+        try:
+            coro = self._ws.send_bytes(_encode(frames))
+            try:
+                waiting = coro.send(None)  # uncompressed: written, nothing to wait for
+            except StopIteration:
+                self._drained.set()
+                return
+        except Exception as exc:
+            self._failed(exc)
+            return
+        self._blocked = asyncio.ensure_future(self._finish(coro, waiting))
+
+    async def _finish(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        """Drive a write that waits for the link to drain, then send what queued meanwhile."""
         try:
             while True:
-                await self._wake.wait()
-                self._wake.clear()
-                frames, self._pending, self._pending_bytes = self._pending, [], 0
-                await self._ws.send_bytes(_encode(frames))
-                self._drained.set()
-        except (ConnectionError, RuntimeError):  # the link closed under us
-            self.closed = True
+                try:
+                    if waiting is None:
+                        await asyncio.sleep(0)
+                    else:
+                        await asyncio.wait((waiting,))
+                    waiting = coro.send(None)
+                except StopIteration:
+                    break
+        except asyncio.CancelledError:
+            coro.close()
+            raise
+        except Exception as exc:
+            self._failed(exc)
+            return
+        finally:
+            self._blocked = None
+        if self._pending:
+            self._flush()
+        else:
             self._drained.set()
-        except Exception as exc:  # a frame that cannot be encoded: a bug; end the link
-            logger.error(f"proxy link writer failed: {exc!r}", exc_info=True)
-            self.closed = True
-            self._drained.set()
-            await self._ws.close()
+
+    def _failed(self, exc: Exception) -> None:
+        self.closed = True
+        self._drained.set()
+        self._pending = []
+        if not isinstance(exc, ConnectionError | RuntimeError):  # a frame that cannot be
+            logger.error(f"proxy link writer failed: {exc!r}", exc_info=True)  # encoded: a bug
+            task = asyncio.ensure_future(self._ws.close())  # end the link
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
 
     async def close(self) -> None:
         self.closed = True
         self._drained.set()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        if self._blocked is not None:
+            self._blocked.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._blocked

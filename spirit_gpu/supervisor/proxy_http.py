@@ -9,6 +9,7 @@ response is written to the client chunk by chunk as the upstream produces it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,23 @@ def filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str],
     for key, value in headers.items():
         if key.lower() not in drop:
             out.add(key, value)
+    return out
+
+
+def filter_pairs(items: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
+    """``filter_headers`` for the proxy link: plain ``(str, str)`` pairs, in one pass."""
+    out: list[tuple[str, str]] = []
+    named = ""
+    for key, value in items:
+        low = key.lower()
+        if low in drop:
+            if low == "connection":
+                named = f"{named},{value}"
+            continue
+        out.append((str(key), value))
+    if named:
+        gone = {t.strip().lower() for t in named.split(",")}
+        out = [(k, v) for k, v in out if k.lower() not in gone]
     return out
 
 

@@ -17,13 +17,12 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
-from multidict import CIMultiDict
 from yarl import URL
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.proxy_frames import FrameWriter, decode_frames, header_list
-from spirit_gpu.supervisor.proxy_http import HOP_BY_HOP, filter_headers
+from spirit_gpu.supervisor.proxy_frames import FrameWriter, decode_frames
+from spirit_gpu.supervisor.proxy_http import HOP_BY_HOP, filter_pairs
 from spirit_gpu.supervisor.proxy_listener import DROP, ProxyListener, new_request_id
 from spirit_gpu.supervisor.proxy_protocol import (
     LinkCancel,
@@ -120,7 +119,7 @@ class WorkerLink:
         status, nbytes, note = 0, 0, ""
         path = frame.path.split("?", 1)[0]
         try:
-            headers = filter_headers(CIMultiDict(frame.headers), DROP)
+            headers = filter_pairs(frame.headers, DROP)
             data = frame.body if body_queue is None else _body(frame.body, body_queue)
             try:
                 upstream = await listener.session.request(
@@ -135,7 +134,7 @@ class WorkerLink:
                 status = upstream.status
                 listener.stats.first_bytes.append(time.monotonic() - started)
                 writer.send(LinkHead(exchange, status, upstream.reason or "",
-                                     header_list(filter_headers(upstream.headers, HOP_BY_HOP))))
+                                     filter_pairs(upstream.headers.items(), HOP_BY_HOP)))
                 content = upstream.content
                 while True:
                     try:
