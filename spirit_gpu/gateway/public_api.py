@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -49,15 +49,23 @@ def _gateway(request: web.Request) -> Gateway:
     return gw
 
 
-def _parse(raw: bytes) -> ClientBody:
-    if not raw:
-        raise ApiError(400, "failed to get request data: the body is empty")
+T = TypeVar("T")
+
+
+def _decode(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
+    """A JSON body as ``T``: wrong fields are invalid arguments, bad JSON invalid data."""
     try:
-        body = _body.decode(raw)
+        return decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid request arguments: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"invalid request data: {exc}") from exc
+
+
+def _parse(raw: bytes) -> ClientBody:
+    if not raw:
+        raise ApiError(400, "failed to get request data: the body is empty")
+    body = _decode(_body, raw)
     if not body.input:
         raise ApiError(400, "invalid request arguments: the body needs an 'input' field")
     return body
@@ -159,12 +167,7 @@ async def post_status(request: web.Request) -> web.StreamResponse:
     gw = _gateway(request)
     sid = serverless_id(request)
     raw = await read_body(request, gw.config.max_body_bytes)
-    try:
-        query = _status_query.decode(raw)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid request arguments: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"invalid request data: {exc}") from exc
+    query = _decode(_status_query, raw)
     if len(query.requestIDs) > MAX_BATCH:
         raise ApiError(400, f"invalid request arguments: at most {MAX_BATCH} requestIDs")
     statuses = []
