@@ -47,7 +47,8 @@ def _hand_over() -> NoReturn:
         f"{os.path.basename(script)}`: handler processes run this script again, so its "
         "module-level code (e.g. model loading) runs once more there. Start the worker "
         "with that command to run it only in the handler processes.")
-    argv = [sys.executable, "-m", "spirit_gpu.supervisor", script, *sys.argv[1:]]
+    script_args = ["--", *sys.argv[1:]] if len(sys.argv) > 1 else []  # the script's, verbatim
+    argv = [sys.executable, "-m", "spirit_gpu.supervisor", script, *script_args]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)

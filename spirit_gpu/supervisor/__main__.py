@@ -10,16 +10,22 @@ from spirit_gpu.config import WorkerConfig, add_flags, flags_from
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Supervisor flags may come before or after the script (``main.py --job-timeout 30``);
+    anything else, and everything after ``--``, is passed to the script."""
     parser = argparse.ArgumentParser(
         prog="python -m spirit_gpu.supervisor",
+        usage="%(prog)s SCRIPT [options] [-- script args]",
         description="Run a spirit-gpu worker script: this process talks to the platform, "
                     "handler processes run the script.")
     parser.add_argument("script", help="the worker script that calls spirit_gpu.start()")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER,
-                        help="arguments passed to the script")
     add_flags(parser)
-    ns = parser.parse_args(argv)
-    return ns, list(ns.script_args)
+    args = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in args:
+        cut = args.index("--")
+        args, passthrough = args[:cut], args[cut + 1:]
+    ns, unknown = parser.parse_known_args(args)
+    return ns, unknown + passthrough
 
 
 def main(argv: list[str] | None = None) -> int:

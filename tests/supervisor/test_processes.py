@@ -217,3 +217,13 @@ async def test_idle_surplus_children_are_retired(agent: FakeAgent, worker_factor
     agent.enqueue("again", {"input": {"x": 1}})
     await agent.wait_for(lambda: "again" in agent.acks)
     assert result(agent, "again")[0] == 200
+
+
+def test_supervisor_flags_after_the_script_and_passthrough_args() -> None:
+    from spirit_gpu.supervisor.__main__ import parse
+    ns, rest = parse(["main.py", "--job-timeout", "0.5", "--model", "x", "--", "--max-children",
+                      "9"])
+    assert ns.script == "main.py" and ns.job_timeout == "0.5" and ns.max_children is None
+    assert rest == ["--model", "x", "--max-children", "9"]
+    ns, rest = parse(["--max-children", "2", "main.py"])
+    assert (ns.script, ns.max_children, rest) == ("main.py", "2", [])
