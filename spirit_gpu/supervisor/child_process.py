@@ -129,7 +129,3 @@ class ChildProcess:
         for transport in (self._writer, self._reader):
             if transport is not None:
                 transport.close()
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.jobs)
