@@ -1,8 +1,9 @@
 """ipc: per-job round trip supervisor -> child -> supervisor, 1 KB payload.
 
-One in flight (µs per round trip) and 64 in flight (round trips/s), through
-``spirit_gpu.supervisor.pool.Pool`` with the benchmark echo handler (async,
-one child), against ``pipe_echo.RawEcho`` with the same framing.
+One in flight (µs per round trip) with a sync and with an async echo
+handler, and 64 in flight (round trips/s) with the async one (a sync handler
+runs one job at a time per child), through ``spirit_gpu.supervisor.pool.Pool``
+with one child, against ``pipe_echo.RawEcho`` with the same framing.
 """
 
 from __future__ import annotations
@@ -63,25 +64,31 @@ async def measure(quick: bool) -> list[Result]:
     body = json_body(1024)
     raw = RawEcho()
     await raw.start()
-    pool = await open_pool()
-    call = pool_caller(pool)
-    seq_raw, seq_pool, tp_raw, tp_pool = [], [], [], []
+    pool = await open_pool("async")
+    sync_pool = await open_pool("sync")
+    call, sync_call = pool_caller(pool), pool_caller(sync_pool)
+    seq_raw, seq_sync, seq_async, tp_raw, tp_pool = [], [], [], [], []
     try:
-        await sequential(raw.roundtrip, body, 200)  # warm-up
-        await sequential(call, body, 200)
-        for _ in range(runs):  # interleaved so both see the same machine state
+        for fn in (raw.roundtrip, call, sync_call):  # warm-up
+            await sequential(fn, body, 200)
+        for _ in range(runs):  # interleaved so all see the same machine state
             seq_raw.append(await sequential(raw.roundtrip, body, n_seq))
-            seq_pool.append(await sequential(call, body, n_seq))
+            seq_sync.append(await sequential(sync_call, body, n_seq))
+            seq_async.append(await sequential(call, body, n_seq))
             tp_raw.append(await pipelined(raw.roundtrip, body, n_pipe, DEPTH))
             tp_pool.append(await pipelined(call, body, n_pipe, DEPTH))
     finally:
         await raw.close()
         await close_pool(pool)
+        await close_pool(sync_pool)
+    raw_us = median(seq_raw) * 1e6
     return [
-        result("ipc round trip, 1 in flight (1 KB)", median(seq_pool) * 1e6, "µs",
-               "raw pipe echo", median(seq_raw) * 1e6, "≤ 1.5×", lambda r: r <= 1.5),
-        result(f"ipc throughput, {DEPTH} in flight (1 KB)", median(tp_pool), "rt/s",
-               "raw pipe echo", median(tp_raw), "≥ 0.6×", lambda r: r >= 0.6),
+        result("ipc round trip, 1 in flight, sync handler (1 KB)", median(seq_sync) * 1e6,
+               "µs", "raw pipe echo", raw_us, "≤ 1.5×", lambda r: r <= 1.5),
+        result("ipc round trip, 1 in flight, async handler (1 KB)", median(seq_async) * 1e6,
+               "µs", "raw pipe echo", raw_us, "≤ 1.5×", lambda r: r <= 1.5),
+        result(f"ipc throughput, {DEPTH} in flight, async handler (1 KB)", median(tp_pool),
+               "rt/s", "raw pipe echo", median(tp_raw), "≥ 0.6×", lambda r: r >= 0.6),
     ]
 
 

@@ -133,19 +133,30 @@ class FrameBuffer:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes | memoryview) -> list[Message]:
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            return self._parse(buf, buf)
+        # nothing held back: parse the caller's bytes directly, keep only a tail
+        return self._parse(data, buf)
+
+    @staticmethod
+    def _parse(source: bytes | bytearray | memoryview, buf: bytearray) -> list[Message]:
         out: list[Message] = []
         pos = 0
-        end = len(buf)
-        with memoryview(buf) as view:  # released before the buffer is resized
+        end = len(source)
+        with memoryview(source) as view:  # released before the buffer is resized
             while end - pos >= 4:
-                (size,) = _LEN.unpack_from(buf, pos)
+                (size,) = _LEN.unpack_from(view, pos)
                 if end - pos - 4 < size:
                     break
                 out.append(_decoder.decode(view[pos + 4:pos + 4 + size]))
                 pos += 4 + size
+            if source is not buf:
+                if pos < end:
+                    buf += view[pos:]
+                return out
         if pos:
             del buf[:pos]
         return out
@@ -174,7 +185,7 @@ def read_message(fd: int) -> Message | None:
     return _decoder.decode(body)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

@@ -18,6 +18,8 @@ from typing import NoReturn
 from spirit_gpu import ipc
 
 CHANNEL: Channel | None = None  # set by the child bootstrap before the script runs
+# One reusable read buffer: os.read(fd, 1 MiB) would map and unmap a fresh
+# megabyte per message (three syscalls and a page fault each time).
 READ_SIZE = 1 << 20
 
 
@@ -27,6 +29,8 @@ class Channel:
         self._wfd = write_fd
         self._wlock = threading.Lock()
         self._frames = ipc.FrameBuffer()
+        self._rbuf = bytearray(READ_SIZE)
+        self._rview = memoryview(self._rbuf)
 
     def send(self, msg: ipc.Message) -> None:
         self.write(ipc.encode(msg))
@@ -34,7 +38,9 @@ class Channel:
     def write(self, data: bytes) -> None:
         with self._wlock:
             try:
-                ipc.write_all(self._wfd, data)
+                written = os.write(self._wfd, data)
+                if written < len(data):
+                    ipc.write_all(self._wfd, memoryview(data)[written:])
             except (BrokenPipeError, OSError):
                 _supervisor_gone()
 
@@ -45,28 +51,28 @@ class Channel:
         """Block until at least one whole message arrived; exit at end of stream."""
         while True:
             try:
-                data = os.read(self.read_fd, READ_SIZE)
+                n = os.readv(self.read_fd, (self._rbuf,))
             except InterruptedError:
                 continue
             except OSError:
-                data = b""
-            if not data:
+                n = 0
+            if not n:
                 _supervisor_gone()
-            messages = self._frames.feed(data)
+            messages = self._frames.feed(self._rview[:n])
             if messages:
                 return messages
 
     def read_available(self) -> list[ipc.Message]:
         """What a non-blocking read finds now (the async runtime's reader callback)."""
         try:
-            data = os.read(self.read_fd, READ_SIZE)
+            n = os.readv(self.read_fd, (self._rbuf,))
         except (BlockingIOError, InterruptedError):
             return []
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             _supervisor_gone()
-        return self._frames.feed(data)
+        return self._frames.feed(self._rview[:n])
 
     def start_beats(self, interval: float) -> None:
         def beat() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -11,6 +12,11 @@ from spirit_gpu import handlers, ipc
 from spirit_gpu.child.channel import Channel, exit_process
 from spirit_gpu.env import Env
 from spirit_gpu.handlers import BadRequest, Outcome, error_body, prepare_request
+
+FLUSH_EVERY = 16  # frames per write at most: the supervisor starts on them meanwhile
+# Python 3.12+: a job's task runs its first step at once, in the reader callback;
+# a handler that never waits finishes without a loop turn (or Task scheduling).
+_EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
 
 
 def _env(msg: ipc.Run) -> Env:
@@ -94,12 +100,20 @@ class AsyncRuntime(_Base):
         self.stopping = False
         self.finished = asyncio.Event()
         self._out: list[bytes] = []
+        self._reading = False  # inside the reader callback: it flushes at its end
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _queue(self, msg: ipc.Message) -> None:
-        if not self._out and self._loop is not None:
-            self._loop.call_soon(self._flush)
-        self._out.append(ipc.encode(msg))
+        out = self._out
+        if not out and not self._reading:
+            if not self.tasks:  # nothing else running: nothing to batch with
+                self.channel.write(ipc.encode(msg))
+                return
+            if self._loop is not None:
+                self._loop.call_soon(self._flush)
+        out.append(ipc.encode(msg))
+        if len(out) >= FLUSH_EVERY:  # let the supervisor start on these meanwhile
+            self._flush()
 
     def _flush(self) -> None:
         out, self._out = self._out, []
@@ -114,18 +128,26 @@ class AsyncRuntime(_Base):
         return lambda seq, data: self._queue(ipc.Chunk(job, seq, data))
 
     def _readable(self) -> None:
-        for msg in self.channel.read_available():
-            self._dispatch(msg)
+        self._reading = True
+        try:
+            for msg in self.channel.read_available():
+                self._dispatch(msg)
+        finally:
+            self._reading = False
+        self._flush()
 
     def _dispatch(self, msg: ipc.Message) -> None:
         if isinstance(msg, ipc.Run):
             if not self.stopping:
-                self.tasks[msg.job] = asyncio.ensure_future(self._run(msg))
+                assert self._loop is not None
+                task = asyncio.Task(self._run(msg), loop=self._loop, **_EAGER)
+                if not task.done():  # an eager one may be finished already
+                    self.tasks[msg.job] = task
         elif isinstance(msg, ipc.Cancel):
-            task = self.tasks.get(msg.job)
-            if task is not None:
+            running = self.tasks.get(msg.job)
+            if running is not None:
                 self.cancel_reasons[msg.job] = msg
-                task.cancel()
+                running.cancel()
         elif isinstance(msg, ipc.AskConcurrency):
             self.ask_concurrency(msg)
         elif isinstance(msg, ipc.Stop):

@@ -14,6 +14,9 @@ from typing import Any
 from spirit_gpu import ipc
 
 _PIPE_SIZE = 1 << 20  # bigger pipes move large payloads in fewer wake-ups
+# Frames queued in one loop turn go out in one write, but no more than this
+# many at a time: the child starts on the first ones while we encode the rest.
+FLUSH_EVERY = 16
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -61,6 +64,8 @@ class ChildProcess:
         self.fatal = ""
         self.kill_reason = ""
         self._out: list[bytes] = []
+        # cached: asyncio.get_running_loop() costs a getpid() syscall on 3.11
+        self._loop = asyncio.get_running_loop()
 
     async def spawn(self, script: str, args: list[str], env: dict[str, str],
                     beat_interval: float) -> None:
@@ -83,17 +88,28 @@ class ChildProcess:
             os.close(down_r)
             os.close(up_w)
         self.pid = self.proc.pid
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._reader, _ = await loop.connect_read_pipe(
             lambda: _Reader(self), os.fdopen(up_r, "rb", buffering=0))
         self._writer, _ = await loop.connect_write_pipe(
             asyncio.Protocol, os.fdopen(down_w, "wb", buffering=0))
 
-    def send(self, msg: ipc.Message) -> None:
-        """Queue a frame; what one loop turn queues goes out in one write."""
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._out.append(ipc.encode(msg))
+    def send(self, msg: ipc.Message, alone: bool = False) -> None:
+        """Queue a frame; what one loop turn queues goes out in one write.
+
+        ``alone``: nothing else is in flight to this child, so there is nothing
+        to batch with and the frame goes out now (one loop turn sooner).
+        """
+        out = self._out
+        if alone and not out:
+            if self._writer is not None and not self._writer.is_closing():
+                self._writer.write(ipc.encode(msg))
+            return
+        if not out:
+            self._loop.call_soon(self._flush)
+        out.append(ipc.encode(msg))
+        if len(out) >= FLUSH_EVERY:
+            self._flush()
 
     def _flush(self) -> None:
         out, self._out = self._out, []

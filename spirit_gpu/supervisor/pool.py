@@ -27,10 +27,11 @@ class StartupFailed(Exception):
 class _Run:
     __slots__ = ("job_id", "job", "future", "on_chunk", "child", "timer", "reason")
 
-    def __init__(self, job_id: int, job: Job, on_chunk: ChunkSink | None) -> None:
+    def __init__(self, job_id: int, job: Job, on_chunk: ChunkSink | None,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.job_id = job_id
         self.job = job
-        self.future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[Outcome] = loop.create_future()
         self.on_chunk = on_chunk
         self.child: ChildProcess | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -61,7 +62,9 @@ class Pool:
         self.pending: deque[_Run] = deque()
         self.ever_ready = False
         self.ready = asyncio.Event()
-        self.startup_error: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # cached: asyncio.get_running_loop() costs a getpid() syscall on 3.11
+        self._loop = asyncio.get_running_loop()
+        self.startup_error: asyncio.Future[str] = self._loop.create_future()
         self.changed = asyncio.Event()  # capacity may have changed
         self.listeners: list[Callable[[], None]] = []
         self.closing = False
@@ -244,7 +247,7 @@ class Pool:
 
     async def run(self, job: Job, on_chunk: ChunkSink | None = None) -> Outcome:
         """Run one job in a handler process; never raises for the job's own failures."""
-        run = _Run(next(self._job_ids), job, on_chunk)
+        run = _Run(next(self._job_ids), job, on_chunk, self._loop)
         self.runs[run.job_id] = run
         self.pending.append(run)
         self._pump()
@@ -272,9 +275,10 @@ class Pool:
             run.child = child
             child.jobs[run.job_id] = run
             job = run.job
-            child.send(ipc.Run(run.job_id, job.request_id, job.mode, job.webhook, job.body))
+            child.send(ipc.Run(run.job_id, job.request_id, job.mode, job.webhook, job.body),
+                       alone=len(child.jobs) == 1)
             if self.cfg.job_timeout > 0:
-                run.timer = asyncio.get_running_loop().call_later(
+                run.timer = self._loop.call_later(
                     self.cfg.job_timeout, self._timed_out, run)
         if self.pending:  # more work than ready processes: maybe start some
             self._scale()
@@ -299,7 +303,7 @@ class Pool:
         wait = self._next_spawn - time.monotonic()
         if wait > 0:
             if self._spawn_timer is None:
-                self._spawn_timer = asyncio.get_running_loop().call_later(wait, self._spawn_due)
+                self._spawn_timer = self._loop.call_later(wait, self._spawn_due)
             return
         for _ in range(missing):
             self._spawn_now()
@@ -336,7 +340,7 @@ class Pool:
         elif self.is_async:
             child.send(ipc.Cancel(run.job_id, status_code, message))
             # a task that ignores cancellation loses its process
-            asyncio.get_running_loop().call_later(5.0, self._cancel_overdue, run)
+            self._loop.call_later(5.0, self._cancel_overdue, run)
         else:
             child.kill(message)
 
@@ -386,7 +390,7 @@ class Pool:
         child = next((c for c in self.children.values() if c.state == "ready"), None)
         if child is None:
             return False, "no handler process is ready"
-        self._check = asyncio.get_running_loop().create_future()
+        self._check = self._loop.create_future()
         child.send(ipc.CheckStart())
         return await self._check
 
