@@ -7,6 +7,7 @@ import json
 import os
 
 import msgspec
+import pytest
 
 from spirit_gpu import ipc
 from spirit_gpu.supervisor.jobs import Job, ResultBody, job_from_envelope, metric, ttl_expired
@@ -33,6 +34,24 @@ def test_every_message_round_trips_through_the_frame_buffer() -> None:
     out: list[ipc.Message] = []
     for i in range(0, len(stream), 1000):  # arbitrary chunking
         out.extend(buf.feed(stream[i:i + 1000]))
+    assert out == messages
+
+
+@pytest.mark.parametrize("step", [1, 3, 17, 1000, 200000])
+def test_frames_fed_from_a_reused_read_buffer_do_not_alias_it(step: int) -> None:
+    # the child reads into one bytearray and feeds views of it: decoded bodies
+    # and held-back tails must survive the buffer being overwritten
+    messages: list[ipc.Message] = [ipc.Run(i, f"r{i}", "sync", "", bytes([i]) * (i * 37))
+                                   for i in range(1, 40)]
+    stream = b"".join(ipc.encode(m) for m in messages)
+    scratch = bytearray(step)
+    buf = ipc.FrameBuffer()
+    out: list[ipc.Message] = []
+    for i in range(0, len(stream), step):
+        piece = stream[i:i + step]
+        scratch[:len(piece)] = piece
+        out.extend(buf.feed(memoryview(scratch)[:len(piece)]))
+        scratch[:] = b"\xff" * len(scratch)
     assert out == messages
 
 
