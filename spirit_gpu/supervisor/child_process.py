@@ -41,11 +41,19 @@ class _Reader(asyncio.Protocol):
             self.child.on_message(self.child, msg)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # End of stream: the process closed its pipe, i.e. it is exiting. Its
+        # teardown (freeing GPU memory, say) can take a while before it can be
+        # reaped; it must not be handed another job meanwhile.
         self.child.eof.set()
+        if self.child.state in ("starting", "ready"):
+            self.child.state = "lost"
 
 
 class ChildProcess:
-    """States: starting -> ready -> (stopping) -> dead."""
+    """States: starting -> ready -> (stopping | lost) -> dead.
+
+    ``lost``: its pipe closed unasked (it is exiting); ``dead``: reaped.
+    """
 
     def __init__(self, cid: int, on_message: Callable[[ChildProcess, ipc.Message], None]) -> None:
         self.cid = cid
@@ -62,6 +70,7 @@ class ChildProcess:
         self.idle_since = time.monotonic()
         self.started_at = time.monotonic()
         self.fatal = ""
+        self.was_ready = False
         self.kill_reason = ""
         self._out: list[bytes] = []
         # cached: asyncio.get_running_loop() costs a getpid() syscall on 3.11

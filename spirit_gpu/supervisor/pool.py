@@ -172,7 +172,10 @@ class Pool:
                 logger.error(f"handler process {child.pid} cannot serve: {msg.message}")
 
     def _on_hello(self, child: ChildProcess, msg: ipc.Hello) -> None:
+        if child.state != "starting":  # e.g. lost: its pipe closed right after Hello
+            return
         child.state = "ready"
+        child.was_ready = True
         child.idle_since = time.monotonic()
         if self.kind is None:
             self.kind = msg.kind
@@ -208,7 +211,7 @@ class Pool:
         self._notify()
 
     def _on_exit(self, child: ChildProcess, code: int) -> None:
-        was_ready = child.state in ("ready", "stopping") and child.pid != 0
+        was_ready = child.was_ready
         clean = child.state == "stopping" and code == 0
         child.state = "dead"
         self.children.pop(child.cid, None)
@@ -354,8 +357,8 @@ class Pool:
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            live = [c for c in self.children.values() if c.state in ("starting", "ready",
-                                                                      "stopping")]
+            live = [c for c in self.children.values()
+                    if c.state in ("starting", "ready", "stopping", "lost")]
             for child in live:  # every message counts; a beat comes each ping_interval
                 silent = now - child.last_seen
                 if child.pid and silent > self.cfg.ping_timeout:

@@ -73,6 +73,24 @@ async def test_killed_child_fails_only_its_job_and_is_replaced(agent: FakeAgent,
     assert code == 200 and body["pid"] != first_pid  # type: ignore[index]
 
 
+async def test_a_child_whose_pipe_closed_gets_no_new_job(agent: FakeAgent, worker_factory,
+                                                          tmp_path) -> None:
+    # Between closing its pipe and being reaped, a dying process (one freeing GPU
+    # memory, say) must not be handed work: the job waits for the replacement.
+    marker = tmp_path / "vanished"
+    agent.enqueue("ok1", {"input": {"x": 1}})
+    worker_factory("behave.py", dict(worker_env(agent), APP_VANISHED_FILE=str(marker)))
+    await agent.wait_for(lambda: "ok1" in agent.acks)
+    first_pid = result(agent, "ok1")[1]["pid"]  # type: ignore[index]
+    os.kill(first_pid, signal.SIGUSR1)
+    await agent.wait_for(marker.exists)
+    agent.enqueue("ok2", {"input": {"x": 2}})
+    await agent.wait_for(lambda: "ok2" in agent.acks)
+    code, body = result(agent, "ok2")
+    assert code == 200, body
+    assert body["pid"] != first_pid  # type: ignore[index]
+
+
 async def test_exit_code_is_named_and_crash_loop_backs_off(agent: FakeAgent,
                                                            worker_factory) -> None:
     for i in range(3):
