@@ -44,6 +44,7 @@ from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.log import logger
 from spirit_gpu.supervisor.proxy_http import (
     HOP_BY_HOP,
+    ClientAnswer,
     cut_connection,
     filter_pairs,
     json_error,
@@ -207,7 +208,7 @@ class ProxyRouter:
                     sid, loop.time() - head_deadline + self.config.proxy_response_timeout)
                 try:
                     result = await relay(
-                        request, upstream, {REQUEST_ID_HEADER: rid},
+                        request, ClientAnswer(upstream), {REQUEST_ID_HEADER: rid},
                         deadline=loop.time() + self.config.proxy_transfer_timeout)
                 finally:
                     if upstream.content.is_eof():

@@ -1,6 +1,7 @@
 """One HTTP hop of the proxy path: header filtering and streaming a response through.
 
-Both hops use it: gateway -> worker listener and worker listener -> LLM server.
+Both hops use it: gateway -> worker listener (aiohttp's client, wrapped in
+``ClientAnswer``) and worker listener -> LLM server (``proxy_client``).
 Bodies are never buffered whole: a request body is passed on as a stream (a
 small body with a known length is read first, it is already in memory), and a
 response is written to the client chunk by chunk as the upstream produces it.
@@ -11,11 +12,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 # RFC 9110 7.6.1 connection-specific headers, plus Host (the client sets its own)
 # and Expect (each hop answers ``100-continue`` to its own client; passed on, the
@@ -35,21 +36,11 @@ SMALL_RESPONSE = 64 * 1024
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str],
-                   drop: frozenset[str]) -> CIMultiDict[str]:
-    """A copy without hop-by-hop headers, the ones named in ``Connection``, and ``drop``."""
-    named = headers.get("Connection")
-    if named:
-        drop = drop | {t.strip().lower() for t in named.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        if key.lower() not in drop:
-            out.add(key, value)
-    return out
-
-
 def filter_pairs(items: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
-    """``filter_headers`` for the proxy link: plain ``(str, str)`` pairs, in one pass."""
+    """``items`` without hop-by-hop headers, the ones named in ``Connection``, and ``drop``.
+
+    One pass over plain ``(str, str)`` pairs (what the proxy link carries).
+    """
     out: list[tuple[str, str]] = []
     named = ""
     for key, value in items:
@@ -96,6 +87,39 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+class UpstreamAnswer(Protocol):
+    """What ``relay`` needs of an upstream's answer (``proxy_client.Answer`` has it)."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    content_length: int | None  # of the body, when framed by Content-Length
+
+    async def read(self) -> bytes:
+        """The next piece of the body; b"" at its end."""
+
+    async def read_all(self) -> bytes: ...
+
+
+class ClientAnswer:
+    """aiohttp's ``ClientResponse`` as an ``UpstreamAnswer`` (the gateway's HTTP path)."""
+
+    __slots__ = ("response", "status", "reason", "headers", "content_length")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.status = response.status
+        self.reason = response.reason or ""
+        self.headers = list(response.headers.items())
+        self.content_length = response.content_length
+
+    async def read(self) -> bytes:
+        return await self.response.content.readany()
+
+    async def read_all(self) -> bytes:
+        return await self.response.read()
+
+
 @dataclass
 class Relayed:
     """How a relay ended. ``cut``: "" (complete), "client", "upstream" or "deadline"."""
@@ -117,7 +141,7 @@ def cut_connection(request: web.BaseRequest) -> None:
         transport.close()
 
 
-async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
+async def relay(request: web.BaseRequest, upstream: UpstreamAnswer,
                 extra_headers: dict[str, str] | None = None,
                 deadline: float | None = None) -> Relayed:
     """Stream ``upstream``'s response to ``request``'s client, chunk by chunk.
@@ -126,17 +150,17 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
     upstream or a passed deadline cut the client connection (the client sees
     an incomplete response, never a truncated body that looks whole).
     """
-    headers = filter_headers(upstream.headers, HOP_BY_HOP)
+    headers = CIMultiDict(filter_pairs(upstream.headers, HOP_BY_HOP))
     if extra_headers:
         headers.update(extra_headers)
     length = upstream.content_length
     if length is not None and length <= SMALL_RESPONSE and request.method != "HEAD":
         try:
             if deadline is None:
-                body = await upstream.read()
+                body = await upstream.read_all()
             else:
                 async with asyncio.timeout_at(deadline):
-                    body = await upstream.read()
+                    body = await upstream.read_all()
         except TimeoutError:
             return Relayed(json_error(408, "request timeout: transfer limit reached"),
                            cut="deadline", detail="transfer limit reached")
@@ -144,23 +168,23 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
             return Relayed(json_error(502, f"upstream failed mid-response: {exc!r}"),
                            cut="upstream", detail=repr(exc))
         headers.popall("Content-Length", None)
-        return Relayed(web.Response(status=upstream.status, reason=upstream.reason,
+        return Relayed(web.Response(status=upstream.status, reason=upstream.reason or None,
                                     body=body, headers=headers), len(body))
 
-    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason or None,
+                              headers=headers)
     result = Relayed(resp)
     try:
         await resp.prepare(request)
     except ConnectionError as exc:
         result.cut, result.detail = "client", repr(exc)
         return result
-    content = upstream.content
     try:
         if deadline is None:
-            await _pump(content, resp, result)
+            await _pump(upstream, resp, result)
         else:
             async with asyncio.timeout_at(deadline):
-                await _pump(content, resp, result)
+                await _pump(upstream, resp, result)
     except TimeoutError:
         result.cut, result.detail = "deadline", "transfer limit reached"
     if result.cut in ("upstream", "deadline"):
@@ -168,10 +192,10 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
     return result
 
 
-async def _pump(content: aiohttp.StreamReader, resp: web.StreamResponse, result: Relayed) -> None:
+async def _pump(upstream: UpstreamAnswer, resp: web.StreamResponse, result: Relayed) -> None:
     while True:
         try:
-            chunk = await content.readany()
+            chunk = await upstream.read()
         except (aiohttp.ClientError, OSError) as exc:
             result.cut, result.detail = "upstream", repr(exc)
             return

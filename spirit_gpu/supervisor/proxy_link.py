@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
-from yarl import URL
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
@@ -122,10 +121,9 @@ class WorkerLink:
             headers = filter_pairs(frame.headers, DROP)
             data = frame.body if body_queue is None else _body(frame.body, body_queue)
             try:
-                upstream = await listener.session.request(
-                    frame.method, URL(listener.base_url + frame.path, encoded=True),
-                    headers=headers, data=data, allow_redirects=False)
-            except (aiohttp.ClientError, OSError) as exc:
+                upstream = await listener.upstream.request(frame.method, frame.path, headers,
+                                                           data)
+            except OSError as exc:
                 status, note = 502, f"upstream {listener.base_url} unreachable: {exc!r}"
                 listener.stats.failed += 1
                 _answer(writer, exchange, 502, msgspec.json.encode({"error": note}))
@@ -133,13 +131,12 @@ class WorkerLink:
             try:
                 status = upstream.status
                 listener.stats.first_bytes.append(time.monotonic() - started)
-                writer.send(LinkHead(exchange, status, upstream.reason or "",
-                                     filter_pairs(upstream.headers.items(), HOP_BY_HOP)))
-                content = upstream.content
+                writer.send(LinkHead(exchange, status, upstream.reason,
+                                     filter_pairs(upstream.headers, HOP_BY_HOP)))
                 while True:
                     try:
-                        chunk = await content.readany()
-                    except (aiohttp.ClientError, OSError) as exc:
+                        chunk = await upstream.read()
+                    except OSError as exc:
                         note = f"cut (upstream): {exc!r}"
                         listener.stats.cut += 1
                         writer.send(LinkFail(exchange, f"the LLM server failed mid-answer: "
@@ -152,10 +149,7 @@ class WorkerLink:
                     nbytes += len(chunk)
                     await writer.wait_drained()
             finally:
-                if upstream.content.is_eof():
-                    upstream.release()
-                else:
-                    upstream.close()
+                upstream.close()  # unfinished: aborts the upstream request
         except asyncio.CancelledError:
             note = "cancelled by the gateway (client gone or limit); upstream request aborted"
             listener.stats.cut += 1

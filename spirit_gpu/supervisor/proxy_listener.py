@@ -21,14 +21,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from spirit_gpu.log import logger
+from spirit_gpu.supervisor.proxy_client import UpstreamPool
 from spirit_gpu.supervisor.proxy_http import (
     HOP_BY_HOP,
-    filter_headers,
+    filter_pairs,
     json_error,
-    new_session,
     relay,
     request_body,
 )
@@ -92,7 +91,7 @@ class ProxyListener:
         self.stats = ProxyStats()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream: UpstreamPool | None = None
         self._runner: web.ServerRunner | None = None
 
     @property
@@ -108,7 +107,7 @@ class ProxyListener:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
-        self._session = new_session()
+        self._upstream = UpstreamPool(self.base_url)
         server = web.Server(self._handle, handler_cancellation=True, access_log=None)
         self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
         await self._runner.setup()
@@ -138,9 +137,9 @@ class ProxyListener:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._upstream is not None:
+            await self._upstream.close()
+            self._upstream = None
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path == METRICS_PATH:
@@ -150,17 +149,19 @@ class ProxyListener:
             return json_error(401, "invalid worker token")
         if not self.ready:
             return json_error(503, "worker not ready: check_start has not succeeded yet")
-        assert self._session is not None
+        assert self._upstream is not None
         rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         key, started = self.begin(rid)
         status, nbytes, note = 0, 0, ""
         try:
-            url = URL(self.base_url + request.raw_path, encoded=True)  # as the client wrote it
-            try:
-                upstream = await self._session.request(
-                    request.method, url, headers=filter_headers(request.headers, DROP),
-                    data=await request_body(request), allow_redirects=False)
-            except (aiohttp.ClientError, OSError) as exc:
+            body = await request_body(request)
+            if isinstance(body, aiohttp.StreamReader):
+                body = body.iter_any()
+            try:  # the path and query exactly as the client wrote them
+                upstream = await self._upstream.request(
+                    request.method, request.raw_path, filter_pairs(request.headers.items(), DROP),
+                    body)
+            except OSError as exc:
                 status, note = 502, f"upstream {self.base_url} unreachable: {exc!r}"
                 self.stats.failed += 1
                 return json_error(502, note)
@@ -174,10 +175,7 @@ class ProxyListener:
                     note = f"cut ({result.cut}): {result.detail}"
                 return result.response
             finally:
-                if upstream.content.is_eof():
-                    upstream.release()  # back to the keep-alive pool
-                else:
-                    upstream.close()  # unfinished: abort the upstream request
+                upstream.close()  # unfinished: aborts the upstream request
         except asyncio.CancelledError:
             note = "client disconnected; upstream request aborted"
             self.stats.cut += 1
@@ -186,9 +184,9 @@ class ProxyListener:
             self.end(key, rid, started, request.method, request.path, status, nbytes, note)
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "listener not started"
-        return self._session
+    def upstream(self) -> UpstreamPool:
+        assert self._upstream is not None, "listener not started"
+        return self._upstream
 
     def begin(self, rid: str) -> tuple[int, float]:
         """Count a proxied request in flight: its key and start time."""

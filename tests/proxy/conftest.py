@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -48,6 +49,14 @@ def http_check(base_url: str) -> Callable[[], Awaitable[tuple[bool, str]]]:
         except aiohttp.ClientError as exc:
             return False, repr(exc)
     return check
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                  ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The lean client's tests run on uvloop too; the rest on asyncio's loop only."""
+    if item.path.name == "test_proxy_client.py":
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture
