@@ -30,7 +30,7 @@ MAX_BUFFERED = 16 * 1024 * 1024
 
 
 class LinkStream:
-    __slots__ = ("id", "frames", "ended", "lost", "buffered", "_event")
+    __slots__ = ("id", "frames", "ended", "lost", "buffered", "_waiter")
 
     def __init__(self, exchange: int) -> None:
         self.id = exchange
@@ -38,7 +38,7 @@ class LinkStream:
         self.ended = False  # LinkEnd or LinkFail received
         self.lost = False  # the link itself went away
         self.buffered = 0
-        self._event = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
 
     def feed(self, frame: LinkFrame) -> None:
         if self.ended:
@@ -50,16 +50,37 @@ class LinkStream:
         if isinstance(frame, LinkEnd | LinkFail):
             self.ended = True
         self.frames.append(frame)
-        self._event.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> LinkFrame:
         while not self.frames:
-            self._event.clear()
-            await self._event.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         frame = self.frames.popleft()
         if isinstance(frame, LinkData):
             self.buffered -= len(frame.data)
         return frame
+
+    def take_data(self, first: bytes) -> tuple[bytes, bool]:
+        """``first`` and the data frames already here after it, as one piece (one write
+        to the client instead of one per frame); True when a ``LinkEnd`` came next."""
+        frames = self.frames
+        if not frames:
+            return first, False
+        parts = [first]
+        while frames and isinstance(frames[0], LinkData):
+            data = frames.popleft().data  # type: ignore[union-attr]
+            self.buffered -= len(data)
+            parts.append(data)
+        end = bool(frames) and isinstance(frames[0], LinkEnd)
+        if end:
+            frames.popleft()
+        return (b"".join(parts) if len(parts) > 1 else first), end
 
 
 class GatewayLink:

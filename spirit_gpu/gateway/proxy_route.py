@@ -233,73 +233,89 @@ class ProxyRouter:
         stream = link.open(request.method, request.raw_path, headers,
                            b"" if streamed or body is None else body, streamed, rid)
         pump = asyncio.create_task(_pump_body(link, stream, body)) if streamed else None
-        loop = asyncio.get_running_loop()
         try:
-            try:
-                async with asyncio.timeout_at(head_deadline):
-                    head = await stream.get()
-            except TimeoutError:
+            return await self._answer(request, sid, worker, stream, rid, streamed,
+                                      head_deadline)
+        finally:
+            if pump is not None:
+                pump.cancel()
+            link.finish(stream)
+
+    async def _answer(self, request: web.Request, sid: str, worker: ProxyWorker,
+                      stream: LinkStream, rid: str, streamed: bool,
+                      head_deadline: float) -> tuple[web.StreamResponse, str] | None:
+        """The worker's answer on ``stream``, on to the client (see ``_via_link``)."""
+        loop = asyncio.get_running_loop()
+        resp: web.StreamResponse | None = None
+        cut, detail = "", ""
+        try:
+            # one timer for both limits: the head's, then (rescheduled) the transfer's
+            async with asyncio.timeout_at(head_deadline) as limit:
+                head = await stream.get()
+                if isinstance(head, LinkFail):
+                    if stream.lost:
+                        self.registry.drop(worker, head.message)
+                        if streamed:
+                            return json_error(502, f"worker failed: {head.message}"), ""
+                        return None
+                    return json_error(502, head.message, {REQUEST_ID_HEADER: rid}), ""
+                assert isinstance(head, LinkHead), head
+                self._observe_start(
+                    sid, loop.time() - head_deadline + self.config.proxy_response_timeout)
+                out = CIMultiDict(head.headers)
+                out[REQUEST_ID_HEADER] = rid
+                if stream.ended and request.method != "HEAD" and not any(
+                        isinstance(f, LinkFail) for f in stream.frames):
+                    # the whole answer came in one batch: one write, with its length
+                    parts = [f.data for f in stream.frames if isinstance(f, LinkData)]
+                    stream.frames.clear()
+                    out.popall("Content-Length", None)
+                    return web.Response(status=head.status, reason=head.reason or None,
+                                        body=b"".join(parts), headers=out), ""
+                resp = web.StreamResponse(status=head.status, reason=head.reason or None,
+                                          headers=out)
+                try:
+                    await resp.prepare(request)  # the head goes out with the first data
+                except ConnectionError:
+                    return resp, "client"
+                limit.reschedule(loop.time() + self.config.proxy_transfer_timeout)
+                cut, detail = await self._write_body(resp, stream, worker)
+        except TimeoutError:
+            if resp is None:
                 logger.warn(f"proxy {request.method} {request.path}: no response from worker "
                             f"{worker.worker_id} within "
                             f"{self.config.proxy_response_timeout:g}s", request_id=rid)
                 return json_error(408, "request timeout: the worker did not start responding "
                                        "in time", {REQUEST_ID_HEADER: rid}), ""
-            if isinstance(head, LinkFail):
+            cut, detail = "deadline", "transfer limit reached"
+        if cut in ("upstream", "deadline"):
+            cut_connection(request)
+        if cut:
+            logger.warn(f"proxy {request.method} {request.path} via {worker.worker_id} "
+                        f"cut ({cut}): {detail}", request_id=rid)
+        return resp, cut
+
+    async def _write_body(self, resp: web.StreamResponse, stream: LinkStream,
+                          worker: ProxyWorker) -> tuple[str, str]:
+        """The worker's data frames, on to the client; why it was cut ("" if it was not)."""
+        while True:
+            frame = await stream.get()
+            if isinstance(frame, LinkData):
+                data, end = stream.take_data(frame.data)
+                try:
+                    if end:  # last data and the terminator in one write
+                        await resp.write_eof(data)
+                        return "", ""
+                    await resp.write(data)
+                except ConnectionError as exc:
+                    return "client", repr(exc)
+            elif isinstance(frame, LinkEnd):
+                return "", ""
+            else:
+                detail = getattr(frame, "message", repr(frame))
                 if stream.lost:
-                    self.registry.drop(worker, head.message)
-                    if streamed:
-                        return json_error(502, f"worker failed: {head.message}"), ""
-                    return None
-                return json_error(502, head.message, {REQUEST_ID_HEADER: rid}), ""
-            assert isinstance(head, LinkHead), head
-            self._observe_start(
-                sid, loop.time() - head_deadline + self.config.proxy_response_timeout)
-            out = CIMultiDict(head.headers)
-            out[REQUEST_ID_HEADER] = rid
-            if stream.ended and request.method != "HEAD" and not any(
-                    isinstance(f, LinkFail) for f in stream.frames):
-                # the whole answer came in one batch: one write, with its length
-                parts = [f.data for f in stream.frames if isinstance(f, LinkData)]
-                stream.frames.clear()
-                out.popall("Content-Length", None)
-                return web.Response(status=head.status, reason=head.reason or None,
-                                    body=b"".join(parts), headers=out), ""
-            resp = web.StreamResponse(status=head.status, reason=head.reason or None,
-                                      headers=out)
-            try:
-                await resp.prepare(request)
-            except ConnectionError:
-                return resp, "client"
-            cut, detail = "", ""
-            try:
-                async with asyncio.timeout_at(loop.time() + self.config.proxy_transfer_timeout):
-                    while True:
-                        frame = await stream.get()
-                        if isinstance(frame, LinkData):
-                            try:
-                                await resp.write(frame.data)
-                            except ConnectionError as exc:
-                                cut, detail = "client", repr(exc)
-                                break
-                        elif isinstance(frame, LinkEnd):
-                            break
-                        else:
-                            cut, detail = "upstream", getattr(frame, "message", repr(frame))
-                            if stream.lost:
-                                self.registry.drop(worker, detail)
-                            break
-            except TimeoutError:
-                cut, detail = "deadline", "transfer limit reached"
-            if cut in ("upstream", "deadline"):
-                cut_connection(request)
-            if cut:
-                logger.warn(f"proxy {request.method} {request.path} via {worker.worker_id} "
-                            f"cut ({cut}): {detail}", request_id=rid)
-            return resp, cut
-        finally:
-            if pump is not None:
-                pump.cancel()
-            link.finish(stream)
+                    self.registry.drop(worker, detail)
+                return "upstream", detail
 
     # ---- agent side (registration extension) -------------------------------------
 
