@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -17,11 +19,27 @@ _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
             30.0, 60.0, 180.0, 600.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+M = TypeVar("M", Counter, Histogram, Gauge)
+
+
+class _Children:
+    """``metric.labels(...)`` costs a lock and a tuple build per call: keep the children."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Any, ...], Any] = {}
+
+    def __call__(self, metric: M, *labels: str) -> M:
+        key = (id(metric), *labels)
+        child = self._cache.get(key)
+        if child is None:
+            child = self._cache[key] = metric.labels(*labels)
+        return child  # type: ignore[no-any-return]
 
 
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._of = _Children()
         r = self.registry
         self.accepted = Counter("spirit_gateway_requests_accepted", "Requests accepted",
                                 ["sid", "mode"], registry=r)
@@ -42,14 +60,15 @@ class GatewayMetrics:
                              ["sid"], registry=r)
 
     def on_accept(self, sid: str, mode: str) -> None:
-        self.accepted.labels(sid, mode).inc()
+        self._of(self.accepted, sid, mode).inc()
 
     def on_finish(self, rec: RequestRecord) -> None:
-        self.finished.labels(rec.sid, rec.mode, rec.status).inc()
-        self.latency.labels(rec.sid, rec.mode).observe(
+        of = self._of
+        of(self.finished, rec.sid, rec.mode, rec.status).inc()
+        of(self.latency, rec.sid, rec.mode).observe(
             max(0, rec.finished_at - rec.created_at) / 1000)
         if rec.started_at:
-            self.queueing.labels(rec.sid).observe(max(0, rec.started_at - rec.enqueued_at) / 1000)
+            of(self.queueing, rec.sid).observe(max(0, rec.started_at - rec.enqueued_at) / 1000)
 
     async def render(self, storage: Storage) -> bytes:
         for s in await storage.stats():

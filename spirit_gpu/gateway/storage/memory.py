@@ -31,16 +31,25 @@ def now_ms() -> int:
 @dataclass(eq=False)
 class _Entry:
     rec: RequestRecord
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # made only when someone waits: most requests are never watched this way
+    done_waiters: list[asyncio.Future[None]] | None = None
+    changed: asyncio.Event | None = None
     chunks: list[ChunkEvent] = field(default_factory=list)
     seqs: set[int] = field(default_factory=set)
     chunk_bytes: int = 0
     renewed: float = 0.0  # monotonic time of the last sign of life about this request
 
     def notify(self) -> None:
-        old, self.changed = self.changed, asyncio.Event()
-        old.set()
+        old, self.changed = self.changed, None
+        if old is not None:
+            old.set()
+
+    def finished(self) -> None:
+        waiters, self.done_waiters = self.done_waiters, None
+        for fut in waiters or ():
+            if not fut.done():
+                fut.set_result(None)
+        self.notify()
 
 
 @dataclass(eq=False)
@@ -92,8 +101,7 @@ class MemoryStorage(Storage):
         rec.finished_at = now_ms()
         rec.ended_by_gateway = by_gateway
         self._finished.append((rec.finished_at, rec.request_id))
-        e.done.set()
-        e.notify()
+        e.finished()
         if self.on_finish is not None:
             self.on_finish(rec)
         return True
@@ -162,9 +170,16 @@ class MemoryStorage(Storage):
         if e is None:
             return None
         if not e.rec.terminal:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if e.done_waiters is None:
+                e.done_waiters = []
+            e.done_waiters.append(fut)
             try:
-                await asyncio.wait_for(e.done.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await fut
             except TimeoutError:
+                if e.done_waiters is not None and fut in e.done_waiters:
+                    e.done_waiters.remove(fut)
                 return None
         return e.rec
 
@@ -180,6 +195,8 @@ class MemoryStorage(Storage):
             if e.rec.terminal:
                 yield EndEvent(status_code=e.rec.status_code, status=e.rec.status)
                 return
+            if e.changed is None:
+                e.changed = asyncio.Event()
             await e.changed.wait()
 
     async def cancel(self, sid: str, request_id: str, sequence: int | None,
