@@ -95,17 +95,6 @@ class ProxyRouter:
         self.registry = ProxyRegistry(lease_seconds=config.lease_seconds)
         self.metrics = metrics or ProxyMetrics()
         self.session: aiohttp.ClientSession | None = None
-        # metric children by label (``labels()`` costs more than the rest of a request's
-        # bookkeeping); as many as the metrics have anyway
-        self._in_flight: dict[str, Any] = {}
-        self._answers: dict[tuple[str, str], Any] = {}
-        self._response_start: dict[str, Any] = {}
-
-    def _observe_start(self, sid: str, seconds: float) -> None:
-        child = self._response_start.get(sid)
-        if child is None:
-            child = self._response_start[sid] = self.metrics.response_start.labels(sid)
-        child.observe(seconds)
 
     async def shutdown(self, app: web.Application) -> None:
         """Close the proxy links, so that the server's shutdown does not wait on them."""
@@ -133,21 +122,15 @@ class ProxyRouter:
         length = request.content_length
         if length is not None and length > self.config.max_body_bytes:
             return json_error(400, "request body too large")
-        in_flight = self._in_flight.get(sid)
-        if in_flight is None:
-            in_flight = self._in_flight[sid] = self.metrics.in_flight.labels(sid)
-        in_flight.inc()
+        metrics = self.metrics
+        metrics.begin(sid)
         code = "500"
         try:
             response, cut = await self.forward(request, sid)
             code = _CUT_CODES.get(cut, "") or str(response.status)
             return response
         finally:
-            in_flight.dec()
-            counter = self._answers.get((sid, code))
-            if counter is None:
-                counter = self._answers[sid, code] = self.metrics.requests.labels(sid, code)
-            counter.inc()
+            metrics.end(sid, code)
 
     async def forward(self, request: web.Request, sid: str) -> tuple[web.StreamResponse, str]:
         """The response, and why its stream was cut ("" when it was not)."""
@@ -204,7 +187,7 @@ class ProxyRouter:
                         return json_error(502, f"worker unreachable: {exc!r}"), ""
                     tried.add(worker)
                     continue
-                self._observe_start(
+                self.metrics.response_started(
                     sid, loop.time() - head_deadline + self.config.proxy_response_timeout)
                 try:
                     result = await relay(
@@ -260,7 +243,7 @@ class ProxyRouter:
                         return None
                     return json_error(502, head.message, {REQUEST_ID_HEADER: rid}), ""
                 assert isinstance(head, LinkHead), head
-                self._observe_start(
+                self.metrics.response_started(
                     sid, loop.time() - head_deadline + self.config.proxy_response_timeout)
                 out = CIMultiDict(head.headers)
                 out[REQUEST_ID_HEADER] = rid

@@ -1,0 +1,36 @@
+"""The proxy route's metrics as Prometheus scrapes them (exact exposition lines)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from spirit_gpu.gateway.proxy_metrics import ProxyMetrics
+
+
+def test_exposition() -> None:
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    for sid in ("a", "a", "b"):
+        metrics.begin(sid)
+    metrics.end("a", "200")
+    metrics.end("a", "cut_worker_failed")
+    for seconds in (0.001, 0.003, 500.0):
+        metrics.response_started("a", seconds)
+    text = generate_latest(registry).decode()
+    for line in (
+        "# TYPE spirit_gateway_proxy_requests_total counter",
+        'spirit_gateway_proxy_requests_total{code="200",sid="a"} 1.0',
+        'spirit_gateway_proxy_requests_total{code="cut_worker_failed",sid="a"} 1.0',
+        "# TYPE spirit_gateway_proxy_in_flight gauge",
+        'spirit_gateway_proxy_in_flight{sid="a"} 0.0',
+        'spirit_gateway_proxy_in_flight{sid="b"} 1.0',
+        "# TYPE spirit_gateway_proxy_response_start_seconds histogram",
+        'spirit_gateway_proxy_response_start_seconds_bucket{le="0.001",sid="a"} 1.0',
+        'spirit_gateway_proxy_response_start_seconds_bucket{le="0.0025",sid="a"} 1.0',
+        'spirit_gateway_proxy_response_start_seconds_bucket{le="0.005",sid="a"} 2.0',
+        'spirit_gateway_proxy_response_start_seconds_bucket{le="180.0",sid="a"} 2.0',
+        'spirit_gateway_proxy_response_start_seconds_bucket{le="+Inf",sid="a"} 3.0',
+        'spirit_gateway_proxy_response_start_seconds_count{sid="a"} 3.0',
+        'spirit_gateway_proxy_response_start_seconds_sum{sid="a"} 500.004',
+    ):
+        assert line in text.splitlines(), line
