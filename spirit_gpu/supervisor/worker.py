@@ -48,6 +48,8 @@ class Worker:
         self.session = session
         self.reserved = 0  # pulls in flight + jobs running: never more than pool.slots
         self.kick = asyncio.Event()  # a slot freed or the pool's capacity changed
+        self._resize = asyncio.Event()  # pool.slots changed (or stop): re-count pullers
+        self._slots_seen = 0
         self.jobs: set[asyncio.Task[None]] = set()
         self.exit_code = 0
         # a multiplexed transport hands over many jobs per pull: one puller is enough;
@@ -56,18 +58,19 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set (or the agent says it is unhealthy)."""
-        self.pool.listeners.append(self.kick.set)
+        self.pool.listeners.append(self._pool_changed)
         pullers: list[asyncio.Task[None]] = []
         heartbeat = asyncio.ensure_future(self._heartbeats())
         stop_wait = asyncio.ensure_future(stop.wait())
+        stop_wait.add_done_callback(lambda _: self._resize.set())
         try:
             while not stop.is_set():
-                while len(pullers) < (1 if self.batched else max(1, self.pool.slots)):
+                # woken only when the pool's size changes, not after every job
+                self._resize.clear()
+                self._slots_seen = self.pool.slots
+                while len(pullers) < (1 if self.batched else max(1, self._slots_seen)):
                     pullers.append(asyncio.ensure_future(self._puller(stop)))
-                self.kick.clear()
-                kicked = asyncio.ensure_future(self.kick.wait())
-                await asyncio.wait([stop_wait, kicked], return_when=asyncio.FIRST_COMPLETED)
-                kicked.cancel()
+                await self._resize.wait()
         finally:
             stop_wait.cancel()
             for task in pullers:
@@ -79,6 +82,11 @@ class Worker:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
         return self.exit_code
+
+    def _pool_changed(self) -> None:
+        self.kick.set()
+        if self.pool.slots != self._slots_seen:
+            self._resize.set()
 
     async def _take_slots(self) -> int:
         """Reserve free slots: one for a plain pull, all free ones for a batched pull."""
