@@ -216,12 +216,16 @@ class LinkTransport:
         waiter: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await asyncio.wait((waiter,), timeout=PULL_WAIT)
+            async with asyncio.timeout(PULL_WAIT):
+                await waiter
+        except TimeoutError:
+            pass
         finally:
             if not waiter.done():
                 waiter.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+        # a job handed over in the very turn the timeout fired is still in the waiter
         job = None if waiter.cancelled() else waiter.result()
         jobs = [job] if job is not None else []
         while self._buffer and len(jobs) < limit:  # what arrived with it
