@@ -79,6 +79,9 @@ async def request_body(request: web.BaseRequest) -> Any:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # go on, send it
     length = request.content_length
     if length is not None and length <= SMALL_BODY:
+        content = request.content
+        if content.is_eof():  # all here already (a small body usually is): no read loop
+            return content.read_nowait()
         return await request.read()
     return request.content
 
