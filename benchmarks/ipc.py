@@ -59,8 +59,8 @@ async def close_pool(pool: Pool) -> None:
 
 
 async def measure(quick: bool) -> list[Result]:
-    runs = 3 if quick else 5
-    n_seq, n_pipe = (2000, 20000) if quick else (5000, 50000)
+    runs = 7 if quick else 11  # short runs on a noisy VM: more of them, medians
+    n_seq, n_pipe = (3000, 20000) if quick else (5000, 50000)
     body = json_body(1024)
     raw = RawEcho()
     await raw.start()
