@@ -45,6 +45,7 @@ from spirit_gpu.log import logger
 from spirit_gpu.supervisor.proxy_http import (
     HOP_BY_HOP,
     ClientAnswer,
+    LazyHeadResponse,
     cut_connection,
     filter_pairs,
     json_error,
@@ -255,10 +256,12 @@ class ProxyRouter:
                     out.popall("Content-Length", None)
                     return web.Response(status=head.status, reason=head.reason or None,
                                         body=b"".join(parts), headers=out), ""
-                resp = web.StreamResponse(status=head.status, reason=head.reason or None,
-                                          headers=out)
+                resp = LazyHeadResponse(status=head.status, reason=head.reason or None,
+                                        headers=out)
                 try:
-                    await resp.prepare(request)  # the head goes out with the first data
+                    await resp.prepare(request)
+                    if not stream.frames:  # no data yet: the head goes out alone, now
+                        await resp.write(b"")
                 except ConnectionError:
                     return resp, "client"
                 limit.reschedule(loop.time() + self.config.proxy_transfer_timeout)

@@ -133,6 +133,16 @@ class Relayed:
     detail: str = ""
 
 
+class LazyHeadResponse(web.StreamResponse):
+    """A streamed response whose head waits for the first body bytes: one write, not two.
+
+    aiohttp's own ``Response`` works this way; a ``StreamResponse`` sends its head
+    at ``prepare``. ``write(b"")`` sends a head that should not wait.
+    """
+
+    _send_headers_immediately = False
+
+
 def cut_connection(request: web.BaseRequest) -> None:
     """End a started response without its terminator: the client sees an error.
 

@@ -3,7 +3,8 @@
 Streams are written chunk by chunk with a delay between chunks. A request may
 name a gate (``X-Gate: <name>``): the server waits for ``gates[name]`` before
 writing its last chunk, so a test can prove the first chunk reached the
-client while the last one was not written yet. ``X-Tag`` names a request in
+client while the last one was not written yet (``X-Gate-First``: before the
+first chunk, after the head). ``X-Tag`` names a request in
 the records (``seen``, ``aborted``, ``finished``).
 """
 
@@ -56,8 +57,11 @@ class FakeLLM:
                       content_type: str, delay: float) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": content_type})
         gate = request.headers.get("X-Gate")
+        first_gate = request.headers.get("X-Gate-First")
         try:
-            await resp.prepare(request)
+            await resp.prepare(request)  # aiohttp sends a StreamResponse's head at once
+            if first_gate:
+                await self.gate(first_gate).wait()
             for i, chunk in enumerate(chunks):
                 if i == len(chunks) - 1 and gate:
                     await self.gate(gate).wait()

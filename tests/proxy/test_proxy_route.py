@@ -68,6 +68,18 @@ async def test_streams_reach_the_client_chunk_by_chunk(
         assert r.headers["Content-Type"].startswith("text/event-stream")
 
 
+async def test_a_head_sent_before_any_data_reaches_the_client_at_once(
+        llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
+    gateway = await ready_pair(llm, make_gateway, make_worker)
+    async with aiohttp.ClientSession() as s:
+        async with asyncio.timeout(5):
+            r = await s.post(gateway.url + "/api/generate", json={"chunks": 2},
+                             headers={**AUTH, "X-Gate-First": "first", "X-Tag": "early"})
+        assert r.status == 200 and llm.written["early"] == 0  # the head, before any chunk
+        llm.gate("first").set()
+        assert (await r.read()).count(b"\n") == 3
+
+
 async def test_models_and_non_streaming_answers(llm: FakeLLM, make_gateway: MakeGateway,
                                                 make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker)
