@@ -6,6 +6,11 @@ and time-to-first-chunk (aiohttp client, one in flight, chunks 5 ms apart).
 Baselines in the same run: the fake LLM server called directly; nginx as one
 reverse-proxy hop in front of it (upstream keep-alive); a plain single-hop
 aiohttp reverse proxy (apps/aiohttp_proxy.py).
+
+The wrk runs go round-robin over the targets (run 1 of each, then run 2, ...)
+and the time-to-first-chunk requests alternate between direct and proxied, so
+that a machine whose speed drifts during the benchmark (a shared VM) moves
+ours and the baselines alike; each figure is still the median of its runs.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -32,7 +38,7 @@ from common import (  # noqa: E402
     skipped,
     spawn,
     wait_ok,
-    wrk_median,
+    wrk,
 )
 from e2e_sync import KEY, start_gateway  # noqa: E402
 
@@ -69,28 +75,33 @@ http {{
 """
 
 
-async def ttfc(url: str, headers: dict[str, str], n: int) -> float:
-    """Median seconds from sending a streamed request to its first body chunk."""
+async def ttfc(targets: dict[str, tuple[str, dict[str, str]]], n: int) -> dict[str, float]:
+    """Median seconds from sending a streamed request to its first body chunk, per target
+    (one request to each in turn, one session each)."""
     path, body = TTFC
-    times = []
-    async with aiohttp.ClientSession() as s:
+    times: dict[str, list[float]] = {name: [] for name in targets}
+    sessions = {name: aiohttp.ClientSession() for name in targets}
+    try:
         for i in range(n + 5):
-            t0 = time.perf_counter()
-            async with s.post(url + path, data=body, headers=headers) as r:
-                await r.content.readany()
-                t = time.perf_counter() - t0
-                await r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"TTFC request failed: {r.status}")
-            if i >= 5:
-                times.append(t)
-    return median(times)
+            for name, (url, headers) in targets.items():
+                t0 = time.perf_counter()
+                async with sessions[name].post(url + path, data=body, headers=headers) as r:
+                    await r.content.readany()
+                    t = time.perf_counter() - t0
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"TTFC request to {name} failed: {r.status}")
+                if i >= 5:
+                    times[name].append(t)
+    finally:
+        for session in sessions.values():
+            await session.close()
+    return {name: median(ts) for name, ts in times.items()}
 
 
 def run(quick: bool) -> list[Result]:
     runs, dur, n_ttfc = (3, 2.0, 100) if quick else (5, 5.0, 300)
     rps: dict[str, dict[str, float]] = {}
-    first: dict[str, float] = {}
     notes: dict[str, str] = {}
     with servers() as procs, tempfile.TemporaryDirectory() as tmp:
         llm_port = free_port()
@@ -127,13 +138,16 @@ def run(quick: bool) -> list[Result]:
         targets["spirit gateway+worker"] = (gateway, AUTH)
         wait_ok(gateway + PLAIN[0], PLAIN[1], AUTH, within=60, proc=procs[-1])
 
-        for name, (url, headers) in targets.items():
-            rps[name] = {}
-            for kind, (path, body) in (("plain", PLAIN), ("stream", STREAM)):
-                rps[name][kind] = wrk_median(url + path, body, headers, 32, dur, runs).rps
-        for name in ("direct", "spirit gateway+worker"):
-            url, headers = targets[name]
-            first[name] = run_loop(ttfc(url, headers, n_ttfc))  # type: ignore[assignment]
+        samples: dict[tuple[str, str], list[float]] = {}
+        for _ in range(runs):
+            for name, (url, headers) in targets.items():
+                for kind, (path, body) in (("plain", PLAIN), ("stream", STREAM)):
+                    load = wrk(url + path, body, headers, 32, dur)
+                    samples.setdefault((name, kind), []).append(load.rps)
+        for (name, kind), values in samples.items():
+            rps.setdefault(name, {})[kind] = median(values)
+        first = cast(dict[str, float], run_loop(ttfc(
+            {name: targets[name] for name in ("direct", "spirit gateway+worker")}, n_ttfc)))
 
     ours = rps["spirit gateway+worker"]
     out: list[Result] = []
