@@ -248,9 +248,10 @@ class ProxyRouter:
                     sid, loop.time() - head_deadline + self.config.proxy_response_timeout)
                 out = CIMultiDict(head.headers)
                 out[REQUEST_ID_HEADER] = rid
-                if stream.ended and request.method != "HEAD" and not any(
-                        isinstance(f, LinkFail) for f in stream.frames):
+                if (stream.ended and request.method != "HEAD"
+                        and isinstance(stream.frames[-1], LinkEnd)):
                     # the whole answer came in one batch: one write, with its length
+                    # (an ended stream's last frame says how it ended)
                     parts = [f.data for f in stream.frames if isinstance(f, LinkData)]
                     stream.frames.clear()
                     out.popall("Content-Length", None)
