@@ -387,16 +387,20 @@ class UpstreamPool:
     """Keep-alive connections to one upstream; ``request`` sends one exchange."""
 
     def __init__(self, base_url: str, connect_timeout: float = 10.0,
-                 idle_timeout: float = 30.0) -> None:
+                 idle_timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: for ``https://`` (default: the system's trusted CAs)."""
         url = URL(base_url)
-        if url.scheme not in ("http", "https") or not url.raw_host:
-            raise ValueError(f"base_url must be http(s)://host[:port][/path], not {base_url!r}")
+        # a bad base_url fails each request (a 502 that names it), as aiohttp's client did,
+        # rather than the worker
+        self.invalid = ("" if url.scheme in ("http", "https") and url.raw_host else
+                        f"base_url must be http(s)://host[:port][/path], not {base_url!r}")
         self.base_url = base_url
-        self.host = url.raw_host
+        self.host = url.raw_host or ""
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.prefix = url.raw_path.rstrip("/")
-        self.ssl: ssl.SSLContext | None = (ssl.create_default_context()
-                                           if url.scheme == "https" else None)
+        self.ssl: ssl.SSLContext | None = None
+        if url.scheme == "https":
+            self.ssl = ssl_context or ssl.create_default_context()
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if url.is_default_port() else f"{host}:{self.port}"
         self.connect_timeout = connect_timeout
@@ -413,6 +417,8 @@ class UpstreamPool:
         one keeps the client's, else goes chunked). Raises ``UpstreamError``
         (or another ``OSError``) when no answer head arrives.
         """
+        if self.invalid:
+            raise UpstreamError(self.invalid)
         streamed = body is not None and not isinstance(body, bytes)
         head = self._head(method, target, headers, body, streamed)
         if not streamed and body:

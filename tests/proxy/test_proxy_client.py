@@ -7,9 +7,13 @@ differ): see ``pytest_asyncio_loop_factories`` in this folder's conftest.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -314,6 +318,49 @@ async def test_against_aiohttp_a_large_answer_and_a_stream() -> None:
         await server.close()
 
 
-def test_base_url_must_be_http() -> None:
-    with pytest.raises(ValueError, match="http"):
-        UpstreamPool("unix:///tmp/x.sock")
+async def test_a_base_url_that_is_not_http_fails_each_request() -> None:
+    pool = UpstreamPool("localhost:11434")  # no scheme
+    with pytest.raises(UpstreamError, match="base_url must be http"):
+        await pool.request("GET", "/", [], None)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost, and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_https(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"hello over {request.scheme}")
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    pool = UpstreamPool(f"https://localhost:{port}",
+                        ssl_context=ssl.create_default_context(cafile=str(cert)))
+    try:
+        for _ in range(2):
+            answer = await pool.request("GET", "/hello", [], None)
+            assert await answer.read_all() == b"hello over https"
+        untrusted = UpstreamPool(f"https://localhost:{port}")  # the system's CAs only
+        with pytest.raises(ssl.SSLError):
+            await untrusted.request("GET", "/hello", [], None)
+    finally:
+        await pool.close()
+        await runner.cleanup()
