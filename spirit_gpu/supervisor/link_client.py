@@ -18,6 +18,7 @@ import aiohttp
 import msgspec
 
 from spirit_gpu import linkproto as lp
+from spirit_gpu import wsio
 from spirit_gpu.log import logger
 from spirit_gpu.supervisor.agent import AgentUnavailable, Outage, agent_endpoint
 from spirit_gpu.supervisor.jobs import DEFAULT_TTL_MS, Job, StatusMetric, now_ms
@@ -36,6 +37,15 @@ def job_from_dispatch(d: lp.Dispatch) -> Job:
                ttl_ms=d.ttl_ms or DEFAULT_TTL_MS, body=d.body, received_at=now_ms())
 
 
+_Group = list[tuple[lp.Frame, asyncio.Future[bool]]]
+
+
+def _settle(group: _Group, ok: bool) -> None:
+    for _, done in group:
+        if not done.done():
+            done.set_result(ok)
+
+
 class LinkTransport:
     batched_pulls = True  # one pull() may hand over many jobs
 
@@ -51,7 +61,7 @@ class LinkTransport:
         self._lock = asyncio.Lock()
         self._buffer: deque[Job] = deque()
         self._waiters: deque[asyncio.Future[Job | None]] = deque()  # pulls waiting for a job
-        self._out: list[tuple[lp.Frame, asyncio.Future[bool]]] = []  # this loop turn's frames
+        self._out: _Group = []  # this loop turn's frames
         self._writes: set[asyncio.Task[Any]] = set()
         self._batches = False  # the gateway reads Batch messages
         self._outstanding = 0  # credits granted and not yet used by a dispatch
@@ -154,20 +164,44 @@ class LinkTransport:
             return
         groups = [out] if self._batches else [[item] for item in out]
         for group in groups:
-            task = asyncio.ensure_future(self._write(group))
+            ws = self._ws
+            if ws is not None and not ws.closed and not self._writes:
+                self._write_now(ws, group)  # the usual case: written here, no task
+                continue
+            task = asyncio.ensure_future(self._write(group))  # after a reconnect
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
 
-    async def _write(self, group: list[tuple[lp.Frame, asyncio.Future[bool]]]) -> None:
+    def _write_now(self, ws: aiohttp.ClientWebSocketResponse, group: _Group) -> None:
+        coro = ws.send_bytes(lp.encode_many([frame for frame, _ in group]))
+        try:
+            done, waiting = wsio.start(coro)
+        except (aiohttp.ClientError, ConnectionError, RuntimeError):
+            _settle(group, False)
+            return
+        if done:
+            _settle(group, True)
+            return
+        task = asyncio.ensure_future(self._finish(coro, waiting, group))  # link pushes back
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _finish(self, coro: wsio.SendCoro, waiting: Any, group: _Group) -> None:
+        try:
+            await wsio.finish(coro, waiting)
+            ok = True
+        except (aiohttp.ClientError, ConnectionError, RuntimeError):
+            ok = False
+        _settle(group, ok)
+
+    async def _write(self, group: _Group) -> None:
         try:
             ws = await self._live()
             await ws.send_bytes(lp.encode_many([frame for frame, _ in group]))
             ok = True
         except (AgentUnavailable, aiohttp.ClientError, ConnectionError, RuntimeError):
             ok = False
-        for _, done in group:
-            if not done.done():
-                done.set_result(ok)
+        _settle(group, ok)
 
     def _send_soon(self, frame: lp.Frame, attempts: int, request_id: str = "") -> None:
         """Queue without waiting (frames of one turn share a message); retry if it failed."""

@@ -77,6 +77,22 @@ async def test_sync_async_and_webhook(tgw: Gw, worker_factory: Any, webhooks: We
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_large_results_and_small_ones_arrive_whole_and_in_place(
+        tgw: Gw, worker_factory: Any, transport: str) -> None:
+    # several MiB per result: the link's writes wait for the socket to drain
+    # while other requests' frames keep coming
+    await start_worker(tgw, worker_factory, "d", "double.py", transport)
+    size = 6 * 1024 * 1024
+    calls = [tgw.call("POST", "/v1/d/sync", json_body={"input": {"x": i, "blob": size}})
+             for i in range(1, 5)]
+    calls += [tgw.call("POST", "/v1/d/sync", json_body={"input": {"x": i}}) for i in range(8)]
+    answers = await asyncio.gather(*calls)
+    for i, (code, body, _) in enumerate(answers[:4], start=1):
+        assert code == 200 and body == bytes([i]) * size
+    assert [b for _, b, _ in answers[4:]] == [{"doubled": 2 * i} for i in range(8)]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_sse_chunks_arrive_before_the_handler_ends(
         tgw: Gw, worker_factory: Any, webhooks: Webhooks, tmp_path: Path, transport: str) -> None:
     await start_worker(tgw, worker_factory, "g", "chunks.py", transport)

@@ -1,4 +1,5 @@
-"""Doubles input.x; with input.sleep it sleeps first; input.exit makes the child os._exit."""
+"""Doubles input.x; with input.sleep it sleeps first; input.exit makes the child os._exit;
+input.blob=N answers N bytes of x."""
 
 import os
 import time
@@ -14,6 +15,8 @@ def handler(request: dict, env: object):  # type: ignore[no-untyped-def, type-ar
         time.sleep(float(data["sleep"]))
     if data.get("bytes"):
         return b"\x00raw bytes"
+    if data.get("blob"):  # a large raw result: fills the link's socket buffers
+        return bytes([data.get("x", 0) % 256]) * int(data["blob"])
     return {"doubled": data.get("x", 0) * 2}
 
 
