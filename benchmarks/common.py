@@ -253,7 +253,11 @@ def wrk(url: str, body: bytes, headers: dict[str, str] | None = None, conns: int
 
 def wrk_median(url: str, body: bytes, headers: dict[str, str] | None = None, conns: int = 32,
                duration: float = 3.0, runs: int = 3) -> Load:
-    loads = [wrk(url, body, headers, conns, duration) for _ in range(runs)]
+    return median_load([wrk(url, body, headers, conns, duration) for _ in range(runs)])
+
+
+def median_load(loads: list[Load]) -> Load:
+    """Medians of several runs' figures (errors summed)."""
     return Load(median([x.rps for x in loads]), median([x.p50_ms for x in loads]),
                 median([x.p99_ms for x in loads]), sum(x.errors for x in loads))
 

@@ -5,6 +5,8 @@ over the multiplexed worker link and over the plain agent protocol.
 Baselines in the same run: runpod-python's local API server (handler in
 process, no isolation) with the same handler and load, and a bare aiohttp
 echo server (the HTTP ceiling, which is also the load generator's ceiling).
+All servers are up at once and the wrk runs go round-robin over them, so a
+machine whose speed drifts moves ours and the baselines alike.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from common import (  # noqa: E402
     Skip,
     free_port,
     main_for,
+    median_load,
     result,
     servers,
     skipped,
     spawn,
-    stop,
     wait_ok,
-    wrk_median,
+    wrk,
 )
 
 SID = "bench"
@@ -65,39 +67,48 @@ def _wait_listening(port: int, proc) -> None:  # noqa: ANN001
     raise RuntimeError("gateway did not listen within 30 s")
 
 
-def start_worker(procs: list, gateway: str, transport: str, **env: str):  # noqa: ANN001, ANN201
+def start_worker(procs: list, gateway: str, transport: str, sid: str = SID,  # noqa: ANN001, ANN201
+                 **env: str):
     proc = spawn([PY, "-m", "spirit_gpu.supervisor", str(APPS / "echo.py")],
-                 f"worker-{transport}", EASE_AGENT_URL=f"{gateway}/agent/{SID}",
+                 f"worker-{transport}", EASE_AGENT_URL=f"{gateway}/agent/{sid}",
                  SPIRIT_TRANSPORT=transport, BENCH_CONCURRENCY="64", **env)
     procs.append(proc)
-    wait_ok(f"{gateway}/v1/{SID}/sync", BODY, AUTH, within=60, proc=proc)
+    wait_ok(f"{gateway}/v1/{sid}/sync", BODY, AUTH, within=60, proc=proc)
     return proc
 
 
-def measure_pair(url: str, headers: dict[str, str] | None, quick: bool) -> tuple[Load, Load]:
+def measure_round_robin(targets: dict[str, tuple[str, dict[str, str] | None]],
+                        quick: bool) -> dict[str, tuple[Load, Load]]:
+    """(c=1, c=32) loads per target; run 1 of every target, then run 2, ...
+
+    Round-robin so that a machine whose speed drifts (a shared VM) moves ours
+    and the baselines alike; each figure is the median of its runs.
+    """
     runs, dur = (3, 2.0) if quick else (5, 5.0)
-    c1 = wrk_median(url, BODY, headers, conns=1, duration=dur, runs=runs)
-    c32 = wrk_median(url, BODY, headers, conns=32, duration=dur, runs=runs)
-    return c1, c32
+    samples: dict[tuple[str, int], list[Load]] = {}
+    for _ in range(runs):
+        for name, (url, headers) in targets.items():
+            for conns in (32,) if name == "bare" else (1, 32):
+                samples.setdefault((name, conns), []).append(
+                    wrk(url, BODY, headers, conns=conns, duration=dur))
+    return {name: (median_load(samples.get((name, 1), samples[(name, 32)])),
+                   median_load(samples[(name, 32)])) for name in targets}
 
 
 def run(quick: bool) -> list[Result]:
     out: list[Result] = []
-    runs, dur = (3, 2.0) if quick else (5, 5.0)
+    targets: dict[str, tuple[str, dict[str, str] | None]] = {}
     with servers() as procs:
         port = free_port()
         procs.append(spawn([PY, str(APPS / "http_echo.py"), str(port)], "http_echo"))
         echo_url = f"http://127.0.0.1:{port}/"
         wait_ok(echo_url, BODY, within=20, proc=procs[-1])
         try:
-            bare = wrk_median(echo_url, BODY, conns=32, duration=dur, runs=runs)
+            wrk(echo_url, BODY, conns=1, duration=1)
         except Skip as exc:
             return [skipped("e2e_sync", str(exc))]
-        out.append(result("load generator ceiling: wrk → bare aiohttp, c=32", bare.rps, "req/s",
-                          goal=f"report (p50 {bare.p50_ms:.2f} ms)"))
-        stop(procs.pop())
+        targets["bare"] = (echo_url, None)
 
-        rp: tuple[Load, Load] | None = None
         rp_why = ""
         if importlib.util.find_spec("runpod") is None:
             rp_why = "runpod not installed (run benchmarks/install.sh)"
@@ -109,20 +120,23 @@ def run(quick: bool) -> list[Result]:
             rp_url = f"http://127.0.0.1:{port}/runsync"
             try:
                 wait_ok(rp_url, BODY, within=60, proc=procs[-1])
-                rp = measure_pair(rp_url, None, quick)
+                targets["runpod"] = (rp_url, None)
             except RuntimeError as exc:
                 rp_why = f"runpod server did not start: {str(exc)[:120]}"
-            stop(procs.pop())
 
+        # one gateway; each transport's worker serves a serverless id of its own
         gateway = start_gateway(procs)
-        sync_url = f"{gateway}/v1/{SID}/sync"
-        ours: dict[str, tuple[Load, Load]] = {}
         for transport in ("link", "plain"):
-            worker = start_worker(procs, gateway, transport)
-            ours[transport] = measure_pair(sync_url, AUTH, quick)
-            stop(worker)
-            procs.remove(worker)
+            sid = f"{SID}-{transport}"
+            start_worker(procs, gateway, transport, sid)
+            targets[transport] = (f"{gateway}/v1/{sid}/sync", AUTH)
+        loads = measure_round_robin(targets, quick)
 
+    bare = loads["bare"][1]
+    out.append(result("load generator ceiling: wrk → bare aiohttp, c=32", bare.rps, "req/s",
+                      goal=f"report (p50 {bare.p50_ms:.2f} ms)"))
+    ours = {t: loads[t] for t in ("link", "plain")}
+    rp = loads.get("runpod")
     link1, link32 = ours["link"]
     plain1, plain32 = ours["plain"]
     rp_name = "runpod local API"
