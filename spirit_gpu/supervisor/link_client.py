@@ -48,6 +48,7 @@ def _settle(group: _Group, ok: bool) -> None:
 
 class LinkTransport:
     batched_pulls = True  # one pull() may hand over many jobs
+    instant_metrics = True  # metric() only queues a frame and returns
 
     def __init__(self, session: aiohttp.ClientSession, agent_url: str, token: str = "") -> None:
         self.session = session

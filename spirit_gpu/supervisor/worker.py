@@ -55,6 +55,7 @@ class Worker:
         # a multiplexed transport hands over many jobs per pull: one puller is enough;
         # the plain protocol pulls one job per request, one request per free slot
         self.batched = bool(getattr(transport, "batched_pulls", False))
+        self.instant_metrics = bool(getattr(transport, "instant_metrics", False))
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set (or the agent says it is unhealthy)."""
@@ -146,7 +147,12 @@ class Worker:
             await self._report(job, Outcome(408, error_body(message), message))
             return
         job.started_at = started
-        executing = asyncio.ensure_future(self.transport.metric(job, metric(job, "executing")))
+        executing: asyncio.Future[None] | None = None
+        if self.instant_metrics:  # only queues a frame: no task needed
+            await self.transport.metric(job, metric(job, "executing"))
+        else:  # an HTTP call: it must not hold up the job
+            executing = asyncio.ensure_future(
+                self.transport.metric(job, metric(job, "executing")))
         streams = self.pool.kind in STREAMING_KINDS
         relay = ChunkRelay(self.transport, job) if streams else None
         try:
@@ -154,7 +160,8 @@ class Worker:
         finally:
             if relay is not None:
                 await relay.finish()
-            await executing
+            if executing is not None:
+                await executing
         await self._report(job, outcome)
 
     async def _report(self, job: Job, outcome: Outcome) -> None:
