@@ -114,10 +114,6 @@ class ProxyRouter:
         auth = request.headers.get(CLIENT_AUTH_HEADER)
         if auth is None or not request.path.startswith(_PREFIXES):
             return await handler(request)
-        return await self.serve(request, auth)
-
-    async def serve(self, request: web.Request, auth: str) -> web.StreamResponse:
-        """A request for a proxy worker (``auth``: its ``Auth`` header), answered."""
         sid, sep, key = auth.strip().partition("-")
         if not sep or not sid or not key:
             return json_error(401, "invalid Auth header: expected 'Auth: <serverless id>-<api "
@@ -422,29 +418,6 @@ async def _not_proxied(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
-def _dispatch_first(app: web.Application, router: ProxyRouter) -> None:
-    """Proxied requests go straight to ``router``, before aiohttp's route lookup.
-
-    aiohttp resolves the route and builds the middleware chain before any
-    middleware runs: ~10% of the gateway's CPU on a proxied request, for a
-    route that is only a catch-all. Its server calls ``app._handle``, so a
-    dispatcher put in its place takes proxied requests and hands the rest on.
-    Proxied answers then skip ``on_response_prepare`` (its hooks act on
-    ``/agent/`` paths only) and aiohttp's own ``Expect`` handling
-    (``request_body`` answers ``100-continue`` itself). Should aiohttp stop
-    calling ``_handle``, the middleware still serves them: slower, same answers.
-    """
-    handle = app._handle
-
-    async def dispatch(request: web.Request) -> web.StreamResponse:
-        auth = request.headers.get(CLIENT_AUTH_HEADER)
-        if auth is not None and request.path.startswith(_PREFIXES):
-            return await router.serve(request, auth)
-        return await handle(request)
-
-    object.__setattr__(app, "_handle", dispatch)  # past Application's custom-attribute warning
-
-
 ROUTER_KEY: web.AppKey[ProxyRouter] = web.AppKey("spirit_proxy_router", ProxyRouter)
 
 
@@ -454,7 +427,6 @@ def install(app: web.Application, config: GatewayConfig) -> None:
     router = ProxyRouter(config, ProxyMetrics(gateway.metrics.registry if gateway else None))
     app[ROUTER_KEY] = router
     app.middlewares.insert(0, router.middleware)
-    _dispatch_first(app, router)
     app.cleanup_ctx.append(router.lifetime)
     app.on_shutdown.append(router.shutdown)
     app.on_response_prepare.append(_announce)
