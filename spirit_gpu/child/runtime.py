@@ -81,8 +81,8 @@ class SyncRuntime(_Base):
             self.done(msg, Outcome(400, error_body(str(exc)), str(exc)), env)
             return
         assert self.handler is not None
-        outcome = handlers.run_sync(self.handler, self.kind, request, env,
-                                    self.emitter(msg.job))
+        emit = self.emitter(msg.job) if self.kind == handlers.GENERATOR else None
+        outcome = handlers.run_sync(self.handler, self.kind, request, env, emit)
         self.done(msg, outcome, env)
 
 

@@ -145,9 +145,9 @@ class Pool:
     # ---- messages from children -------------------------------------------------
 
     def _on_message(self, child: ChildProcess, msg: ipc.Message) -> None:
-        child.last_seen = time.monotonic()
+        child.last_seen = now = time.monotonic()
         if isinstance(msg, ipc.Done):
-            self._on_done(child, msg)
+            self._on_done(child, msg, now)
         elif isinstance(msg, ipc.Chunk):
             run = child.jobs.get(msg.job)
             if run is not None and run.on_chunk is not None:
@@ -189,10 +189,10 @@ class Pool:
         self._scale()
         self._notify()
 
-    def _on_done(self, child: ChildProcess, msg: ipc.Done) -> None:
+    def _on_done(self, child: ChildProcess, msg: ipc.Done, now: float) -> None:
         run = child.jobs.pop(msg.job, None)
         child.jobs_done += 1
-        child.idle_since = time.monotonic()
+        child.idle_since = now
         self.crash_streak = 0
         if run is not None:
             self.runs.pop(run.job_id, None)
