@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.builder.conftest import CASES, REPO, build, write
+from tests.conftest import free_port, post_json
 
 READY_DEADLINE_S = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _post(port: int, body: Any) -> tuple[int, Any]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
@@ -85,7 +65,7 @@ def test_generated_worker_answers_200_and_400(
     project = tmp_path / "proj"
     assert build("-i", str(write(tmp_path / name, content)), "-o", str(project),
                  "--data-type", data_type, "--handler-type", kind) == 0
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "EASE_TEST_MODE": "true", "EASE_TEST_PORT": str(port),
            "PYTHONPATH": str(REPO)}
     log = tmp_path / "worker.log"
@@ -95,12 +75,12 @@ def test_generated_worker_answers_200_and_400(
     worker_processes.append(proc)
     _wait_ready(proc, port, log)
 
-    status, body = _post(port, {"input": valid})
+    status, body = post_json(port, {"input": valid})
     assert status == 200, body
     output = body["output"] if kind in ("sync", "async") else body[0]["output"]
     assert output["prompt"] == "a cat" and output["size"] == {"width": 512, "height": 512}
 
-    status, body = _post(port, {"input": invalid})
+    status, body = post_json(port, {"input": invalid})
     assert status == 400, body
     assert body["error"] == "invalid input"
     assert field in {detail["field"] for detail in body["details"]}

@@ -10,13 +10,11 @@ import json
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, post_json
 
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
@@ -32,14 +30,7 @@ def free_bytes() -> int:
 
 
 def post(port: int, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/",
-                                 data=json.dumps({"input": payload}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return post_json(port, {"input": payload}, timeout=120)
 
 
 def wait_free(at_least: int, timeout: float = 60.0) -> float:
