@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import aiohttp
@@ -55,18 +56,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refused (400) as soon as more than ``limit`` bytes came in."""
-    too_large = ApiError(400, f"body too large: the limit is {limit} bytes", close=True)
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    buf = bytearray()
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
     try:
+        if length is not None:  # the declared length, in one read when it is all here
+            return await request.content.readexactly(length) if length else b""
+        buf = bytearray()
         async for chunk in request.content.iter_any():
             buf += chunk
             if len(buf) > limit:
-                raise too_large
+                raise _too_large(limit)
+    except asyncio.IncompleteReadError as exc:
+        raise ApiError(400, f"failed to get request data: the body ended after "
+                            f"{len(exc.partial)} of {length} bytes", close=True) from exc
     except (aiohttp.ClientError, ConnectionError, OSError) as exc:
         raise ApiError(400, f"failed to get request data: {exc}", close=True) from exc
     return bytes(buf)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(400, f"body too large: the limit is {limit} bytes", close=True)
 
 
 def serverless_id(request: web.Request) -> str:

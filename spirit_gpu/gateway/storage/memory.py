@@ -28,6 +28,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 @dataclass(eq=False)
 class _Entry:
     rec: RequestRecord
@@ -170,16 +175,19 @@ class MemoryStorage(Storage):
         if e is None:
             return None
         if not e.rec.terminal:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
             if e.done_waiters is None:
                 e.done_waiters = []
             e.done_waiters.append(fut)
+            timer = loop.call_later(wait, _wake, fut)  # lighter than asyncio.timeout
             try:
-                async with asyncio.timeout(wait):
-                    await fut
-            except TimeoutError:
-                if e.done_waiters is not None and fut in e.done_waiters:
+                await fut
+            finally:
+                timer.cancel()
+                if not e.rec.terminal and e.done_waiters is not None and fut in e.done_waiters:
                     e.done_waiters.remove(fut)
+            if not e.rec.terminal:
                 return None
         return e.rec
 
