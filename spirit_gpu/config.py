@@ -106,6 +106,10 @@ def start_options(config: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(base_url, str) or not base_url:
             raise ValueError("start() in proxy mode needs \"base_url\", e.g. "
                              "\"http://127.0.0.1:11434\"")
+        scheme, sep, rest = base_url.partition("://")
+        if scheme.lower() not in ("http", "https") or not sep or not rest.strip("/"):
+            raise ValueError(f"\"base_url\" must be an http:// or https:// URL with a host, "
+                             f"e.g. \"http://127.0.0.1:11434\"; got {base_url!r}")
         options["base_url"] = base_url
     elif not callable(config.get("handler")):
         raise TypeError("start() needs a \"handler\": a function handler(request, env)")
