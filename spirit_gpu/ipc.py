@@ -16,6 +16,9 @@ from typing import Any
 import msgspec
 
 MAX_FRAME = 1 << 31  # a 4-byte length cannot say more; 20 MB bodies fit easily
+# Frames one loop turn produces go out in one write, but no more than this many
+# per write (both ends): the other side starts on the first ones meanwhile.
+FLUSH_EVERY = 16
 _LEN = struct.Struct(">I")
 
 
@@ -186,7 +189,10 @@ def read_message(fd: int) -> Message | None:
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
+    written = os.write(fd, data)  # the usual case: all of it at once
+    if written == len(data):
+        return
+    view = memoryview(data)[written:]
     while view:
         written = os.write(fd, view)
         view = view[written:]

@@ -38,9 +38,7 @@ class Channel:
     def write(self, data: bytes) -> None:
         with self._wlock:
             try:
-                written = os.write(self._wfd, data)
-                if written < len(data):
-                    ipc.write_all(self._wfd, memoryview(data)[written:])
+                ipc.write_all(self._wfd, data)
             except (BrokenPipeError, OSError):
                 _supervisor_gone()
 

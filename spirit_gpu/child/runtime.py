@@ -13,7 +13,6 @@ from spirit_gpu.child.channel import Channel, exit_process
 from spirit_gpu.env import Env
 from spirit_gpu.handlers import BadRequest, Outcome, error_body, prepare_request
 
-FLUSH_EVERY = 16  # frames per write at most: the supervisor starts on them meanwhile
 # Python 3.12+: a job's task runs its first step at once, in the reader callback;
 # a handler that never waits finishes without a loop turn (or Task scheduling).
 _EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
@@ -112,7 +111,7 @@ class AsyncRuntime(_Base):
             if self._loop is not None:
                 self._loop.call_soon(self._flush)
         out.append(ipc.encode(msg))
-        if len(out) >= FLUSH_EVERY:  # let the supervisor start on these meanwhile
+        if len(out) >= ipc.FLUSH_EVERY:  # let the supervisor start on these meanwhile
             self._flush()
 
     def _flush(self) -> None:

@@ -14,9 +14,6 @@ from typing import Any
 from spirit_gpu import ipc
 
 _PIPE_SIZE = 1 << 20  # bigger pipes move large payloads in fewer wake-ups
-# Frames queued in one loop turn go out in one write, but no more than this
-# many at a time: the child starts on the first ones while we encode the rest.
-FLUSH_EVERY = 16
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -117,7 +114,7 @@ class ChildProcess:
         if not out:
             self._loop.call_soon(self._flush)
         out.append(ipc.encode(msg))
-        if len(out) >= FLUSH_EVERY:
+        if len(out) >= ipc.FLUSH_EVERY:
             self._flush()
 
     def _flush(self) -> None:
