@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
 from aiohttp import web
 from aiohttp.client_ws import ClientWebSocketResponse
 
+from spirit_gpu import wsio
 from spirit_gpu.log import logger
 from spirit_gpu.supervisor.proxy_protocol import LinkData, LinkFrame
 
@@ -64,31 +64,19 @@ class FrameWriter:
         frames, self._pending, self._pending_bytes = self._pending, [], 0
         try:
             coro = self._ws.send_bytes(_encode(frames))
-            try:
-                waiting = coro.send(None)  # uncompressed: written, nothing to wait for
-            except StopIteration:
-                self._drained.set()
-                return
+            done, waiting = wsio.start(coro)  # uncompressed: usually written at once
         except Exception as exc:
             self._failed(exc)
             return
+        if done:
+            self._drained.set()
+            return
         self._blocked = asyncio.ensure_future(self._finish(coro, waiting))
 
-    async def _finish(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    async def _finish(self, coro: wsio.SendCoro, waiting: Any) -> None:
         """Drive a write that waits for the link to drain, then send what queued meanwhile."""
         try:
-            while True:
-                try:
-                    if waiting is None:
-                        await asyncio.sleep(0)
-                    else:
-                        await asyncio.wait((waiting,))
-                    waiting = coro.send(None)
-                except StopIteration:
-                    break
-        except asyncio.CancelledError:
-            coro.close()
-            raise
+            await wsio.finish(coro, waiting)
         except Exception as exc:
             self._failed(exc)
             return
