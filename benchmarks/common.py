@@ -23,8 +23,9 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+K = TypeVar("K")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 APPS = HERE / "apps"
@@ -254,6 +255,20 @@ def wrk(url: str, body: bytes, headers: dict[str, str] | None = None, conns: int
 def wrk_median(url: str, body: bytes, headers: dict[str, str] | None = None, conns: int = 32,
                duration: float = 3.0, runs: int = 3) -> Load:
     return median_load([wrk(url, body, headers, conns, duration) for _ in range(runs)])
+
+
+def wrk_round_robin(loads: dict[K, tuple[str, bytes, dict[str, str] | None, int]],
+                    runs: int, duration: float) -> dict[K, Load]:
+    """The median ``Load`` of each ``(url, body, headers, conns)``.
+
+    Run 1 of every load, then run 2, ...: a machine whose speed drifts (a shared
+    VM) moves ours and the baselines alike.
+    """
+    samples: dict[K, list[Load]] = {key: [] for key in loads}
+    for _ in range(runs):
+        for key, (url, body, headers, conns) in loads.items():
+            samples[key].append(wrk(url, body, headers, conns, duration))
+    return {key: median_load(values) for key, values in samples.items()}
 
 
 def median_load(loads: list[Load]) -> Load:

@@ -26,13 +26,13 @@ from common import (  # noqa: E402
     Skip,
     free_port,
     main_for,
-    median_load,
     result,
     servers,
     skipped,
     spawn,
     wait_ok,
     wrk,
+    wrk_round_robin,
 )
 
 SID = "bench"
@@ -79,20 +79,13 @@ def start_worker(procs: list, gateway: str, transport: str, sid: str = SID,  # n
 
 def measure_round_robin(targets: dict[str, tuple[str, dict[str, str] | None]],
                         quick: bool) -> dict[str, tuple[Load, Load]]:
-    """(c=1, c=32) loads per target; run 1 of every target, then run 2, ...
-
-    Round-robin so that a machine whose speed drifts (a shared VM) moves ours
-    and the baselines alike; each figure is the median of its runs.
-    """
+    """(c=1, c=32) loads per target (bare aiohttp: c=32 only), round-robin."""
     runs, dur = (3, 2.0) if quick else (5, 5.0)
-    samples: dict[tuple[str, int], list[Load]] = {}
-    for _ in range(runs):
-        for name, (url, headers) in targets.items():
-            for conns in (32,) if name == "bare" else (1, 32):
-                samples.setdefault((name, conns), []).append(
-                    wrk(url, BODY, headers, conns=conns, duration=dur))
-    return {name: (median_load(samples.get((name, 1), samples[(name, 32)])),
-                   median_load(samples[(name, 32)])) for name in targets}
+    loads = wrk_round_robin({(name, conns): (url, BODY, headers, conns)
+                             for name, (url, headers) in targets.items()
+                             for conns in ((32,) if name == "bare" else (1, 32))}, runs, dur)
+    return {name: (loads.get((name, 1), loads[(name, 32)]), loads[(name, 32)])
+            for name in targets}
 
 
 def run(quick: bool) -> list[Result]:

@@ -38,7 +38,7 @@ from common import (  # noqa: E402
     skipped,
     spawn,
     wait_ok,
-    wrk,
+    wrk_round_robin,
 )
 from e2e_sync import KEY, start_gateway  # noqa: E402
 
@@ -138,14 +138,12 @@ def run(quick: bool) -> list[Result]:
         targets["spirit gateway+worker"] = (gateway, AUTH)
         wait_ok(gateway + PLAIN[0], PLAIN[1], AUTH, within=60, proc=procs[-1])
 
-        samples: dict[tuple[str, str], list[float]] = {}
-        for _ in range(runs):
-            for name, (url, headers) in targets.items():
-                for kind, (path, body) in (("plain", PLAIN), ("stream", STREAM)):
-                    load = wrk(url + path, body, headers, 32, dur)
-                    samples.setdefault((name, kind), []).append(load.rps)
-        for (name, kind), values in samples.items():
-            rps.setdefault(name, {})[kind] = median(values)
+        loads = wrk_round_robin({(name, kind): (url + path, body, headers, 32)
+                                 for name, (url, headers) in targets.items()
+                                 for kind, (path, body) in (("plain", PLAIN),
+                                                            ("stream", STREAM))}, runs, dur)
+        for (name, kind), load in loads.items():
+            rps.setdefault(name, {})[kind] = load.rps
         first = cast(dict[str, float], run_loop(ttfc(
             {name: targets[name] for name in ("direct", "spirit gateway+worker")}, n_ttfc)))
 
