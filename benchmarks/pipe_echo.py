@@ -1,6 +1,6 @@
 """Baseline for ipc/payload: a raw pipe echo between two processes.
 
-Same framing (4-byte length + msgspec MessagePack of the ``spirit_gpu.ipc``
+Same framing (4-byte length + msgspec MessagePack of the ``spirit_gpu.protocol.ipc``
 union) and the same pipe set-up as the supervisor (asyncio parent with pipe
 transports and 1 MiB pipes, blocking child), but no supervisor logic: the
 child answers each ``Run`` with a ``Done`` carrying the same bytes.
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from spirit_gpu import ipc
+from spirit_gpu.protocol import ipc
 
 PIPE_SIZE = 1 << 20
 

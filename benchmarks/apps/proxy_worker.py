@@ -12,7 +12,7 @@ import aiohttp
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.loop import run
-from spirit_gpu.supervisor.proxy import serve_proxy
+from spirit_gpu.supervisor.proxy.worker import serve_proxy
 
 
 async def main() -> int:

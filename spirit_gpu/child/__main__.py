@@ -14,8 +14,8 @@ import signal
 import sys
 import traceback
 
-from spirit_gpu import ipc
 from spirit_gpu.child import channel as channel_mod
+from spirit_gpu.protocol import ipc
 
 
 def _die_with_parent() -> None:

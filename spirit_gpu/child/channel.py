@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import NoReturn
 
-from spirit_gpu import ipc
+from spirit_gpu.protocol import ipc
 
 CHANNEL: Channel | None = None  # set by the child bootstrap before the script runs
 # One reusable read buffer: os.read(fd, 1 MiB) would map and unmap a fresh

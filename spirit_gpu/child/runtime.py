@@ -8,10 +8,11 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from spirit_gpu import handlers, ipc
+from spirit_gpu import handlers
 from spirit_gpu.child.channel import Channel, exit_process
 from spirit_gpu.env import Env
 from spirit_gpu.handlers import BadRequest, Outcome, error_body, prepare_request
+from spirit_gpu.protocol import ipc
 
 # Python 3.12+: a job's task runs its first step at once, in the reader callback;
 # a handler that never waits finishes without a loop turn (or Task scheduling).

@@ -12,39 +12,19 @@ from aiohttp import web
 
 from spirit_gpu.gateway.auth import require_worker
 from spirit_gpu.gateway.httpio import ApiError, json_response, read_body, serverless_id
-from spirit_gpu.gateway.service import (
-    FEATURES,
-    FEATURES_HEADER,
-    GATEWAY_KEY,
-    Gateway,
-    envelope,
-    worker_identity,
-)
+from spirit_gpu.gateway.service import FEATURES, GATEWAY_KEY, Gateway, envelope, worker_identity
+from spirit_gpu.protocol import agent
+from spirit_gpu.protocol.agent import FEATURES_HEADER, Heartbeat, ResultBody, StatusMetric
 
-PREFIX = "/agent/{sid}/apis/v1"
+PREFIX = "/agent/{sid}" + agent.API_PREFIX
 SMALL_BODY = 1024 * 1024
-
-
-class MetricBody(msgspec.Struct):
-    status: str = ""
-    message: str = ""
-
-
-class ResultBody(msgspec.Struct):
-    statusCode: int
-    message: str = ""
-    data: str = ""
-
-
-class HeartbeatBody(msgspec.Struct):
-    requestIDs: list[str] | None = None
 
 
 T = TypeVar("T")
 
-_metric = msgspec.json.Decoder(MetricBody)
+_metric = msgspec.json.Decoder(StatusMetric)
 _result = msgspec.json.Decoder(ResultBody)
-_heartbeat = msgspec.json.Decoder(HeartbeatBody)
+_heartbeat = msgspec.json.Decoder(Heartbeat)
 
 
 async def _worker(request: web.Request) -> tuple[Gateway, str, str]:
@@ -114,7 +94,7 @@ async def post_ack(request: web.Request) -> web.StreamResponse:
 async def post_chunk(request: web.Request) -> web.StreamResponse:
     gw, sid, _ = await _worker(request)
     try:
-        seq = int(request.headers.get("Spirit-Chunk-Seq", ""))
+        seq = int(request.headers.get(agent.CHUNK_SEQ_HEADER, ""))
     except ValueError as exc:
         raise ApiError(400, "invalid request arguments: Spirit-Chunk-Seq header must be an "
                        "integer") from exc
@@ -142,10 +122,10 @@ async def add_features(request: web.Request, response: web.StreamResponse) -> No
 
 def install(app: web.Application) -> None:
     r = app.router
-    r.add_get(f"{PREFIX}/request", get_request)
-    r.add_post(PREFIX + "/request-metric/{request_id}", post_metric)
-    r.add_post(PREFIX + "/request-result/{request_id}", post_result)
-    r.add_post(PREFIX + "/request-ack/{request_id}", post_ack)
-    r.add_post(PREFIX + "/request-chunk/{request_id}", post_chunk)
-    r.add_post(f"{PREFIX}/heartbeat", post_heartbeat)
+    r.add_get(f"{PREFIX}/{agent.REQUEST}", get_request)
+    r.add_post(f"{PREFIX}/{agent.METRIC}/{{request_id}}", post_metric)
+    r.add_post(f"{PREFIX}/{agent.RESULT}/{{request_id}}", post_result)
+    r.add_post(f"{PREFIX}/{agent.ACK}/{{request_id}}", post_ack)
+    r.add_post(f"{PREFIX}/{agent.CHUNK}/{{request_id}}", post_chunk)
+    r.add_post(f"{PREFIX}/{agent.HEARTBEAT}", post_heartbeat)
     app.on_response_prepare.append(add_features)

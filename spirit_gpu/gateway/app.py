@@ -10,13 +10,13 @@ from spirit_gpu.gateway import (
     agent_api,
     link_server,
     ops_routes,
-    proxy_route,
     public_api,
     stream_route,
 )
 from spirit_gpu.gateway.config import CONFIG_KEY, GatewayConfig
 from spirit_gpu.gateway.httpio import error_middleware
 from spirit_gpu.gateway.metrics import GatewayMetrics
+from spirit_gpu.gateway.proxy import route as proxy_route
 from spirit_gpu.gateway.service import GATEWAY_KEY, Gateway
 from spirit_gpu.gateway.storage.base import Storage
 from spirit_gpu.gateway.storage.memory import MemoryStorage

@@ -1,6 +1,6 @@
 """The multiplexed worker link, gateway side: GET /agent/<sid>/apis/v1/link.
 
-One WebSocket per worker; frames from ``spirit_gpu.linkproto``. Jobs flow out
+One WebSocket per worker; frames from ``spirit_gpu.protocol.link``. Jobs flow out
 as ``Dispatch`` frames against the worker's credits; everything coming back
 ends in the same ``Gateway``/storage calls as the plain agent API.
 """
@@ -15,11 +15,12 @@ import uuid
 import msgspec
 from aiohttp import WSMsgType, web
 
-from spirit_gpu import linkproto as lp
 from spirit_gpu.gateway.auth import require_worker
 from spirit_gpu.gateway.httpio import serverless_id
-from spirit_gpu.gateway.service import FEATURES, GATEWAY_KEY, WORKER_ID_HEADER, Gateway
+from spirit_gpu.gateway.service import FEATURES, GATEWAY_KEY, Gateway
 from spirit_gpu.gateway.storage.base import RequestRecord
+from spirit_gpu.protocol import link as lp
+from spirit_gpu.protocol.agent import WORKER_ID_HEADER
 
 PATH = "/agent/{sid}/apis/v1/link"
 

@@ -19,28 +19,22 @@ from spirit_gpu.gateway.storage.base import (
     RequestRecord,
     Storage,
 )
+from spirit_gpu.protocol import agent
+from spirit_gpu.protocol.agent import Envelope
 
-WORKER_ID_HEADER = "Spirit-Worker-Id"
-FEATURES_HEADER = "Spirit-Agent-Features"
 FEATURES = ("longpoll", "stream", "cancel", "link")
 
 CancelPusher = Callable[[list[str]], None]
-
-
-class Envelope(msgspec.Struct):
-    """``GET /apis/v1/request``'s answer."""
-
-    headers: dict[str, str]
-    body: str
 
 
 _envelope = msgspec.json.Encoder()
 
 
 def ease_headers(rec: RequestRecord) -> dict[str, str]:
-    return {"Ease-Mode": rec.mode, "Ease-Request-Id": rec.request_id,
-            "Ease-Enqueue-At": str(rec.enqueued_at), "Ease-Create-At": str(rec.created_at),
-            "Ease-Time-To-Live": str(rec.ttl_ms), "Ease-Webhook": rec.webhook}
+    return {agent.MODE_HEADER: rec.mode, agent.REQUEST_ID_HEADER: rec.request_id,
+            agent.ENQUEUE_AT_HEADER: str(rec.enqueued_at),
+            agent.CREATE_AT_HEADER: str(rec.created_at),
+            agent.TTL_HEADER: str(rec.ttl_ms), agent.WEBHOOK_HEADER: rec.webhook}
 
 
 def envelope(rec: RequestRecord) -> bytes:
@@ -50,7 +44,7 @@ def envelope(rec: RequestRecord) -> bytes:
 
 def worker_identity(request: web.Request) -> str:
     """A plain worker has no id of its own; ``Spirit-Worker-Id`` names it when sent."""
-    return request.headers.get(WORKER_ID_HEADER) or f"addr:{request.remote}"
+    return request.headers.get(agent.WORKER_ID_HEADER) or f"addr:{request.remote}"
 
 
 class Gateway:

@@ -9,10 +9,10 @@ import aiohttp
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.agent import PlainTransport
 from spirit_gpu.supervisor.pool import Pool, StartupFailed
 from spirit_gpu.supervisor.pool_api import JobPool
-from spirit_gpu.supervisor.transport import Transport
+from spirit_gpu.supervisor.transports.base import Transport
+from spirit_gpu.supervisor.transports.plain import PlainTransport
 
 EXIT_STARTUP_FAILED = 3
 
@@ -83,7 +83,7 @@ class Supervisor:
 
     async def _serve_mode(self, pool: JobPool) -> int:
         if pool.kind == "proxy":
-            from spirit_gpu.supervisor.proxy import serve_proxy
+            from spirit_gpu.supervisor.proxy.worker import serve_proxy
             base_url = str(pool.options.get("base_url", ""))
             return await serve_proxy(self.cfg, base_url, pool.check_start, self.stop)
         if self.cfg.test_mode:
@@ -92,7 +92,7 @@ class Supervisor:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with aiohttp.ClientSession(connector=connector) as session:
             transport = await self._transport(session)
-            from spirit_gpu.supervisor.worker import Worker
+            from spirit_gpu.supervisor.job_loop import Worker
             try:
                 return await Worker(self.cfg, pool, transport, session).run(self.stop)
             finally:
@@ -108,7 +108,7 @@ class Supervisor:
             if "link" not in plain.features:
                 return plain
         try:
-            from spirit_gpu.supervisor.link_client import LinkTransport
+            from spirit_gpu.supervisor.transports.link import LinkTransport
             link = LinkTransport(session, self.cfg.agent_url, self.cfg.worker_token)
             await link.connect()
             logger.info("connected to the agent over the multiplexed link")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from spirit_gpu import ipc
+from spirit_gpu.protocol import ipc
 
 _PIPE_SIZE = 1 << 20  # bigger pipes move large payloads in fewer wake-ups
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)

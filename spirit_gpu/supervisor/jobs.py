@@ -10,7 +10,8 @@ from typing import Any
 
 import msgspec
 
-DEFAULT_TTL_MS = 600_000
+from spirit_gpu.protocol import agent
+from spirit_gpu.protocol.agent import DEFAULT_TTL_MS, Envelope, StatusMetric
 
 
 def now_ms() -> int:
@@ -32,49 +33,13 @@ class Job(msgspec.Struct):
     started_at: int = 0
 
 
-class StatusMetric(msgspec.Struct):
-    """The body of ``request-metric/<id>`` (field names are the wire names)."""
-
-    timestamp: int
-    requestID: str
-    webhook: str
-    status: str
-    operation: str
-    enqueueTimestamp: int
-    queueingDuration: int
-    executionDuration: int
-    totalDuration: int
-    requestCreateAt: int
-    message: str
-
-
-class ResultBody(msgspec.Struct):
-    """The body of ``request-result/<id>``."""
-
-    statusCode: int
-    message: str
-    data: str
-
-
-class Envelope(msgspec.Struct):
-    """What ``GET /apis/v1/request`` answers."""
-
-    body: str
-    headers: dict[str, Any] = {}
-
-
 def _first(headers: Mapping[str, Any], name: str) -> str:
     """Header value: the first of comma-joined values; keys matched case-insensitively."""
-    value: Any = None
-    for key, v in headers.items():
-        if key.lower() == name.lower():
-            value = v
-            break
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        value = value[0] if value else ""
-    return str(value).split(",")[0].strip()
+    low = name.lower()
+    for key, value in headers.items():
+        if key.lower() == low:
+            return agent.first_value(value)
+    return ""
 
 
 def _int(text: str, default: int) -> int:
@@ -99,18 +64,18 @@ def job_from_envelope(raw: bytes) -> Job:
     except (msgspec.DecodeError, binascii.Error) as exc:
         raise BadEnvelope(f"unreadable request from agent: {exc}") from exc
     h = env.headers
-    request_id = _first(h, "Ease-Request-Id")
+    request_id = _first(h, agent.REQUEST_ID_HEADER)
     if not request_id:
         raise BadEnvelope("request from agent has no Ease-Request-Id header")
-    mode = _first(h, "Ease-Mode") or "sync"
-    webhook = _first(h, "Ease-Webhook")
+    mode = _first(h, agent.MODE_HEADER) or "sync"
+    webhook = _first(h, agent.WEBHOOK_HEADER)
     if mode == "async":
         webhook = webhook_from_body(body)
     return Job(request_id=request_id, mode=mode, webhook=webhook,
-               enqueue_at=_int(_first(h, "Ease-Enqueue-At"), 0),
-               create_at=_int(_first(h, "Ease-Create-At"), 0),
-               ttl_ms=_int(_first(h, "Ease-Time-To-Live"), DEFAULT_TTL_MS) or DEFAULT_TTL_MS,
-               status_subject=_first(h, "Ease-Status-Subject"), body=body,
+               enqueue_at=_int(_first(h, agent.ENQUEUE_AT_HEADER), 0),
+               create_at=_int(_first(h, agent.CREATE_AT_HEADER), 0),
+               ttl_ms=_int(_first(h, agent.TTL_HEADER), DEFAULT_TTL_MS) or DEFAULT_TTL_MS,
+               status_subject=_first(h, agent.STATUS_SUBJECT_HEADER), body=body,
                received_at=now_ms())
 
 

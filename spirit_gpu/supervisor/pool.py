@@ -10,10 +10,10 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from spirit_gpu import ipc
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.handlers import ASYNC_KINDS, Outcome, error_body
 from spirit_gpu.log import logger
+from spirit_gpu.protocol import ipc
 from spirit_gpu.supervisor.child_process import ChildProcess, describe_exit
 from spirit_gpu.supervisor.jobs import Job
 

@@ -22,8 +22,8 @@ from aiohttp.test_utils import TestServer
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.gateway.app import create_app
 from spirit_gpu.gateway.config import GatewayConfig
-from spirit_gpu.gateway.proxy_route import ROUTER_KEY, ProxyRouter
-from spirit_gpu.supervisor.proxy import serve_proxy
+from spirit_gpu.gateway.proxy.route import ROUTER_KEY, ProxyRouter
+from spirit_gpu.supervisor.proxy.worker import serve_proxy
 from tests.proxy.fake_llm import FakeLLM
 
 SID = "sid1"

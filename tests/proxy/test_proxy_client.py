@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from spirit_gpu.supervisor.proxy_client import Answer, UpstreamError, UpstreamPool
+from spirit_gpu.supervisor.proxy.upstream import Answer, UpstreamError, UpstreamPool
 
 Script = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from spirit_gpu.gateway.proxy_metrics import ProxyMetrics
+from spirit_gpu.gateway.proxy.metrics import ProxyMetrics
 
 
 def test_exposition() -> None:

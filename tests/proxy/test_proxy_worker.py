@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from spirit_gpu.config import WorkerConfig
-from spirit_gpu.supervisor.proxy import serve_proxy
+from spirit_gpu.supervisor.proxy.worker import serve_proxy
 from tests.proxy.conftest import Gateway, Worker, until
 from tests.proxy.fake_llm import FakeLLM
 

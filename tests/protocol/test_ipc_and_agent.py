@@ -9,8 +9,9 @@ import os
 import msgspec
 import pytest
 
-from spirit_gpu import ipc
-from spirit_gpu.supervisor.jobs import Job, ResultBody, job_from_envelope, metric, ttl_expired
+from spirit_gpu.protocol import ipc
+from spirit_gpu.protocol.agent import ResultBody
+from spirit_gpu.supervisor.jobs import Job, job_from_envelope, metric, ttl_expired
 
 
 def test_ipc_frames_are_length_prefixed_tagged_msgpack() -> None:

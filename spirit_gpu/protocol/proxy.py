@@ -29,7 +29,6 @@ FEATURE = "proxy"
 REGISTER_PATH = "/apis/v1/proxy/register"
 DEREGISTER_PATH = "/apis/v1/proxy/deregister"
 WORKERS_PATH = "/apis/v1/proxy/workers"
-HEARTBEAT_PATH = "/apis/v1/heartbeat"
 
 REQUEST_ID_HEADER = "Spirit-Request-Id"
 WORKER_TOKEN_HEADER = "Spirit-Worker-Token"
@@ -65,22 +64,6 @@ class ProxyWorkerInfo(msgspec.Struct):
 
 class ProxyWorkers(msgspec.Struct):
     workers: list[ProxyWorkerInfo]
-
-
-class PlainHeartbeat(msgspec.Struct):
-    requestIDs: list[str]
-
-
-def has_feature(header_value: str | None, feature: str = FEATURE) -> bool:
-    """Whether a ``Spirit-Agent-Features`` value (comma-separated) names ``feature``."""
-    if not header_value:
-        return False
-    return any(part.strip().lower() == feature for part in header_value.split(","))
-
-
-def join_url(base: str, path: str) -> str:
-    """``base`` (which may carry a path prefix like ``/agent/<sid>``) plus ``path``."""
-    return base.rstrip("/") + "/" + path.lstrip("/")
 
 
 # ---- the proxy link: proxied exchanges multiplexed over one WebSocket ----------------
@@ -132,3 +115,8 @@ class LinkFail(msgspec.Struct, tag="fail", array_like=True):
 
 LinkFrame = LinkOpen | LinkCancel | LinkHead | LinkData | LinkEnd | LinkFail
 LINK_PATH = "/apis/v1/proxy/link"
+
+encode_frames = msgspec.msgpack.Encoder().encode
+"""One link message: a list of frames."""
+decode_frames = msgspec.msgpack.Decoder(list[LinkFrame]).decode
+"""The frames of one link message; raises ``msgspec.DecodeError`` when malformed."""

@@ -1,7 +1,7 @@
 """One HTTP hop of the proxy path: header filtering and streaming a response through.
 
 Both hops use it: gateway -> worker listener (aiohttp's client, wrapped in
-``ClientAnswer``) and worker listener -> LLM server (``proxy_client``).
+``ClientAnswer``) and worker listener -> LLM server (``supervisor.proxy.upstream``).
 Bodies are never buffered whole: a request body is passed on as a stream (a
 small body with a known length is read first, it is already in memory), and a
 response is written to the client chunk by chunk as the upstream produces it.
@@ -91,7 +91,7 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
 
 
 class UpstreamAnswer(Protocol):
-    """What ``relay`` needs of an upstream's answer (``proxy_client.Answer`` has it)."""
+    """What ``relay`` needs of an upstream's answer (``upstream.Answer`` has it)."""
 
     status: int
     reason: str

@@ -13,8 +13,10 @@ import aiohttp
 import msgspec
 
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.jobs import BadEnvelope, Job, ResultBody, StatusMetric, job_from_envelope
-from spirit_gpu.supervisor.transport import FEATURES_HEADER, HeartbeatReply, PullResult
+from spirit_gpu.protocol import agent
+from spirit_gpu.protocol.agent import HeartbeatReply, ResultBody, StatusMetric
+from spirit_gpu.supervisor.jobs import BadEnvelope, Job, job_from_envelope
+from spirit_gpu.supervisor.transports.base import PullResult
 
 LONG_POLL_MS = 20_000
 _json = msgspec.json.Encoder()
@@ -23,11 +25,6 @@ _reply = msgspec.json.Decoder(HeartbeatReply)
 
 class AgentUnavailable(Exception):
     """The agent could not be reached or answered with an error."""
-
-
-def agent_endpoint(agent_url: str, path: str) -> str:
-    """Join ``/apis/v1/<path>`` onto the agent URL, keeping any path prefix it has."""
-    return f"{agent_url.rstrip('/')}/apis/v1/{path}"
 
 
 class Outage:
@@ -55,7 +52,7 @@ class PlainTransport:
         self.agent_url = agent_url
         # the worker id lets our gateway tell workers on one host apart (leases, counts);
         # the reference agent ignores it
-        self.headers = {"Spirit-Worker-Id": f"{socket.gethostname()}-{os.getpid()}-"
+        self.headers = {agent.WORKER_ID_HEADER: f"{socket.gethostname()}-{os.getpid()}-"
                                             f"{uuid.uuid4().hex[:8]}"}
         if token:
             self.headers["Authorization"] = f"Bearer {token}"
@@ -63,20 +60,20 @@ class PlainTransport:
         self.outage = Outage(f"agent at {agent_url}")
 
     def _note(self, resp: aiohttp.ClientResponse) -> None:
-        offered = resp.headers.get(FEATURES_HEADER)
+        offered = resp.headers.get(agent.FEATURES_HEADER)
         if offered is not None:
-            self.features = {f.strip() for f in offered.split(",") if f.strip()}
+            self.features = agent.parse_features(offered)
 
     async def pull(self, limit: int) -> PullResult:
         long_poll = "longpoll" in self.features
         params = {"wait": str(LONG_POLL_MS)} if long_poll else None
         timeout = aiohttp.ClientTimeout(total=LONG_POLL_MS / 1000 + 15 if long_poll else 30)
         try:
-            async with self.session.get(agent_endpoint(self.agent_url, "request"),
+            async with self.session.get(agent.endpoint(self.agent_url, agent.REQUEST),
                                         params=params, headers=self.headers,
                                         timeout=timeout) as resp:
                 self._note(resp)
-                healthy = resp.headers.get("X-Agent-Health", "").strip().lower() != "false"
+                healthy = resp.headers.get(agent.HEALTH_HEADER, "").strip().lower() != "false"
                 if resp.status == 404:
                     self.outage.up()
                     return PullResult([], healthy)
@@ -100,7 +97,7 @@ class PlainTransport:
         delay = 0.1
         for attempt in range(1, attempts + 1):
             try:
-                async with self.session.post(agent_endpoint(self.agent_url, path), data=body,
+                async with self.session.post(agent.endpoint(self.agent_url, path), data=body,
                                              headers=headers) as resp:
                     self._note(resp)
                     data = await resp.read()
@@ -122,25 +119,25 @@ class PlainTransport:
         return None
 
     async def metric(self, job: Job, status: StatusMetric) -> None:
-        await self._post(f"request-metric/{job.request_id}", _json.encode(status),
+        await self._post(f"{agent.METRIC}/{job.request_id}", _json.encode(status),
                          job.request_id)
 
     async def result(self, job: Job, status_code: int, message: str, data: bytes) -> None:
         body = ResultBody(statusCode=status_code, message=message,
                           data=base64.b64encode(data).decode())
-        await self._post(f"request-result/{job.request_id}", _json.encode(body), job.request_id,
+        await self._post(f"{agent.RESULT}/{job.request_id}", _json.encode(body), job.request_id,
                          attempts=10)
 
     async def ack(self, job: Job) -> None:
-        await self._post(f"request-ack/{job.request_id}", b"", job.request_id)
+        await self._post(f"{agent.ACK}/{job.request_id}", b"", job.request_id)
 
     async def chunk(self, job: Job, seq: int, data: bytes) -> None:
         if "stream" in self.features:
-            await self._post(f"request-chunk/{job.request_id}", data, job.request_id,
-                             {"Spirit-Chunk-Seq": str(seq)}, attempts=3)
+            await self._post(f"{agent.CHUNK}/{job.request_id}", data, job.request_id,
+                             {agent.CHUNK_SEQ_HEADER: str(seq)}, attempts=3)
 
     async def heartbeat(self, request_ids: list[str]) -> HeartbeatReply:
-        data = await self._post("heartbeat", _json.encode({"requestIDs": request_ids}),
+        data = await self._post(agent.HEARTBEAT, _json.encode(agent.Heartbeat(request_ids)),
                                 attempts=1)
         if data:
             try:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from yarl import URL
 
-from spirit_gpu.gateway.proxy_link import GatewayLink
+from spirit_gpu.gateway.proxy.link import GatewayLink
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.proxy_protocol import ProxyRegistration, ProxyWorkerInfo
+from spirit_gpu.protocol.proxy import ProxyRegistration, ProxyWorkerInfo
 
 
 @dataclass(eq=False)

@@ -11,7 +11,7 @@ Life of a proxy worker, top to bottom:
 4. on ``stop``: deregister, let in-flight streams finish (up to
    ``cfg.grace_period``), close, exit code 0.
 
-The wire format of the registration extension is in ``proxy_protocol``.
+The wire format of the registration extension is in ``spirit_gpu.protocol.proxy``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Literal
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.proxy_link import WorkerLink, stop_link
-from spirit_gpu.supervisor.proxy_listener import ProxyListener
-from spirit_gpu.supervisor.proxy_register import Registrar
+from spirit_gpu.supervisor.proxy.link import WorkerLink, stop_link
+from spirit_gpu.supervisor.proxy.listener import ProxyListener
+from spirit_gpu.supervisor.proxy.register import Registrar
 
 CheckStart = Callable[[], Awaitable[tuple[bool, str]]]
 FIRST_POLL = 0.05

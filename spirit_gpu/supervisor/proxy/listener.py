@@ -23,19 +23,19 @@ import aiohttp
 from aiohttp import web
 
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.proxy_client import UpstreamPool
-from spirit_gpu.supervisor.proxy_http import (
+from spirit_gpu.net.relay import (
     HOP_BY_HOP,
     filter_pairs,
     json_error,
     relay,
     request_body,
 )
-from spirit_gpu.supervisor.proxy_protocol import (
+from spirit_gpu.protocol.proxy import (
     CLIENT_AUTH_HEADER,
     REQUEST_ID_HEADER,
     WORKER_TOKEN_HEADER,
 )
+from spirit_gpu.supervisor.proxy.upstream import UpstreamPool
 
 METRICS_PATH = "/_spirit/proxy/metrics"
 DROP = HOP_BY_HOP | {CLIENT_AUTH_HEADER.lower(), REQUEST_ID_HEADER.lower(),

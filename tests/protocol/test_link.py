@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from spirit_gpu import linkproto as lp
+from spirit_gpu.protocol import link as lp
 
 GOLDEN: list[tuple[lp.Frame, bytes]] = [
     (lp.Welcome(1, 20000, ["longpoll", "link"]),

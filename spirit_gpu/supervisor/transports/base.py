@@ -1,7 +1,7 @@
 """How the supervisor talks to the platform: the interface both transports share.
 
-``PlainTransport`` (agent.py) speaks the reference HTTP protocol; the
-multiplexed ``LinkTransport`` (link_client.py) carries the same calls as
+``PlainTransport`` (plain.py) speaks the reference HTTP protocol; the
+multiplexed ``LinkTransport`` (link.py) carries the same calls as
 msgspec frames over one WebSocket. The worker loop only sees this interface.
 """
 
@@ -11,20 +11,13 @@ from typing import Protocol
 
 import msgspec
 
-from spirit_gpu.supervisor.jobs import Job, StatusMetric
-
-FEATURES_HEADER = "Spirit-Agent-Features"
+from spirit_gpu.protocol.agent import HeartbeatReply, StatusMetric
+from spirit_gpu.supervisor.jobs import Job
 
 
 class PullResult(msgspec.Struct):
     jobs: list[Job]
     healthy: bool = True
-
-
-class HeartbeatReply(msgspec.Struct):
-    """``cancel``: request ids the platform wants stopped (our extension)."""
-
-    cancel: list[str] = []
 
 
 class Transport(Protocol):

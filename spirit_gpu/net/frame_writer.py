@@ -6,16 +6,13 @@ import asyncio
 import contextlib
 from typing import Any
 
-import msgspec
 from aiohttp import web
 from aiohttp.client_ws import ClientWebSocketResponse
 
-from spirit_gpu import wsio
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.proxy_protocol import LinkData, LinkFrame
+from spirit_gpu.net import wsio
+from spirit_gpu.protocol.proxy import LinkData, LinkFrame, encode_frames
 
-_encode = msgspec.msgpack.Encoder().encode
-decode_frames = msgspec.msgpack.Decoder(list[LinkFrame]).decode
 HIGH_WATER = 4 * 1024 * 1024  # queued bytes before a producer waits
 _closing: set[asyncio.Task[Any]] = set()
 
@@ -63,7 +60,7 @@ class FrameWriter:
             return
         frames, self._pending, self._pending_bytes = self._pending, [], 0
         try:
-            coro = self._ws.send_bytes(_encode(frames))
+            coro = self._ws.send_bytes(encode_frames(frames))
             done, waiting = wsio.start(coro)  # uncompressed: usually written at once
         except Exception as exc:
             self._failed(exc)

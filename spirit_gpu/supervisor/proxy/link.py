@@ -20,19 +20,20 @@ import msgspec
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.proxy_frames import FrameWriter, decode_frames
-from spirit_gpu.supervisor.proxy_http import HOP_BY_HOP, filter_pairs
-from spirit_gpu.supervisor.proxy_listener import DROP, ProxyListener, new_request_id
-from spirit_gpu.supervisor.proxy_protocol import (
+from spirit_gpu.net.frame_writer import FrameWriter
+from spirit_gpu.net.relay import HOP_BY_HOP, filter_pairs
+from spirit_gpu.protocol.agent import join_url
+from spirit_gpu.protocol.proxy import (
     LinkCancel,
     LinkData,
     LinkEnd,
     LinkFail,
     LinkHead,
     LinkOpen,
-    join_url,
+    decode_frames,
 )
-from spirit_gpu.supervisor.proxy_register import Registrar
+from spirit_gpu.supervisor.proxy.listener import DROP, ProxyListener, new_request_id
+from spirit_gpu.supervisor.proxy.register import Registrar
 
 _JSON = [("Content-Type", "application/json")]
 

@@ -9,7 +9,7 @@
   Requests without ``Auth`` fall through to the public API untouched;
 * the registration extension of the agent API under
   ``/agent/{sid}/apis/v1/proxy/`` (wire format in
-  ``spirit_gpu.supervisor.proxy_protocol``);
+  ``spirit_gpu.protocol.proxy``);
 * ``proxy`` in the ``Spirit-Agent-Features`` header of every agent-API answer;
 * one keep-alive client pool to the workers, opened and closed with the app.
 
@@ -37,12 +37,12 @@ from yarl import URL
 
 from spirit_gpu.gateway.auth import bearer
 from spirit_gpu.gateway.config import GatewayConfig
-from spirit_gpu.gateway.proxy_link import GatewayLink, LinkStream
-from spirit_gpu.gateway.proxy_metrics import ProxyMetrics
-from spirit_gpu.gateway.proxy_registry import ProxyRegistry, ProxyWorker
+from spirit_gpu.gateway.proxy.link import GatewayLink, LinkStream
+from spirit_gpu.gateway.proxy.metrics import ProxyMetrics
+from spirit_gpu.gateway.proxy.registry import ProxyRegistry, ProxyWorker
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.proxy_http import (
+from spirit_gpu.net.relay import (
     HOP_BY_HOP,
     ClientAnswer,
     LazyHeadResponse,
@@ -53,7 +53,8 @@ from spirit_gpu.supervisor.proxy_http import (
     relay,
     request_body,
 )
-from spirit_gpu.supervisor.proxy_protocol import (
+from spirit_gpu.protocol.agent import FEATURES_HEADER, has_feature
+from spirit_gpu.protocol.proxy import (
     CLIENT_AUTH_HEADER,
     DEREGISTER_PATH,
     FEATURE,
@@ -70,9 +71,7 @@ from spirit_gpu.supervisor.proxy_protocol import (
     ProxyRegistration,
     ProxyWorkers,
     RegisterReply,
-    has_feature,
 )
-from spirit_gpu.supervisor.transport import FEATURES_HEADER
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # dropped from what the worker gets; the request id is set anew (one value: ours)
@@ -394,7 +393,7 @@ async def _announce(request: web.Request, response: web.StreamResponse) -> None:
     """Add ``proxy`` to the features every agent-API answer names."""
     if request.path.startswith("/agent/"):
         current = response.headers.get(FEATURES_HEADER)
-        if not has_feature(current):
+        if not has_feature(current, FEATURE):
             response.headers[FEATURES_HEADER] = f"{current},{FEATURE}" if current else FEATURE
 
 

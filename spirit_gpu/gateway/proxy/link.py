@@ -16,14 +16,15 @@ from collections import deque
 import aiohttp
 from aiohttp import web
 
-from spirit_gpu.supervisor.proxy_frames import FrameWriter, decode_frames
-from spirit_gpu.supervisor.proxy_protocol import (
+from spirit_gpu.net.frame_writer import FrameWriter
+from spirit_gpu.protocol.proxy import (
     LinkCancel,
     LinkData,
     LinkEnd,
     LinkFail,
     LinkFrame,
     LinkOpen,
+    decode_frames,
 )
 
 MAX_BUFFERED = 16 * 1024 * 1024

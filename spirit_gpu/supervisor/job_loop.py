@@ -10,10 +10,10 @@ from spirit_gpu.config import WorkerConfig
 from spirit_gpu.handlers import ASYNC_GENERATOR, GENERATOR, Outcome, error_body
 from spirit_gpu.log import logger
 from spirit_gpu.supervisor import webhook
-from spirit_gpu.supervisor.agent import AgentUnavailable
 from spirit_gpu.supervisor.jobs import Job, metric, now_ms, ttl_expired
 from spirit_gpu.supervisor.pool_api import JobPool
-from spirit_gpu.supervisor.transport import Transport
+from spirit_gpu.supervisor.transports.base import Transport
+from spirit_gpu.supervisor.transports.plain import AgentUnavailable
 
 STREAMING_KINDS = (GENERATOR, ASYNC_GENERATOR)
 

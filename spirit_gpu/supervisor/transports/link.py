@@ -2,7 +2,7 @@
 
 Jobs arrive as ``Dispatch`` frames against credits this side grants in
 ``pull``; results, metrics, chunks, acks and heartbeats go back as frames
-(``spirit_gpu.linkproto``). On a lost link it reconnects on the next call;
+(``spirit_gpu.protocol.link``). On a lost link it reconnects on the next call;
 jobs dispatched but not yet handed to the worker loop are dropped (the gateway
 redelivers them when their lease runs out), running jobs report on the new link.
 """
@@ -17,12 +17,14 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from spirit_gpu import linkproto as lp
-from spirit_gpu import wsio
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.agent import AgentUnavailable, Outage, agent_endpoint
-from spirit_gpu.supervisor.jobs import DEFAULT_TTL_MS, Job, StatusMetric, now_ms
-from spirit_gpu.supervisor.transport import HeartbeatReply, PullResult
+from spirit_gpu.net import wsio
+from spirit_gpu.protocol import agent
+from spirit_gpu.protocol import link as lp
+from spirit_gpu.protocol.agent import DEFAULT_TTL_MS, HeartbeatReply, StatusMetric
+from spirit_gpu.supervisor.jobs import Job, now_ms
+from spirit_gpu.supervisor.transports.base import PullResult
+from spirit_gpu.supervisor.transports.plain import AgentUnavailable, Outage
 
 PULL_WAIT = 1.0  # seconds pull() waits for a dispatch before answering []
 # A job's "executing" metric waits this long for its result, so a short job's
@@ -52,7 +54,7 @@ class LinkTransport:
 
     def __init__(self, session: aiohttp.ClientSession, agent_url: str, token: str = "") -> None:
         self.session = session
-        self.url = agent_endpoint(agent_url, "link")
+        self.url = agent.endpoint(agent_url, agent.LINK)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.features: set[str] = set()
         self.lease_ms = 0

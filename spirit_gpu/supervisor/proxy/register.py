@@ -20,19 +20,17 @@ import msgspec
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
-from spirit_gpu.supervisor.proxy_listener import ProxyListener
-from spirit_gpu.supervisor.proxy_protocol import (
+from spirit_gpu.protocol import agent
+from spirit_gpu.protocol.agent import FEATURES_HEADER, has_feature, join_url
+from spirit_gpu.protocol.proxy import (
     DEREGISTER_PATH,
-    HEARTBEAT_PATH,
+    FEATURE,
     REGISTER_PATH,
-    PlainHeartbeat,
     ProxyDeregistration,
     ProxyRegistration,
     RegisterReply,
-    has_feature,
-    join_url,
 )
-from spirit_gpu.supervisor.transport import FEATURES_HEADER
+from spirit_gpu.supervisor.proxy.listener import ProxyListener
 
 Mode = Literal["unknown", "proxy", "plain"]
 _NOT_OFFERED = frozenset({404, 405, 501})
@@ -117,7 +115,7 @@ class Registrar:
 
     async def _register(self) -> None:
         status, features, body = await self._post(REGISTER_PATH, _encode(self._registration()))
-        if 200 <= status < 300 and has_feature(features):
+        if 200 <= status < 300 and has_feature(features, FEATURE):
             reply = msgspec.json.decode(body, type=RegisterReply)
             if self.mode != "proxy" or self._last_problem:
                 logger.info(f"registered as proxy worker {self.worker_id} at "
@@ -137,9 +135,9 @@ class Registrar:
             self._problem(f"proxy registration refused: HTTP {status} {text}")
 
     async def _plain_heartbeat(self) -> None:
-        body = _encode(PlainHeartbeat(requestIDs=list(self.listener.stats.inflight.values())))
-        status, features, _ = await self._post(HEARTBEAT_PATH, body)
-        if has_feature(features):
+        body = _encode(agent.Heartbeat(requestIDs=list(self.listener.stats.inflight.values())))
+        status, features, _ = await self._post(agent.API_PREFIX + "/" + agent.HEARTBEAT, body)
+        if has_feature(features, FEATURE):
             self.mode = "unknown"
             self.poke()
         elif status >= 300:

@@ -1,0 +1,1 @@
+"""The proxy route: forwarding LLM-server requests to proxy-mode workers."""

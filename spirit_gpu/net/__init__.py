@@ -1,0 +1,1 @@
+"""aiohttp-facing pieces both sides use: WebSocket writes, batching, HTTP relaying."""

@@ -1,0 +1,1 @@
+"""Proxy mode on the worker side: listener, registration, link, upstream client."""
