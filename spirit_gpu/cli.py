@@ -143,6 +143,9 @@ def _code(value: object) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    from spirit_gpu.extras import require
+
+    require("gateway", f"spirit-gpu {ns.command}")
     from spirit_gpu.gateway.server import ConfigRefused, check
     from spirit_gpu.loop import run
 
