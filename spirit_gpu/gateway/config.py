@@ -54,6 +54,20 @@ class GatewayConfig(EnvSettings):
                                          "Proxy route: longest wait for the response to start")
     proxy_transfer_timeout: float = _opt(180.0, "SPIRIT_PROXY_TRANSFER_TIMEOUT",
                                          "Proxy route: longest whole transfer")
+    head_timeout: float = _opt(60.0, "SPIRIT_HEAD_TIMEOUT",
+                               "A connection must send a whole request head within this many "
+                               "seconds of opening and of each response (then it is closed)")
+    body_timeout: float = _opt(60.0, "SPIRIT_BODY_TIMEOUT",
+                               "A request body must arrive whole within this many seconds of "
+                               "its head (then 408 and the connection is closed)")
+    max_connections: int = _opt(10000, "SPIRIT_MAX_CONNECTIONS",
+                                "Open client and worker connections; more are closed at once "
+                                "(lowered to fit the open-file limit)")
+    link_max_credits: int = _opt(256, "SPIRIT_LINK_MAX_CREDITS",
+                                 "Most jobs one worker link may be owed (its credits are capped)")
+    metrics_max_sids: int = _opt(1000, "SPIRIT_METRICS_MAX_SIDS",
+                                 "Serverless ids with their own /metrics label; later ones "
+                                 "are counted under sid=\"other\"")
 
     @classmethod
     def from_sources(cls, environ: Mapping[str, str] | None = None,

@@ -10,6 +10,8 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from spirit_gpu.gateway.conn_guard import BodyTimeout
+
 _json = msgspec.json.Encoder()
 _SID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
@@ -67,6 +69,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             buf += chunk
             if len(buf) > limit:
                 raise _too_large(limit)
+    except BodyTimeout as exc:
+        raise ApiError(408, str(exc), close=True) from exc
     except asyncio.IncompleteReadError as exc:
         raise ApiError(400, f"failed to get request data: the body ended after "
                             f"{len(exc.partial)} of {length} bytes", close=True) from exc

@@ -10,6 +10,9 @@ from aiohttp import web
 
 from spirit_gpu.gateway.app import create_app
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.gateway.conn_guard import ConnGuard, connection_cap, raise_fd_limit
+from spirit_gpu.gateway.log_redact import redact_logs
+from spirit_gpu.log import logger
 
 
 class ConfigRefused(Exception):
@@ -42,14 +45,25 @@ async def serve(config: GatewayConfig, stop: asyncio.Event,
                 on_ready: Callable[[int], None] | None = None) -> None:
     """Run until ``stop`` is set. ``on_ready`` gets the bound port (useful with port 0)."""
     check(config)
-    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=5.0)
+    redact_logs([*config.api_keys, config.worker_token])
+    fd_limit = raise_fd_limit()
+    cap = connection_cap(config.max_connections, fd_limit)
+    if cap < config.max_connections:
+        logger.warn(f"max_connections lowered from {config.max_connections} to {cap}: the "
+                    f"open-file limit is {fd_limit} (raise it with ulimit -n)")
+    app = create_app(config)
+    guard = ConnGuard(config.head_timeout, config.body_timeout, cap)
+    guard.install(app)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
+    server: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-        await site.start()
-        port = int(runner.addresses[0][1])
+        server = await guard.listen(runner, config.host, config.port)
+        port = int(server.sockets[0].getsockname()[1])
         if on_ready is not None:
             on_ready(port)
         await stop.wait()
     finally:
+        if server is not None:
+            server.close()
         await runner.cleanup()

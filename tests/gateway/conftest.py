@@ -193,3 +193,6 @@ async def echo_worker(gw: Gw) -> AsyncIterator[PlainWorker]:
     yield w
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+from tests.gateway.serving import served  # noqa: E402,F401 - a fixture: the gateway as served
