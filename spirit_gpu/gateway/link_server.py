@@ -13,16 +13,18 @@ import time
 import uuid
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from spirit_gpu.gateway.auth import require_worker
 from spirit_gpu.gateway.httpio import serverless_id
 from spirit_gpu.gateway.service import FEATURES, GATEWAY_KEY, Gateway
 from spirit_gpu.gateway.storage.base import RequestRecord
+from spirit_gpu.log import logger
 from spirit_gpu.protocol import link as lp
 from spirit_gpu.protocol.agent import WORKER_ID_HEADER
 
 PATH = "/agent/{sid}/apis/v1/link"
+LINK_PREFIX = "link:"  # worker names of link workers, as storage records them
 
 
 def dispatch_frame(rec: RequestRecord) -> lp.Dispatch:
@@ -35,15 +37,17 @@ class LinkSession:
     """One connected worker."""
 
     def __init__(self, gw: Gateway, sid: str, worker: str, ws: web.WebSocketResponse,
-                 batches: bool = False) -> None:
+                 batches: bool = False, anonymous: bool = True) -> None:
         self.gw = gw
         self.batches = batches  # the worker reads Batch messages
         self.sid = sid
         self.worker = worker
+        self.anonymous = anonymous  # the worker sent no Spirit-Worker-Id
         self.ws = ws
         self.credits = 0
         self.credit_changed = asyncio.Event()
-        self.held: set[str] = set()
+        self.held: set[str] = set()  # dispatched to (or adopted by) this link, not yet acked
+        self.refused = 0  # frames about requests this worker does not hold
         self.last_touch = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -56,6 +60,9 @@ class LinkSession:
         try:
             async for msg in self.ws:
                 if msg.type != WSMsgType.BINARY:
+                    if msg.type == WSMsgType.ERROR and isinstance(msg.data, WebSocketError) \
+                            and msg.data.code == WSCloseCode.MESSAGE_TOO_BIG:
+                        await self._too_big(str(msg.data))
                     break
                 try:
                     frames = lp.decode_all(msg.data)
@@ -70,6 +77,9 @@ class LinkSession:
             for request_id in self.held:
                 if self.gw.links.get(request_id) == self.push_cancel:
                     del self.gw.links[request_id]
+            if self.refused:
+                logger.warn(f"link {self.worker} ({self.sid}) closed; {self.refused} frame(s) "
+                            "about requests not dispatched to it were refused")
 
     # --- outbound ---------------------------------------------------------------
     async def _dispatch(self) -> None:
@@ -121,39 +131,97 @@ class LinkSession:
             await gw.storage.touch_worker(sid, self.worker)
         match frame:
             case lp.Credit(n=n):
-                self.credits = max(0, self.credits + n)
+                # capped: one worker granting millions must not take the whole queue
+                self.credits = min(max(0, self.credits + n), gw.config.link_max_credits)
                 self.credit_changed.set()
             case lp.Metric(request_id=request_id, status=status):
-                if status == "executing":
+                if status == "executing" and await self._holds(request_id, "metric"):
                     await gw.report_started(sid, request_id)
             case lp.Result(request_id=request_id, status_code=code, message=message, data=data):
-                self.held.discard(request_id)
-                await gw.report_result(sid, request_id, code, message, data)
+                if await self._holds(request_id, "result"):
+                    await gw.report_result(sid, request_id, code, message, data)
             case lp.Ack(request_id=request_id):
-                self.held.discard(request_id)
-                await gw.storage.ack(sid, request_id)
+                if await self._holds(request_id, "ack"):
+                    self.held.discard(request_id)
+                    await gw.storage.ack(sid, request_id)
             case lp.Chunk(request_id=request_id, seq=seq, data=data):
-                await gw.storage.add_chunk(sid, request_id, seq, data)
+                if await self._holds(request_id, "chunk"):
+                    await gw.storage.add_chunk(sid, request_id, seq, data)
             case lp.Heartbeat(request_ids=ids):
-                cancel = await gw.storage.heartbeat(sid, self.worker, ids)
+                # only what this worker can hold is looked at: a heartbeat naming
+                # half a million ids costs no more than one naming its own jobs
+                room = len(self.held) + gw.config.link_max_credits
+                mine = [i for i in ids[:room] if i in self.held or await self._holds(i, "")]
+                cancel = await gw.storage.heartbeat(sid, self.worker, mine)
                 if cancel:
                     await self._send(lp.Cancel(request_ids=cancel))
             case _:
                 pass  # gateway-to-worker frames coming back: ignore
+
+    async def _holds(self, request_id: str, what: str) -> bool:
+        """Whether the request was dispatched to this worker: on this link, or on an
+        earlier link of the same worker (a worker reports its running jobs on the link
+        it reconnects with). A frame about any other request is refused."""
+        if request_id in self.held:
+            return True
+        rec = await self.gw.storage.get(self.sid, request_id)
+        mine = rec is not None and rec.delivered and (
+            rec.holder == self.worker
+            # a worker without an id cannot be recognised: it may take over a job
+            # whose own link is gone (and only such a job)
+            or (self.anonymous and rec.holder.startswith(LINK_PREFIX)
+                and request_id not in self.gw.links))
+        if mine:
+            assert rec is not None
+            if not rec.terminal:
+                self.held.add(request_id)
+                self.gw.links[request_id] = self.push_cancel
+            return True
+        if what:
+            self.refused += 1
+            if self.refused == 1:
+                logger.warn(f"link {self.worker} ({self.sid}): refused a {what} for request "
+                            f"{request_id!r}, which was not dispatched to this worker")
+        return False
+
+    async def _too_big(self, why: str) -> None:
+        """The worker sent a message over the link's size limit (the link is closed with
+        1009). A result is the only frame that large: when this link held one unfinished
+        job, that job ends now as "result too large" instead of waiting for its lease."""
+        storage = self.gw.storage
+        unfinished = []
+        for request_id in self.held:
+            rec = await storage.get(self.sid, request_id)
+            if rec is not None and not rec.terminal:
+                unfinished.append(rec)
+        if len(unfinished) != 1:
+            logger.warn(f"link {self.worker} ({self.sid}) closed: {why}; it held "
+                        f"{len(unfinished)} unfinished jobs, so which result was too large "
+                        "is not known")
+            return
+        rec = unfinished[0]
+        limit = self.gw.result_limit(rec.mode)
+        message = (f"result too large: the worker sent more than the link carries ({why}); "
+                   f"the limit for {rec.mode} results is {limit} bytes")
+        logger.warn(f"link {self.worker} ({self.sid}) closed: {message}",
+                    request_id=rec.request_id)
+        await storage.finish(self.sid, rec.request_id, 500, message,
+                             msgspec.json.encode({"error": message}))
 
 
 async def link(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     require_worker(request, gw.config)
     sid = serverless_id(request)
-    worker = f"link:{request.headers.get(WORKER_ID_HEADER) or uuid.uuid4().hex}"
+    named = request.headers.get(WORKER_ID_HEADER)
+    worker = f"{LINK_PREFIX}{named or uuid.uuid4().hex}"
     limit = gw.config.max_result_bytes_sync + 1024 * 1024
     ws = web.WebSocketResponse(max_msg_size=max(limit, gw.config.max_body_bytes + 1024 * 1024))
     if not ws.can_prepare(request).ok:
         raise web.HTTPBadRequest(reason="the link is a WebSocket: send an Upgrade request")
     await ws.prepare(request)
     batches = request.headers.get(lp.BATCH_HEADER) == "1"
-    await LinkSession(gw, sid, worker, ws, batches).run()
+    await LinkSession(gw, sid, worker, ws, batches, anonymous=not named).run()
     return ws
 
 

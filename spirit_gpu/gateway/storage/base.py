@@ -29,6 +29,9 @@ CANCELLED = "cancelled"
 TERMINAL = frozenset({SUCCEED, FAILED, CANCELLED})
 
 CANCELLED_CODE = 499
+# what one stored stream chunk costs beyond its data (record, list and set slots);
+# counted toward the per-request chunk cap so that empty chunks are bounded too
+CHUNK_OVERHEAD = 128
 
 
 def status_for_code(status_code: int) -> str:
@@ -189,7 +192,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def add_chunk(self, sid: str, request_id: str, seq: int, data: bytes) -> bool:
-        """A stream chunk; False when unknown or already terminal."""
+        """A stream chunk; False when unknown, already terminal, or over the request's
+        chunk cap (each chunk counts its length plus ``CHUNK_OVERHEAD`` bytes)."""
 
     @abc.abstractmethod
     async def heartbeat(self, sid: str, worker: str, request_ids: list[str]) -> list[str]:

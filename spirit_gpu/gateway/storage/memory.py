@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from spirit_gpu.gateway.storage.base import (
     CANCELLED_CODE,
+    CHUNK_OVERHEAD,
     EXECUTING,
     QUEUEING,
     CancelOutcome,
@@ -318,10 +319,11 @@ class MemoryStorage(Storage):
         if e is None or e.rec.terminal:
             return False
         e.renewed = time.monotonic()
-        if seq in e.seqs or e.chunk_bytes + len(data) > self.max_chunk_bytes:
+        cost = len(data) + CHUNK_OVERHEAD
+        if seq in e.seqs or e.chunk_bytes + cost > self.max_chunk_bytes:
             return False
         e.seqs.add(seq)
-        e.chunk_bytes += len(data)
+        e.chunk_bytes += cost
         e.chunks.append(ChunkEvent(seq=seq, data=data))
         e.notify()
         return True
