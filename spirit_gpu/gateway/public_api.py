@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import msgspec
@@ -10,6 +12,7 @@ from aiohttp import web
 from yarl import URL
 
 from spirit_gpu.gateway.auth import require_api_key
+from spirit_gpu.gateway.conn_guard import on_client_gone
 from spirit_gpu.gateway.httpio import (
     JSON,
     ApiError,
@@ -19,7 +22,12 @@ from spirit_gpu.gateway.httpio import (
     serverless_id,
 )
 from spirit_gpu.gateway.service import GATEWAY_KEY, Gateway
-from spirit_gpu.gateway.storage.base import CancelOutcome, NewRequest, RequestRecord
+from spirit_gpu.gateway.storage.base import (
+    CANCELLED_CODE,
+    CancelOutcome,
+    NewRequest,
+    RequestRecord,
+)
 
 
 class Policy(msgspec.Struct):
@@ -41,6 +49,15 @@ class StatusQuery(msgspec.Struct):
 _body = msgspec.json.Decoder(ClientBody)
 _status_query = msgspec.json.Decoder(StatusQuery)
 MAX_BATCH = 1000
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+def _spawn(coro: Coroutine[Any, Any, Any]) -> None:
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def _gateway(request: web.Request) -> Gateway:
@@ -125,7 +142,13 @@ async def sync_request(request: web.Request) -> web.StreamResponse:
         raise ApiError(503, "not enough gpu now")
     rec = await gw.submit(NewRequest(sid=sid, mode="sync", body=raw,
                                      webhook=body.webhook or "", ttl_ms=ttl))
-    done = await gw.storage.wait_done(sid, rec.request_id, cfg.sync_timeout)
+    # nobody is left to read the answer: end the request (its worker is told to stop)
+    stop_watching = on_client_gone(request, lambda: _spawn(gw.cancel(
+        sid, rec.request_id, None, CANCELLED_CODE, "client closed the request")))
+    try:
+        done = await gw.storage.wait_done(sid, rec.request_id, cfg.sync_timeout)
+    finally:
+        stop_watching()
     if done is None:
         await gw.cancel(sid, rec.request_id, None, 408, "request timeout")
         done = await gw.storage.get(sid, rec.request_id)
