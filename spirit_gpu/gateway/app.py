@@ -34,7 +34,8 @@ def create_app(config: GatewayConfig, storage: Storage | None = None) -> web.App
     # Bodies are read (and bounded) by the handlers themselves, as they stream in.
     app = web.Application(middlewares=[error_middleware], client_max_size=1024**3)
     app[CONFIG_KEY] = config
-    gateway = Gateway(config, storage or default_storage(config), GatewayMetrics())
+    gateway = Gateway(config, storage or default_storage(config),
+                      GatewayMetrics(config.metrics_max_sids))
     app[GATEWAY_KEY] = gateway
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:

@@ -67,7 +67,7 @@ class GatewayConfig(EnvSettings):
                                  "Most jobs one worker link may be owed (its credits are capped)")
     metrics_max_sids: int = _opt(1000, "SPIRIT_METRICS_MAX_SIDS",
                                  "Serverless ids with their own /metrics label; later ones "
-                                 "are counted under sid=\"other\"")
+                                 "are counted under sid=\"_other\"")
 
     @classmethod
     def from_sources(cls, environ: Mapping[str, str] | None = None,

@@ -58,6 +58,26 @@ class Histograms:
         return family
 
 
+class SidLabels:
+    """Bounds the ``sid`` label: the first ``limit`` serverless ids seen keep their own
+    value, later ones share ``OTHER`` (not a valid serverless id, so never a real one).
+    Without it, every id ever seen adds series to every scrape for the process's life."""
+
+    OTHER = "_other"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.known: set[str] = set()
+
+    def __call__(self, sid: str) -> str:
+        if sid in self.known:
+            return sid
+        if len(self.known) < self.limit:
+            self.known.add(sid)
+            return sid
+        return self.OTHER
+
+
 def count(counts: dict[Labels, int], labels: Labels) -> None:
     counts[labels] = counts.get(labels, 0) + 1
 

@@ -8,7 +8,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from spirit_gpu.gateway.metric_counts import Histograms, Labels, count, counter_family
+from spirit_gpu.gateway.metric_counts import (
+    Histograms,
+    Labels,
+    SidLabels,
+    count,
+    counter_family,
+)
 from spirit_gpu.gateway.storage.base import RequestRecord, Storage
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -25,7 +31,8 @@ class GatewayMetrics(Collector):
     """Requests accepted and finished, their latency and queueing (counted per request),
     and queue length, in flight and workers per serverless id (read when scraped)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_sids: int = 1000) -> None:
+        self.sid_label = SidLabels(max_sids)
         self.registry = CollectorRegistry()
         r = self.registry
         self.accepted: dict[Labels, int] = {}
@@ -41,13 +48,14 @@ class GatewayMetrics(Collector):
                              ["sid"], registry=r)
 
     def on_accept(self, sid: str, mode: str) -> None:
-        count(self.accepted, (sid, mode))
+        count(self.accepted, (self.sid_label(sid), mode))
 
     def on_finish(self, rec: RequestRecord) -> None:
-        count(self.finished, (rec.sid, rec.mode, rec.status))
-        self.latency.observe((rec.sid, rec.mode), max(0, rec.finished_at - rec.created_at) / 1000)
+        sid = self.sid_label(rec.sid)
+        count(self.finished, (sid, rec.mode, rec.status))
+        self.latency.observe((sid, rec.mode), max(0, rec.finished_at - rec.created_at) / 1000)
         if rec.started_at:
-            self.queueing.observe((rec.sid,), max(0, rec.started_at - rec.enqueued_at) / 1000)
+            self.queueing.observe((sid,), max(0, rec.started_at - rec.enqueued_at) / 1000)
 
     def describe(self) -> Iterator[Metric]:
         return self.collect()  # the names, for the registry's duplicate check
@@ -59,8 +67,14 @@ class GatewayMetrics(Collector):
         yield self.queueing.family(*_QUEUEING, ["sid"])
 
     async def render(self, storage: Storage) -> bytes:
+        totals: dict[str, list[int]] = {}
         for s in await storage.stats():
-            self.queue_length.labels(s.sid).set(s.queued)
-            self.in_flight.labels(s.sid).set(s.in_flight)
-            self.workers.labels(s.sid).set(s.workers)
+            row = totals.setdefault(self.sid_label(s.sid), [0, 0, 0])
+            row[0] += s.queued
+            row[1] += s.in_flight
+            row[2] += s.workers
+        for sid, (queued, in_flight, workers) in totals.items():
+            self.queue_length.labels(sid).set(queued)
+            self.in_flight.labels(sid).set(in_flight)
+            self.workers.labels(sid).set(workers)
         return generate_latest(self.registry)
