@@ -78,6 +78,7 @@ class _Conn(asyncio.Protocol):
         self.inner = inner
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.due = 0.0  # when the timer fires
         self.idle_since = 0.0
         self.request: web.BaseRequest | None = None  # while a handler runs
         self.head_at = 0.0
@@ -121,6 +122,7 @@ class _Conn(asyncio.Protocol):
     def arm(self, when: float) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        self.due = when
         self.timer = self.guard.loop.call_at(when, self.check)
 
     def check(self) -> None:
@@ -209,6 +211,8 @@ class ConnGuard:
         finally:
             conn.request = None
             conn.idle_since = self.loop.time()  # the response follows; see _Conn.check
+            if conn.transport is not None and conn.due > conn.idle_since + self.head_timeout:
+                conn.arm(conn.idle_since + self.head_timeout)  # a body deadline was later
 
     def _refuse(self) -> None:
         self.refused += 1

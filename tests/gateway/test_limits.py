@@ -138,3 +138,20 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert out.split() == ["True", "768"]
+
+
+async def test_the_head_timeout_follows_a_request_under_a_longer_body_timeout(
+        served: Served) -> None:
+    port = await served(head_timeout=HEAD, body_timeout=30)
+    reader, writer = await connect(port)
+    writer.write(b"POST /v1/s/status HTTP/1.1\r\nHost: x\r\nAuthorization: " +
+                 AUTH["Authorization"].encode() + b"\r\nContent-Length: 20\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)  # the head alone: the handler waits for the body
+    writer.write(b'{"requestIDs": [] }\n')
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    answered = time.monotonic()
+    await closed_by_peer(reader)
+    assert time.monotonic() - answered < 10  # the head timeout, not the body's 30 s
+    writer.close()
