@@ -25,6 +25,7 @@ from spirit_gpu.protocol.agent import WORKER_ID_HEADER
 
 PATH = "/agent/{sid}/apis/v1/link"
 LINK_PREFIX = "link:"  # worker names of link workers, as storage records them
+MAX_REFUSED = 1000  # frames about other workers' requests before the link is closed
 
 
 def dispatch_frame(rec: RequestRecord) -> lp.Dispatch:
@@ -70,6 +71,8 @@ class LinkSession:
                     await self.ws.close(code=1002, message=b"malformed frame")
                     break
                 for frame in frames:
+                    if self.ws.closed:
+                        break
                     await self._on_frame(frame)
         finally:
             dispatcher.cancel()
@@ -182,6 +185,10 @@ class LinkSession:
             if self.refused == 1:
                 logger.warn(f"link {self.worker} ({self.sid}): refused a {what} for request "
                             f"{request_id!r}, which was not dispatched to this worker")
+            if self.refused == MAX_REFUSED:  # each costs a storage lookup: no flood of them
+                await self.ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                                    message=b"too many frames about requests not dispatched "
+                                            b"to this worker")
         return False
 
     async def _too_big(self, why: str) -> None:

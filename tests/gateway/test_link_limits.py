@@ -200,3 +200,13 @@ async def test_a_result_over_the_link_limit_fails_the_request_as_too_large(
     assert code == 500, body
     assert body["error"].startswith("result too large"), body
     assert time.monotonic() - started < 10  # not the lease, not the sync timeout
+
+
+async def test_a_link_flooding_forged_frames_is_closed(gw: Gw) -> None:
+    ws = await open_link(gw, "flood")
+    forged = [lp.Result(request_id=str(uuid.uuid4()), status_code=200, message="", data=b"1")
+              for _ in range(1500)]
+    await send(ws, *forged)
+    msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.CLOSE
+    assert msg.data == aiohttp.WSCloseCode.POLICY_VIOLATION
