@@ -76,6 +76,10 @@ class Sidecar:
 
     async def relay(self, request: web.Request) -> web.StreamResponse:
         assert self.session is not None, "sidecar used before its app started"
+        tail = request.match_info["tail"]
+        if tail.split("/", 1)[0] in NOT_RELAYED:
+            # as the hosted agent: no registration, no link (the worker falls back to plain)
+            return json_error(404, f"the agent sidecar does not offer {tail}")
         target = URL(self.upstream + request.raw_path, encoded=True)
         headers = filter_pairs(request.headers.items(), _DROP_REQUEST)
         if WORKER_ID_HEADER not in request.headers:

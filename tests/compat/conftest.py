@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.compat import original_venv
+from tests.compat.hosted_agent import HostedAgent, start_hosted_agent
 from tests.conftest import ROOT, free_port
 from tests.gateway.conftest import (  # noqa: F401 - fixtures used by the tests here
     GatewayFactory,
@@ -99,6 +100,12 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     yield p
     for proc in p.all:
         proc.stop()
+
+
+@pytest.fixture
+async def hosted_agent() -> AsyncIterator[HostedAgent]:
+    async for agent in start_hosted_agent():
+        yield agent
 
 
 async def seen(proc: Proc, text: str, within: float = 20.0) -> None:
