@@ -40,9 +40,9 @@ async def test_queued_proxy_jobs_end_to_end(gateway_factory: GatewayFactory, pro
             async with s.get(f"{gw.url}/v1/models", headers=auth) as r:
                 assert r.status == 200
                 assert (await r.json())["data"][0]["id"] == "llama3.2"
-        # our worker names itself (Spirit-Worker-Id): the sidecar passes that on
+        # our worker's pulls name it (Spirit-Worker-Id): the sidecar passes that on
         seen = gw.app[GATEWAY_KEY].storage._sids[SID].workers  # type: ignore[attr-defined]
-        assert seen and not [w for w in seen if w.startswith("shared:")], seen
+        assert any(not w.startswith("shared:") for w in seen), seen
     finally:
         stop.set()
         assert await asyncio.wait_for(worker, 15) == 0
