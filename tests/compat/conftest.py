@@ -31,6 +31,8 @@ APPS = Path(__file__).resolve().parent / "apps"
 @pytest.fixture(scope="session")
 def original_python() -> Path:
     python, why = original_venv.prepare()
+    if python is None and os.environ.get("SPIRIT_REQUIRE_ORIGINAL") == "1":
+        pytest.fail(f"SPIRIT_REQUIRE_ORIGINAL=1 but {why}")
     if python is None:
         pytest.skip(f"the original worker ({original_venv.REQUIREMENT}) is not available: {why}")
     return python
