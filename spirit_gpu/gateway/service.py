@@ -44,11 +44,14 @@ def ease_headers(rec: RequestRecord) -> dict[str, str]:
 def envelope(rec: RequestRecord, agent_base: str = "") -> bytes:
     """The ``GET request`` answer. With ``agent_base`` (how the worker reaches this agent
     API), an async request's webhook is swapped for the gateway's relay (webhooks.py)."""
-    body = rec.body
-    if agent_base and rec.webhook and rec.mode == "async":
-        body = _relayed_webhook(body, f"{agent_base}/{RELAY_PATH}/{rec.request_id}")
-    return _envelope.encode(Envelope(headers=ease_headers(rec),
-                                     body=base64.b64encode(body).decode()))
+    body, headers = rec.body, ease_headers(rec)
+    if agent_base and rec.webhook:
+        relay = f"{agent_base}/{RELAY_PATH}/{rec.request_id}"
+        if rec.mode == "async":  # the worker reads it from the body
+            body = _relayed_webhook(body, relay)
+        else:  # from the header
+            headers[agent.WEBHOOK_HEADER] = relay
+    return _envelope.encode(Envelope(headers=headers, body=base64.b64encode(body).decode()))
 
 
 def _relayed_webhook(body: bytes, relay: str) -> bytes:

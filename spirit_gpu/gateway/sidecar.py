@@ -116,7 +116,10 @@ class Sidecar:
 async def serve_sidecar(sidecar: Sidecar, host: str, port: int, stop: asyncio.Event,
                         on_ready: Callable[[int], None] | None = None) -> None:
     """Run until ``stop`` is set; ``on_ready`` gets the bound port."""
-    runner = web.AppRunner(sidecar.app(), access_log=None, shutdown_timeout=5.0)
+    # a worker that hangs up mid long-poll cancels the relayed poll, so the gateway sees
+    # the sidecar's connection go too and gives a job it was about to hand out back
+    runner = web.AppRunner(sidecar.app(), access_log=None, shutdown_timeout=5.0,
+                           handler_cancellation=True)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()

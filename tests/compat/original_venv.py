@@ -64,7 +64,8 @@ def prepare() -> tuple[Path | None, str]:
         except (OSError, subprocess.TimeoutExpired) as exc:
             return None, f"{' '.join(step[:3])}: {exc}"
         if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            tail = [line for line in lines if line.startswith("ERROR")][-2:] or lines[-3:]
             return None, (f"could not install {REQUIREMENT} from the package registry into "
                           f"{where} (registry unreachable?): {' | '.join(tail)}")
     if not usable(python):

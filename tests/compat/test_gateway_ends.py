@@ -114,3 +114,24 @@ async def test_a_worker_ignoring_cancel_cannot_report_200_after_it(
     storage = gw.app[GATEWAY_KEY].storage
     rec = await storage.get(SID, rid)
     assert rec is not None and rec.status == "cancelled"
+
+
+async def test_a_sync_requests_webhook_goes_through_the_relay(
+        gateway_factory: GatewayFactory, webhooks: Webhooks) -> None:
+    gw = await gateway_factory()
+    call = asyncio.create_task(gw.call("POST", f"/v1/{SID}/sync",
+                                       json_body={"input": 1, "webhook": webhooks.url}))
+    worker = PlainWorker(gw, SID)
+    env = None
+    while env is None:
+        _, env = await worker.pull(wait_ms=500)
+    rid = env["headers"]["Ease-Request-Id"]
+    relay = env["headers"]["Ease-Webhook"]
+    assert relay == f"{gw.url}/agent/{SID}/apis/v1/webhook/{rid}"
+    async with gw.session.post(relay, params={"requestID": rid, "statusCode": "200"},
+                               data=b'{"ok": 1}') as resp:
+        assert resp.status == 200  # what the client's webhook answered
+    [(query, data)] = await webhooks.wait(1)
+    assert query == {"requestID": rid, "statusCode": "200"} and data == b'{"ok": 1}'
+    code, body, _ = await call  # the webhook call was the first end: the sync answer
+    assert (code, body) == (200, {"ok": 1})
