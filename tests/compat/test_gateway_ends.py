@@ -4,6 +4,7 @@ workers without an id of their own get leases per request."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 
@@ -135,3 +136,35 @@ async def test_a_sync_requests_webhook_goes_through_the_relay(
     assert query == {"requestID": rid, "statusCode": "200"} and data == b'{"ok": 1}'
     code, body, _ = await call  # the webhook call was the first end: the sync answer
     assert (code, body) == (200, {"ok": 1})
+
+
+async def test_a_failed_metric_without_result_is_the_end(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(lease_seconds=0.5)
+    ids = []
+    for _ in range(2):
+        code, sent, _ = await gw.call("POST", f"/v1/{SID}/async",
+                                      json_body={"input": 1, "webhook": "http://127.0.0.1:9/x"})
+        ids.append(sent["id"])
+    worker = PlainWorker(gw, SID)  # as the original: no id, plain protocol
+    for rid, message in zip(ids, ["failed to parse input by using json, err: 'input'",
+                                  "request enqueue time exceed ttl 1 milliseconds, drop it"],
+                            strict=True):
+        _, env = await worker.pull()
+        assert env is not None and env["headers"]["Ease-Request-Id"] == rid
+        code, _ = await worker.post(f"request-metric/{rid}", {"status": "failed",
+                                                               "message": message})
+        assert code == 200
+        status = await gw.status(SID, rid)  # at once, before any ack
+        assert status["status"] == "failed" and status["message"] == message
+        assert json.loads(base64.b64decode(status["result"])) == {"error": message}
+        await worker.post(f"request-ack/{rid}")
+    assert (await gw.status(SID, ids[0]))["statusCode"] == 500
+    assert (await gw.status(SID, ids[1]))["statusCode"] == 408
+    # a result after it changes nothing (the original posts one after a failed metric)
+    await worker.result(ids[0], 200, b'{"late": true}')
+    assert (await gw.status(SID, ids[0]))["status"] == "failed"
+    # and nothing is handed out again, however long the worker keeps polling
+    for _ in range(8):
+        code, env = await worker.pull()
+        assert env is None
+        await asyncio.sleep(0.1)
