@@ -49,7 +49,39 @@ def _parser() -> argparse.ArgumentParser:
                                      "SCRIPT` for serverless id 'local'.")
     dev.add_argument("script", help="the worker script that calls spirit_gpu.start()")
     _add_gateway_flags(dev)
+    _add_agent_parser(sub)
     return parser
+
+
+def _add_agent_parser(sub: Any) -> None:
+    ag = sub.add_parser(
+        "agent", help="agent sidecar beside one worker: the agent API at the root, relayed "
+                      "to a gateway",
+        description="Serves /apis/v1/... at the root, as the hosted platform's agent does, and "
+                    "relays every call to GATEWAY/agent/SID/apis/v1/...: a worker with the "
+                    "default EASE_AGENT_URL (http://localhost:8087), the original spirit-gpu "
+                    "worker included, works against the gateway unmodified. Run one per worker.")
+    ag.add_argument("--gateway", required=True, metavar="URL",
+                    help="the gateway's base URL, e.g. http://127.0.0.1:8000")
+    ag.add_argument("--serverless-id", required=True, metavar="SID",
+                    help="the serverless id whose requests this worker serves")
+    ag.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    ag.add_argument("--port", type=int, default=8087, help="port to listen on (8087)")
+    ag.add_argument("--worker-token", default=os.environ.get("SPIRIT_WORKER_TOKEN", ""),
+                    metavar="T", help="the gateway's worker token (env SPIRIT_WORKER_TOKEN)")
+
+
+async def _agent(ns: argparse.Namespace) -> int:
+    from spirit_gpu.gateway.sidecar import Sidecar, serve_sidecar
+
+    sidecar = Sidecar(ns.gateway, ns.serverless_id, ns.worker_token)
+
+    def ready(port: int) -> None:
+        print(f"spirit-gpu agent listening on http://{ns.host}:{port}, relaying to "
+              f"{sidecar.upstream} as {sidecar.identity}", flush=True)
+
+    await serve_sidecar(sidecar, ns.host, ns.port, _stop_event(), ready)
+    return 0
 
 
 def _stop_event() -> asyncio.Event:
@@ -143,6 +175,14 @@ def _code(value: object) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    if ns.command == "agent":
+        from spirit_gpu.loop import run as run_loop
+
+        try:
+            return _code(run_loop(_agent(ns)))
+        except OSError as exc:
+            _err(str(exc))
+            return 1
     from spirit_gpu.extras import require
 
     require("gateway", f"spirit-gpu {ns.command}")

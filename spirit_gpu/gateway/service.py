@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -14,11 +15,14 @@ from spirit_gpu.gateway.config import GatewayConfig
 from spirit_gpu.gateway.metrics import GatewayMetrics
 from spirit_gpu.gateway.storage.base import (
     CANCELLED_CODE,
+    SHARED_WORKER_PREFIX,
     CancelOutcome,
     NewRequest,
     RequestRecord,
     Storage,
 )
+from spirit_gpu.gateway.webhooks import RELAY_PATH, GatewayWebhooks, deliver
+from spirit_gpu.log import logger
 from spirit_gpu.protocol import agent
 from spirit_gpu.protocol.agent import Envelope
 
@@ -37,14 +41,39 @@ def ease_headers(rec: RequestRecord) -> dict[str, str]:
             agent.TTL_HEADER: str(rec.ttl_ms), agent.WEBHOOK_HEADER: rec.webhook}
 
 
-def envelope(rec: RequestRecord) -> bytes:
-    return _envelope.encode(Envelope(headers=ease_headers(rec),
-                                     body=base64.b64encode(rec.body).decode()))
+def envelope(rec: RequestRecord, agent_base: str = "") -> bytes:
+    """The ``GET request`` answer. With ``agent_base`` (how the worker reaches this agent
+    API), an async request's webhook is swapped for the gateway's relay (webhooks.py)."""
+    body, headers = rec.body, ease_headers(rec)
+    if agent_base and rec.webhook:
+        relay = f"{agent_base}/{RELAY_PATH}/{rec.request_id}"
+        if rec.mode == "async":  # the worker reads it from the body
+            body = _relayed_webhook(body, relay)
+        else:  # from the header
+            headers[agent.WEBHOOK_HEADER] = relay
+    return _envelope.encode(Envelope(headers=headers, body=base64.b64encode(body).decode()))
+
+
+def _relayed_webhook(body: bytes, relay: str) -> bytes:
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body  # the public API accepted it as JSON: cannot happen; leave it be
+    if not isinstance(decoded, dict) or "webhook" not in decoded:
+        return body
+    decoded["webhook"] = relay
+    return msgspec.json.encode(decoded)
 
 
 def worker_identity(request: web.Request) -> str:
-    """A plain worker has no id of its own; ``Spirit-Worker-Id`` names it when sent."""
-    return request.headers.get(agent.WORKER_ID_HEADER) or f"addr:{request.remote}"
+    """``Spirit-Worker-Id`` when sent; else the address, as a shared name (leases per
+    request: several workers on one host may poll from it, see storage.base)."""
+    return (request.headers.get(agent.WORKER_ID_HEADER)
+            or f"{SHARED_WORKER_PREFIX}addr:{request.remote}")
+
+
+# The original worker's wording when it drops a request past its TTL (DESIGN.md 5a).
+_ORIGINAL_TTL_WORDS = "exceed ttl"
 
 
 class Gateway:
@@ -54,7 +83,11 @@ class Gateway:
         self.storage = storage
         self.metrics = metrics
         self.links: dict[str, CancelPusher] = {}  # request id -> its link's cancel pusher
-        storage.on_finish = metrics.on_finish
+        self.webhooks = GatewayWebhooks()
+        # request id -> the proxy-route client waiting for its queued job's answer
+        # (proxy/queued.py holds what goes in)
+        self.proxy_answers: dict[str, asyncio.Future[Any]] = {}
+        storage.on_finish = self._on_finish
         self._sweeper: asyncio.Task[None] | None = None
 
     # --- life --------------------------------------------------------------------
@@ -67,6 +100,11 @@ class Gateway:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.storage.close()
+        await self.webhooks.close()
+
+    def _on_finish(self, rec: RequestRecord) -> None:
+        self.metrics.on_finish(rec)
+        self.webhooks.on_finish(rec)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -116,6 +154,37 @@ class Gateway:
             return why
         await self.storage.finish(sid, request_id, status_code, message, data)
         return ""
+
+    async def report_failed(self, sid: str, request_id: str, message: str) -> None:
+        """A ``failed`` metric: the request's end when no result came first.
+
+        The original worker posts ``failed`` with no result when it cannot parse a
+        job (and before its result otherwise: that result says the same). Ours
+        posts its result first, so this changes nothing for it.
+        """
+        message = message or "the worker reported the request failed"
+        code = 408 if _ORIGINAL_TTL_WORDS in message else 500
+        if await self.storage.finish(sid, request_id, code, message,
+                                     msgspec.json.encode({"error": message})):
+            self.links.pop(request_id, None)
+            logger.info(f"request failed by the worker's metric: {message}",
+                        request_id=request_id)
+
+    async def relay_webhook(self, sid: str, request_id: str, status_code: int,
+                            data: bytes) -> tuple[int, str]:
+        """A worker's webhook call (webhooks.py): the webhook's answer (status, why)."""
+        rec = await self.storage.get(sid, request_id)
+        if rec is None:
+            return 404, "request not found"
+        if not rec.terminal:
+            await self.report_result(sid, request_id, status_code, "", data)
+            rec = await self.storage.get(sid, request_id) or rec
+        if rec.ended_by_gateway:
+            return 200, f"dropped: the gateway ended the request first ({rec.status})"
+        if not rec.webhook:
+            return 200, "no webhook"
+        return await deliver(self.webhooks.session(), rec.webhook, request_id,
+                             rec.status_code, rec.result if rec.result is not None else data)
 
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("spirit_gateway", Gateway)

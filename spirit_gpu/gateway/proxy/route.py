@@ -37,6 +37,7 @@ from yarl import URL
 
 from spirit_gpu.gateway.auth import bearer
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.gateway.proxy import queued
 from spirit_gpu.gateway.proxy.link import GatewayLink, LinkStream
 from spirit_gpu.gateway.proxy.metrics import ProxyMetrics
 from spirit_gpu.gateway.proxy.registry import ProxyRegistry, ProxyWorker
@@ -148,6 +149,11 @@ class ProxyRouter:
         retried_same = False
         while True:
             worker = self.registry.pick(sid, tried)
+            if worker is None and not tried:  # no registered worker: try the queue
+                queued_answer = await queued.forward(request, request.app[GATEWAY_KEY], sid,
+                                                     rid, body)
+                if queued_answer is not None:
+                    return queued_answer, ""
             if worker is None:
                 return json_error(503, "not enough gpu now", {REQUEST_ID_HEADER: rid}), ""
             worker.inflight += 1

@@ -33,6 +33,18 @@ CANCELLED_CODE = 499
 # counted toward the per-request chunk cap so that empty chunks are bounded too
 CHUNK_OVERHEAD = 128
 
+# A worker name with this prefix may stand for several processes (workers that
+# send no id of their own, behind one address or one agent sidecar). Its signs
+# of life (take, touch_worker, a heartbeat) renew none of its requests' leases:
+# only a renewal naming the request does (a heartbeat listing it, a metric, a
+# chunk). So a killed worker's request fails or is redelivered even while a
+# neighbour under the same name keeps polling. Every Storage honours this.
+SHARED_WORKER_PREFIX = "shared:"
+
+
+def is_shared_worker(worker: str) -> bool:
+    return worker.startswith(SHARED_WORKER_PREFIX)
+
 
 def status_for_code(status_code: int) -> str:
     if 200 <= status_code < 300:

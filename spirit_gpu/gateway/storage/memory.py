@@ -21,6 +21,7 @@ from spirit_gpu.gateway.storage.base import (
     RequestRecord,
     SidStats,
     Storage,
+    is_shared_worker,
     status_for_code,
 )
 
@@ -371,7 +372,9 @@ class MemoryStorage(Storage):
 
     def _check_lease(self, s: _Sid, e: _Entry, at: float) -> None:
         rec = e.rec
-        last = max(e.renewed, s.workers.get(rec.holder, 0.0))
+        last = e.renewed
+        if not is_shared_worker(rec.holder):
+            last = max(last, s.workers.get(rec.holder, 0.0))
         if at - last <= self.lease:
             return
         if rec.started_at == 0 and rec.deliveries < self.max_deliveries:

@@ -25,6 +25,7 @@ from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
 from spirit_gpu.supervisor.proxy.link import WorkerLink, stop_link
 from spirit_gpu.supervisor.proxy.listener import ProxyListener
+from spirit_gpu.supervisor.proxy.queue_jobs import QueueJobs
 from spirit_gpu.supervisor.proxy.register import Registrar
 
 CheckStart = Callable[[], Awaitable[tuple[bool, str]]]
@@ -48,6 +49,8 @@ async def serve_proxy(cfg: WorkerConfig, base_url: str, check_start: CheckStart,
     registrar = Registrar(cfg, listener)
     beating = asyncio.create_task(registrar.run(), name="proxy-registrar")
     linking = asyncio.create_task(WorkerLink(cfg, listener, registrar).run(), name="proxy-link")
+    queue_jobs = QueueJobs(cfg, listener, registrar)  # where the agent does not register
+    pulling = asyncio.create_task(queue_jobs.run(), name="proxy-queue-jobs")
     try:
         outcome = await wait_ready(check_start, cfg.start_deadline, stop)
         if outcome == "deadline":
@@ -64,12 +67,14 @@ async def serve_proxy(cfg: WorkerConfig, base_url: str, check_start: CheckStart,
         return 0
     finally:
         listener.ready = False
-        beating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beating
+        for task in (pulling, beating):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await registrar.deregister()
         await registrar.close()
         await listener.drain(cfg.grace_period)
+        await queue_jobs.close()
         await stop_link(linking)
         await listener.close()
 
