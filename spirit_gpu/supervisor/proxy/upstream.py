@@ -78,6 +78,11 @@ class Answer:
         """The whole body has arrived (it may still be waiting to be read)."""
         return self._done
 
+    @property
+    def pending(self) -> bool:
+        """Body bytes are buffered: ``read`` returns them without waiting."""
+        return bool(self._chunks)
+
     async def read(self) -> bytes:
         """What has arrived since the last read (at least one byte); b"" at the end.
 
