@@ -140,12 +140,14 @@ class GatewayLink:
         self.writer = FrameWriter(ws)
         self.streams: dict[int, LinkStream] = {}
         self._ids = itertools.count(1)
+        self.opened = 0  # exchanges started on this link
         self.closed = False
 
     def open(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
              more: bool, request_id: str) -> LinkStream:
         stream = LinkStream(next(self._ids))
         self.streams[stream.id] = stream
+        self.opened += 1
         self.writer.send(LinkOpen(stream.id, method, path, headers, body, more, request_id))
         return stream
 
