@@ -224,3 +224,38 @@ async def test_a_link_that_never_reads_holds_back_small_request_bodies(
         assert link.opened < count // 2, link.opened
     finally:
         link_end.close()
+
+
+# ---- the registration endpoints: the agent API's checks ---------------------------------
+
+@pytest.mark.parametrize("sid", ["%2E%2E", "x" * 3000, "%00", "a%2Fb"])
+@pytest.mark.parametrize("endpoint", ["register", "deregister", "workers", "link"])
+async def test_registration_refuses_invalid_serverless_ids(
+        make_gateway: MakeGateway, sid: str, endpoint: str) -> None:
+    gateway = await make_gateway()
+    url = URL(f"{gateway.url}/agent/{sid}/apis/v1/proxy/{endpoint}", encoded=True)
+    body = {"workerID": "w1", "url": "http://127.0.0.1:1", "ready": True}
+    async with aiohttp.ClientSession() as s:
+        method = "GET" if endpoint in ("workers", "link") else "POST"
+        async with s.request(method, url, json=body) as r:
+            assert r.status == 400, await r.text()
+            assert "serverless id" in (await r.json())["error"]
+    assert gateway.router.registry._by_sid == {}
+
+
+async def test_registration_bodies_are_bounded_and_checked_after_the_token(
+        make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(worker_token="wt")
+    url = gateway.agent_url() + "/apis/v1/proxy/register"
+    big = b'{"workerID": "w1", "url": "http://127.0.0.1:1", "ready": true, "x": "' \
+        + b"y" * (1024 * 1024) + b'"}'
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, data=big, headers={"Authorization": "Bearer nope"}) as r:
+            assert r.status == 401  # the token first: nothing read for a stranger
+        async with s.post(url, data=big, headers={"Authorization": "Bearer wt"}) as r:
+            assert r.status == 400
+            assert "body too large: the limit is 65536 bytes" in (await r.json())["error"]
+            assert "proxy" in r.headers["Spirit-Agent-Features"]
+        async with s.post(url, data=b"{nope", headers={"Authorization": "Bearer wt"}) as r:
+            assert r.status == 400 and "invalid registration JSON" in (await r.json())["error"]
+    assert gateway.router.registry._by_sid == {}
