@@ -258,17 +258,17 @@ class ProxyRouter:
         """One exchange over ``worker``'s proxy link; None: try another worker."""
         request, body = exchange.request, exchange.body
         streamed = body is not None and not isinstance(body, bytes)
-        try:  # a link that does not drain takes no more bodies (bounded gateway memory)
-            async with asyncio.timeout_at(exchange.head_deadline):
-                await link.writer.wait_drained()
-        except TimeoutError:
-            return self._timed_out(exchange, worker)
-        stream = link.open(request.method, request.raw_path, exchange.headers,
-                           b"" if streamed or body is None else body, streamed, exchange.rid)
-        pump = asyncio.create_task(_pump_body(link, stream, body)) if streamed else None
+        stream: LinkStream | None = None
+        pump: asyncio.Task[None] | None = None
         try:
-            try:
+            try:  # one timer: a link that does not drain takes no more bodies, then the head
                 async with asyncio.timeout_at(exchange.head_deadline):
+                    await link.writer.wait_drained()
+                    stream = link.open(request.method, request.raw_path, exchange.headers,
+                                       b"" if streamed or body is None else body, streamed,
+                                       exchange.rid)
+                    if streamed:
+                        pump = asyncio.create_task(_pump_body(link, stream, body))
                     head = await stream.get()
             except TimeoutError:
                 return self._timed_out(exchange, worker)
@@ -287,7 +287,8 @@ class ProxyRouter:
         finally:
             if pump is not None:
                 pump.cancel()
-            link.finish(stream)
+            if stream is not None:
+                link.finish(stream)
 
     # ---- requests that are not proxied -------------------------------------------------
 
