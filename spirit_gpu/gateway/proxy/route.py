@@ -110,7 +110,7 @@ class ProxyRouter:
 
     # ---- routing -----------------------------------------------------------------
 
-    def serverless_id(self, auth: str) -> str | None:
+    def authorized_sid(self, auth: str) -> str | None:
         """The serverless id of an ``Auth`` value whose key is a configured one, else None.
 
         Every configured key is compared (in constant time for its length), so
@@ -136,7 +136,7 @@ class ProxyRouter:
         path = request.path
         if "-" not in auth.strip(" -"):
             return proxy_error(path, 401, f"invalid Auth header: {AUTH_HELP}")
-        sid = self.serverless_id(auth)
+        sid = self.authorized_sid(auth)
         if sid is None:
             return proxy_error(path, 401, f"invalid api key or serverless id in the Auth "
                                           f"header ({AUTH_HELP})")
