@@ -83,9 +83,14 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(400, f"body too large: the limit is {limit} bytes", close=True)
 
 
+def is_serverless_id(sid: str) -> bool:
+    """1-128 letters, digits, '.', '_' or '-', starting with a letter or digit."""
+    return _SID.fullmatch(sid) is not None
+
+
 def serverless_id(request: web.Request) -> str:
     sid = request.match_info.get("sid", "")
-    if not _SID.fullmatch(sid):
+    if not is_serverless_id(sid):
         raise ApiError(400, "invalid request arguments: a serverless id is 1-128 letters, "
                        "digits, '.', '_' or '-'")
     return sid

@@ -11,7 +11,7 @@ from aiohttp.client_ws import ClientWebSocketResponse
 
 from spirit_gpu.log import logger
 from spirit_gpu.net import wsio
-from spirit_gpu.protocol.proxy import LinkData, LinkFrame, encode_frames
+from spirit_gpu.protocol.proxy import LinkFrame, encode_frames, payload_size
 
 HIGH_WATER = 4 * 1024 * 1024  # queued bytes before a producer waits
 _closing: set[asyncio.Task[Any]] = set()
@@ -43,8 +43,9 @@ class FrameWriter:
         if self.closed:
             return
         self._pending.append(frame)
-        if isinstance(frame, LinkData):
-            self._pending_bytes += len(frame.data)
+        size = payload_size(frame)
+        if size:
+            self._pending_bytes += size
             if self._pending_bytes > HIGH_WATER:
                 self._drained.clear()
         if not self._scheduled and self._blocked is None:

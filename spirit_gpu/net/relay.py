@@ -1,7 +1,9 @@
 """One HTTP hop of the proxy path: header filtering and streaming a response through.
 
-Both hops use it: gateway -> worker listener (aiohttp's client, wrapped in
-``ClientAnswer``) and worker listener -> LLM server (``supervisor.proxy.upstream``).
+Every hop uses the one ``relay``: gateway -> worker over HTTP (aiohttp's
+client, wrapped in ``ClientAnswer``), gateway <- worker over the proxy link
+(``gateway.proxy.link.LinkAnswer``) and worker listener -> LLM server
+(``supervisor.proxy.upstream``).
 Bodies are never buffered whole: a request body is passed on as a stream (a
 small body with a known length is read first, it is already in memory), and a
 response is written to the client chunk by chunk as the upstream produces it.
@@ -15,8 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+import msgspec
 from aiohttp import web
 from multidict import CIMultiDict
+
+from spirit_gpu.net.aiohttp_internals import LazyHeadResponse, cut_connection, send_continue
 
 # RFC 9110 7.6.1 connection-specific headers, plus Host (the client sets its own)
 # and Expect (each hop answers ``100-continue`` to its own client; passed on, the
@@ -34,6 +39,7 @@ SMALL_RESPONSE = 64 * 1024
 # aiohttp's client would otherwise add its own User-Agent, Accept, Accept-Encoding
 # and Content-Type: the upstream must see the client's headers, no more.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_encode = msgspec.json.encode
 
 
 def filter_pairs(items: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
@@ -76,7 +82,7 @@ async def request_body(request: web.BaseRequest) -> Any:
     if not request.body_exists:
         return None
     if request.headers.get("Expect", "").lower() == "100-continue" and not request.content.is_eof():
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # go on, send it
+        await send_continue(request)
     length = request.content_length
     if length is not None and length <= SMALL_BODY:
         content = request.content
@@ -90,16 +96,61 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+# On /v1/* (OpenAI's API) an error is OpenAI's shape, which its SDKs show: "type", "code".
+_OPENAI_ERRORS = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    408: ("timeout", "request_timeout"),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "service_unavailable"),
+}
+
+
+def error_body(path: str, status: int, message: str) -> bytes:
+    """A proxy-route error as its client reads it.
+
+    ``/v1/*``: ``{"error": {"message", "type", "code", "param"}}`` (OpenAI's
+    shape); elsewhere (``/api/*``, ollama's API): ``{"error": "message"}``.
+    """
+    if path.startswith("/v1/"):
+        kind, code = _OPENAI_ERRORS.get(status, ("server_error", "internal_error"))
+        return _encode({"error": {"message": message, "type": kind, "code": code,
+                                  "param": None}})
+    return _encode({"error": message})
+
+
+def proxy_error(path: str, status: int, message: str,
+                headers: dict[str, str] | None = None) -> web.Response:
+    """``error_body`` as a response."""
+    return web.Response(body=error_body(path, status, message), status=status,
+                        content_type="application/json", headers=headers)
+
+
 class UpstreamAnswer(Protocol):
-    """What ``relay`` needs of an upstream's answer (``upstream.Answer`` has it)."""
+    """What ``relay`` needs of an upstream's answer, whichever hop it came over.
+
+    ``upstream.Answer`` (worker -> LLM server), ``ClientAnswer`` (gateway ->
+    worker listener over HTTP) and ``gateway.proxy.link.LinkAnswer`` (gateway
+    <- worker over the proxy link) have it.
+    """
 
     status: int
     reason: str
     headers: list[tuple[str, str]]
     content_length: int | None  # of the body, when framed by Content-Length
 
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (it may still wait to be read)."""
+
+    @property
+    def pending(self) -> bool:
+        """Body bytes are here: the next ``read`` returns without waiting."""
+
     async def read(self) -> bytes:
-        """The next piece of the body; b"" at its end."""
+        """The next piece of the body; b"" at its end. Raises ``OSError`` (or
+        ``aiohttp.ClientError``) when the upstream broke it."""
 
     async def read_all(self) -> bytes: ...
 
@@ -115,6 +166,14 @@ class ClientAnswer:
         self.reason = response.reason or ""
         self.headers = list(response.headers.items())
         self.content_length = response.content_length
+
+    @property
+    def complete(self) -> bool:
+        return self.response.content.is_eof()
+
+    @property
+    def pending(self) -> bool:
+        return False  # not knowable without aiohttp's internals: the head goes out at once
 
     async def read(self) -> bytes:
         return await self.response.content.readany()
@@ -133,41 +192,25 @@ class Relayed:
     detail: str = ""
 
 
-class LazyHeadResponse(web.StreamResponse):
-    """A streamed response whose head waits for the first body bytes: one write, not two.
-
-    aiohttp's own ``Response`` works this way; a ``StreamResponse`` sends its head
-    at ``prepare``. ``write(b"")`` sends a head that should not wait.
-    """
-
-    _send_headers_immediately = False
-
-
-def cut_connection(request: web.BaseRequest) -> None:
-    """End a started response without its terminator: the client sees an error.
-
-    Chunks already written are flushed first; aiohttp's own ``write_eof`` then
-    fails quietly on the closed transport.
-    """
-    transport = request.transport
-    if transport is not None and not transport.is_closing():
-        transport.close()
-
-
 async def relay(request: web.BaseRequest, upstream: UpstreamAnswer,
                 extra_headers: dict[str, str] | None = None,
                 deadline: float | None = None) -> Relayed:
     """Stream ``upstream``'s response to ``request``'s client, chunk by chunk.
 
-    ``deadline`` (loop time) cuts a transfer still running then. A broken
-    upstream or a passed deadline cut the client connection (the client sees
-    an incomplete response, never a truncated body that looks whole).
+    A body that is small with a known length, or already all here, goes out
+    in one write with its length. Otherwise the head waits for the first body
+    bytes when they are already here (one write), else goes out at once; the
+    last piece travels with the terminator. ``deadline`` (loop time) cuts a
+    transfer still running then. A broken upstream or a passed deadline cut
+    the client connection (the client sees an incomplete response, never a
+    truncated body that looks whole).
     """
     headers = CIMultiDict(filter_pairs(upstream.headers, HOP_BY_HOP))
     if extra_headers:
         headers.update(extra_headers)
     length = upstream.content_length
-    if length is not None and length <= SMALL_RESPONSE and request.method != "HEAD":
+    if request.method != "HEAD" and (upstream.complete or (length is not None
+                                                            and length <= SMALL_RESPONSE)):
         try:
             if deadline is None:
                 body = await upstream.read_all()
@@ -178,17 +221,19 @@ async def relay(request: web.BaseRequest, upstream: UpstreamAnswer,
             return Relayed(json_error(408, "request timeout: transfer limit reached"),
                            cut="deadline", detail="transfer limit reached")
         except (aiohttp.ClientError, OSError) as exc:
-            return Relayed(json_error(502, f"upstream failed mid-response: {exc!r}"),
-                           cut="upstream", detail=repr(exc))
+            return Relayed(json_error(502, f"upstream failed mid-response: {exc}"),
+                           cut="upstream", detail=str(exc) or repr(exc))
         headers.popall("Content-Length", None)
         return Relayed(web.Response(status=upstream.status, reason=upstream.reason or None,
                                     body=body, headers=headers), len(body))
 
-    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason or None,
-                              headers=headers)
+    resp = LazyHeadResponse(status=upstream.status, reason=upstream.reason or None,
+                            headers=headers)
     result = Relayed(resp)
     try:
         await resp.prepare(request)
+        if not upstream.pending:  # no body bytes yet: the head goes out alone, now
+            await resp.send_head()
     except ConnectionError as exc:
         result.cut, result.detail = "client", repr(exc)
         return result
@@ -210,12 +255,15 @@ async def _pump(upstream: UpstreamAnswer, resp: web.StreamResponse, result: Rela
         try:
             chunk = await upstream.read()
         except (aiohttp.ClientError, OSError) as exc:
-            result.cut, result.detail = "upstream", repr(exc)
+            result.cut, result.detail = "upstream", str(exc) or repr(exc)
             return
         if not chunk:
             return
         try:
-            await resp.write(chunk)
+            if upstream.complete and not upstream.pending:  # the last piece: with the end
+                await resp.write_eof(chunk)
+            else:
+                await resp.write(chunk)
         except ConnectionError as exc:  # the client went away
             result.cut, result.detail = "client", repr(exc)
             return

@@ -116,6 +116,16 @@ class LinkFail(msgspec.Struct, tag="fail", array_like=True):
 LinkFrame = LinkOpen | LinkCancel | LinkHead | LinkData | LinkEnd | LinkFail
 LINK_PATH = "/apis/v1/proxy/link"
 
+
+def payload_size(frame: LinkFrame) -> int:
+    """Body bytes ``frame`` carries (what a writer counts toward its buffer limit):
+    a request body sent whole in ``LinkOpen`` counts as much as one in ``LinkData``."""
+    if isinstance(frame, LinkData):
+        return len(frame.data)
+    if isinstance(frame, LinkOpen):
+        return len(frame.body)
+    return 0
+
 encode_frames = msgspec.msgpack.Encoder().encode
 """One link message: a list of frames."""
 decode_frames = msgspec.msgpack.Decoder(list[LinkFrame]).decode

@@ -53,6 +53,6 @@ def test_worker_runs_on_the_base_install() -> None:
 def test_base_dependencies_are_what_a_worker_image_needs() -> None:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = sorted(d.split(">")[0].split(";")[0].strip() for d in meta["dependencies"])
-    assert names == ["aiohttp", "msgspec", "uvloop"]
+    assert names == ["aiohttp", "httptools", "msgspec", "uvloop"]
     extras = meta["optional-dependencies"]
     assert {"gateway", "builder", "nats", "bench", "test", "all"} <= set(extras)

@@ -19,7 +19,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from spirit_gpu.supervisor.proxy.upstream import Answer, UpstreamError, UpstreamPool
+from spirit_gpu.supervisor.proxy.upstream import (
+    MAX_HEAD,
+    Answer,
+    InvalidRequest,
+    UpstreamError,
+    UpstreamPool,
+)
 
 Script = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -189,6 +195,8 @@ async def test_head_204_and_interim_answers_have_no_body(
                      w: asyncio.StreamWriter) -> None:
         if server.requests[-1].startswith(b"HEAD"):
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n")
+        elif server.requests[-1].startswith(b"GET"):
+            w.write(b"HTTP/1.1 304 Not Modified\r\nETag: \"e\"\r\nContent-Length: 7\r\n\r\n")
         else:
             w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
                     b"HTTP/1.1 204 No Content\r\n\r\n")
@@ -201,6 +209,10 @@ async def test_head_204_and_interim_answers_have_no_body(
         assert await head.read() == b""
         empty = await pool.request("DELETE", "/", [], None)
         assert empty.status == 204 and await empty.read() == b""
+        cached = await pool.request("GET", "/", [("If-None-Match", '"e"')], None)
+        assert cached.status == 304 and await cached.read() == b""
+        again = await pool.request("HEAD", "/", [], None)  # the connection is still in step
+        assert again.status == 200 and await again.read() == b""
     finally:
         await pool.close()
     assert server.connections == 1
@@ -364,3 +376,62 @@ async def test_https(certificate: tuple[Path, Path]) -> None:
     finally:
         await pool.close()
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnope\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: x1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nBad Header: 1\r\n\r\n",
+    b"SPDY/9 200 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"h" * MAX_HEAD,
+], ids=["bad-chunk-size", "two-lengths", "bad-length", "bad-header", "not-http", "huge-head"])
+async def test_malformed_answers_are_errors_and_the_connection_is_dropped(
+        raw: Callable[[Script], Awaitable[RawServer]], answer: bytes) -> None:
+    async def script(_: RawServer, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(answer)
+        await w.drain()
+
+    server = await raw(script)
+    pool = UpstreamPool(server.url)
+    try:
+        with pytest.raises(UpstreamError, match="malformed|too large"):
+            got = await pool.request("GET", "/", [], None)
+            await got.read_all()
+        assert pool._idle == []  # never reused
+    finally:
+        await pool.close()
+
+
+async def test_bytes_after_a_whole_answer_keep_it_but_drop_the_connection(
+        raw: Callable[[Script], Awaitable[RawServer]]) -> None:
+    async def script(_: RawServer, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
+
+    server = await raw(script)
+    pool = UpstreamPool(server.url)
+    try:
+        for _ in range(2):
+            answer = await pool.request("GET", "/", [], None)
+            assert await answer.read_all() == b"ok"
+    finally:
+        await pool.close()
+    assert server.connections == 2
+
+
+async def test_a_header_outside_latin1_is_refused_before_anything_is_sent(
+        raw: Callable[[Script], Awaitable[RawServer]]) -> None:
+    async def script(_: RawServer, __: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await raw(script)
+    pool = UpstreamPool(server.url)
+    try:
+        with pytest.raises(InvalidRequest, match="'X-Name' has a character outside Latin-1"):
+            await pool.request("GET", "/", [("X-Name", "caf\u00e9 \u20ac")], None)
+        answer = await pool.request("GET", "/", [("X-Name", "caf\u00e9")], None)  # Latin-1
+        assert await answer.read_all() == b"ok"
+    finally:
+        await pool.close()
+    assert server.requests[0].count(b"caf\xe9") == 1

@@ -128,6 +128,6 @@ async def test_worker_with_a_bad_token_gets_no_traffic(
     gateway = await make_gateway(worker_token=TOKEN)
     sup: Supervisor = worker_factory(APP, {**env_for(gateway, llm),
                                            "SPIRIT_WORKER_TOKEN": token})
-    await until(lambda: "proxy registration refused: HTTP 401" in sup.output, 30,
+    await until(lambda: "proxy registration refused by the agent" in sup.output, 30,
                 what="refusal logged")
     assert gateway.router.registry.workers(SID) == []

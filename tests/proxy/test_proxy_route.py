@@ -199,7 +199,8 @@ async def test_response_start_timeout_is_408(llm: FakeLLM, make_gateway: MakeGat
         async with s.post(gateway.url + "/v1/slow-head", headers={**AUTH, "X-Tag": "slow"},
                           json={}) as r:
             assert r.status == 408
-            assert "timeout" in (await r.json())["error"]
+            error = (await r.json())["error"]  # on /v1/*: OpenAI's error shape
+            assert "timeout" in error["message"] and error["type"] == "timeout"
     await until(lambda: "slow" in llm.aborted, what="upstream aborted after 408")
     assert len(gateway.ready_workers()) == 1  # a slow worker is not a broken one
 

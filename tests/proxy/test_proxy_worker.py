@@ -214,3 +214,26 @@ async def test_upstream_dying_mid_stream_cuts_the_client(
 
 async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
+
+
+async def test_a_refused_worker_token_is_logged_at_every_try_with_back_off(
+        llm: FakeLLM, make_gateway: Callable[..., Awaitable[Gateway]],
+        make_worker: MakeWorker, capsys: pytest.CaptureFixture[str]) -> None:
+    gateway = await make_gateway(worker_token="right")
+    worker = await make_worker(llm.url, gateway.agent_url(), worker_token="wrong",
+                               heartbeat_interval=0.05)
+    out = ""
+
+    def refusals() -> list[str]:
+        nonlocal out
+        out += capsys.readouterr().out
+        return [line for line in out.splitlines() if "proxy registration refused" in line]
+
+    await until(lambda: len(refusals()) >= 4, within=10, what="four refusals logged")
+    lines = [json.loads(line) for line in refusals()]
+    assert all(line["level"] == "ERROR" for line in lines)
+    assert "SPIRIT_WORKER_TOKEN" in lines[0]["message"]
+    assert [f"refusal {n}, next try in {0.05 * 2 ** n:g}s" in line["message"]
+            for n, line in enumerate(lines[:4], 1)] == [True] * 4  # backing off
+    assert gateway.router.registry.workers("sid1") == []
+    assert await worker.finish() == 0

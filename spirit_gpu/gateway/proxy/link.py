@@ -23,6 +23,7 @@ from spirit_gpu.protocol.proxy import (
     LinkEnd,
     LinkFail,
     LinkFrame,
+    LinkHead,
     LinkOpen,
     decode_frames,
 )
@@ -84,18 +85,69 @@ class LinkStream:
         return (b"".join(parts) if len(parts) > 1 else first), end
 
 
+class LinkBroken(ConnectionError):
+    """The worker failed the exchange after its head (``LinkFail``), or its link went away."""
+
+
+class LinkAnswer:
+    """A worker's answer on a link stream, after its ``LinkHead``, as ``relay`` reads it."""
+
+    __slots__ = ("stream", "status", "reason", "headers", "content_length", "_done")
+
+    def __init__(self, stream: LinkStream, head: LinkHead) -> None:
+        self.stream = stream
+        self.status = head.status
+        self.reason = head.reason
+        self.headers = head.headers
+        self.content_length: int | None = None  # a stream's end is known by LinkEnd
+        self._done = False
+
+    @property
+    def complete(self) -> bool:
+        if self._done:
+            return True
+        frames = self.stream.frames
+        return self.stream.ended and bool(frames) and isinstance(frames[-1], LinkEnd)
+
+    @property
+    def pending(self) -> bool:
+        frames = self.stream.frames
+        return bool(frames) and isinstance(frames[0], LinkData)
+
+    async def read(self) -> bytes:
+        """The data frames that are here, as one piece; b"" after ``LinkEnd``."""
+        if self._done:
+            return b""
+        frame = await self.stream.get()
+        if isinstance(frame, LinkData):
+            data, self._done = self.stream.take_data(frame.data)
+            return data
+        if isinstance(frame, LinkEnd):
+            self._done = True
+            return b""
+        raise LinkBroken(getattr(frame, "message", repr(frame)))
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while chunk := await self.read():
+            parts.append(chunk)
+        return b"".join(parts)
+
+
 class GatewayLink:
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
         self.writer = FrameWriter(ws)
         self.streams: dict[int, LinkStream] = {}
         self._ids = itertools.count(1)
+        self.opened = 0  # exchanges started on this link
         self.closed = False
 
     def open(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
              more: bool, request_id: str) -> LinkStream:
         stream = LinkStream(next(self._ids))
         self.streams[stream.id] = stream
+        self.opened += 1
         self.writer.send(LinkOpen(stream.id, method, path, headers, body, more, request_id))
         return stream
 

@@ -5,13 +5,19 @@
 * a middleware (outermost) that takes ``/api/*`` and ``/v1/*`` requests
   carrying an ``Auth`` header (``/v1/chat/*`` is inside ``/v1/*``): it checks
   the key (401, never forwarded), picks a ready worker of that serverless id
-  (none: 503 "not enough gpu now") and streams the exchange both ways.
-  Requests without ``Auth`` fall through to the public API untouched;
-* the registration extension of the agent API under
-  ``/agent/{sid}/apis/v1/proxy/`` (wire format in
-  ``spirit_gpu.protocol.proxy``);
+  (none: 503 "not enough gpu now") and streams the exchange both ways, over
+  the worker's proxy link when it has one, else over HTTP to its listener;
+  both ways end in the one ``net.relay.relay``. Requests without ``Auth``
+  fall through to the public API untouched;
+* the registration extension of the agent API (``registration.py``);
 * ``proxy`` in the ``Spirit-Agent-Features`` header of every agent-API answer;
 * one keep-alive client pool to the workers, opened and closed with the app.
+
+``Auth`` is ``<sid>-<key>`` where both may contain ``-``: the key is the part
+after the ``-`` that leaves a configured API key (when two configured keys
+fit, one ending the other, the longer wins); the rest must be a valid
+serverless id. Errors on ``/v1/*`` are OpenAI's shape, on ``/api/*``
+``{"error": msg}`` (``net.relay.error_body``).
 
 Limits: no response head within ``proxy_response_timeout`` -> 408; a transfer
 still running ``proxy_transfer_timeout`` after its response started is cut
@@ -26,52 +32,44 @@ import asyncio
 import hmac
 import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import aiohttp
-import msgspec
 from aiohttp import web
-from multidict import CIMultiDict
+from aiohttp.web_urldispatcher import AbstractResource
 from yarl import URL
 
-from spirit_gpu.gateway.auth import bearer
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.gateway.httpio import is_serverless_id
 from spirit_gpu.gateway.proxy import queued
-from spirit_gpu.gateway.proxy.link import GatewayLink, LinkStream
+from spirit_gpu.gateway.proxy.link import GatewayLink, LinkAnswer, LinkStream
 from spirit_gpu.gateway.proxy.metrics import ProxyMetrics
+from spirit_gpu.gateway.proxy.registration import Registration
 from spirit_gpu.gateway.proxy.registry import ProxyRegistry, ProxyWorker
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.log import logger
 from spirit_gpu.net.relay import (
     HOP_BY_HOP,
     ClientAnswer,
-    LazyHeadResponse,
-    cut_connection,
+    Relayed,
+    UpstreamAnswer,
     filter_pairs,
-    json_error,
     new_session,
+    proxy_error,
     relay,
     request_body,
 )
 from spirit_gpu.protocol.agent import FEATURES_HEADER, has_feature
 from spirit_gpu.protocol.proxy import (
     CLIENT_AUTH_HEADER,
-    DEREGISTER_PATH,
     FEATURE,
-    LINK_PATH,
-    REGISTER_PATH,
     REQUEST_ID_HEADER,
     WORKER_TOKEN_HEADER,
-    WORKERS_PATH,
     LinkData,
     LinkEnd,
     LinkFail,
     LinkHead,
-    ProxyDeregistration,
-    ProxyRegistration,
-    ProxyWorkers,
-    RegisterReply,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -86,6 +84,8 @@ _RETRY_SAME = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # The metrics' "code" of a response whose stream ended early.
 _CUT_CODES = {"upstream": "cut_worker_failed", "deadline": "cut_transfer_limit",
               "client": "client_closed"}
+AUTH_HELP = "expected 'Auth: <serverless id>-<api key>'"
+Outcome = tuple[web.StreamResponse, str]  # the response, and why its stream was cut ("")
 
 
 class ProxyRouter:
@@ -96,6 +96,8 @@ class ProxyRouter:
         self.registry = ProxyRegistry(lease_seconds=config.lease_seconds)
         self.metrics = metrics or ProxyMetrics()
         self.session: aiohttp.ClientSession | None = None
+        self._keys = [key.encode() for key in config.api_keys]
+        self._catch_alls: set[AbstractResource] = set()  # ours, skipped by ``not_proxied``
 
     async def shutdown(self, app: web.Application) -> None:
         """Close the proxy links, so that the server's shutdown does not wait on them."""
@@ -107,22 +109,44 @@ class ProxyRouter:
         yield
         await self.session.close()
 
-    # ---- client side -------------------------------------------------------------
+    # ---- routing -----------------------------------------------------------------
+
+    def authorized_sid(self, auth: str) -> str | None:
+        """The serverless id of an ``Auth`` value whose key is a configured one, else None.
+
+        Every configured key is compared (in constant time for its length), so
+        the time taken does not tell which one matched.
+        """
+        raw = auth.strip().encode("utf-8", "surrogatepass")
+        found = -1
+        for key in self._keys:
+            at = len(raw) - len(key) - 1  # where the '-' before the key would be
+            if (at > 0 and hmac.compare_digest(raw[at + 1:], key) and raw[at] == 0x2D
+                    and len(key) > found):
+                found = len(key)
+        if found < 0:
+            return None
+        sid = raw[:len(raw) - found - 1].decode("utf-8", "surrogatepass")
+        return sid if is_serverless_id(sid) else None
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         auth = request.headers.get(CLIENT_AUTH_HEADER)
         if auth is None or not request.path.startswith(_PREFIXES):
             return await handler(request)
-        sid, sep, key = auth.strip().partition("-")
-        if not sep or not sid or not key:
-            return json_error(401, "invalid Auth header: expected 'Auth: <serverless id>-<api "
-                                   "key>'")
-        if not any(hmac.compare_digest(key, k) for k in self.config.api_keys):
-            return json_error(401, "invalid api key")
+        path = request.path
+        if "-" not in auth.strip(" -"):
+            return proxy_error(path, 401, f"invalid Auth header: {AUTH_HELP}")
+        sid = self.authorized_sid(auth)
+        if sid is None:
+            return proxy_error(path, 401, f"invalid api key or serverless id in the Auth "
+                                          f"header ({AUTH_HELP})")
         length = request.content_length
         if length is not None and length > self.config.max_body_bytes:
-            return json_error(400, "request body too large")
+            return proxy_error(path, 400, "request body too large")
+        bad = _not_utf8(request.raw_path, request.headers.items())
+        if bad:
+            return proxy_error(path, 400, bad)
         metrics = self.metrics
         metrics.begin(sid)
         code = "500"
@@ -133,20 +157,19 @@ class ProxyRouter:
         finally:
             metrics.end(sid, code)
 
-    async def forward(self, request: web.Request, sid: str) -> tuple[web.StreamResponse, str]:
-        """The response, and why its stream was cut ("" when it was not)."""
-        assert self.session is not None, "proxy route used before the app started"
+    async def forward(self, request: web.Request, sid: str) -> Outcome:
+        """One proxied exchange with a ready worker of ``sid`` (another one if it fails
+        before its answer began and the request can be sent again)."""
         rid = request.headers.get(REQUEST_ID_HEADER) or f"{_id_prefix}-{next(_ids)}"
         headers = filter_pairs(request.headers.items(), _DROP)
         headers.append((REQUEST_ID_HEADER, rid))
         if self.config.worker_token:
             headers.append((WORKER_TOKEN_HEADER, self.config.worker_token))
         body = await request_body(request)
-        replayable = body is None or isinstance(body, bytes)
-        loop = asyncio.get_running_loop()
-        head_deadline = loop.time() + self.config.proxy_response_timeout
+        exchange = _Exchange(request, sid, rid, headers, body,
+                             asyncio.get_running_loop().time()
+                             + self.config.proxy_response_timeout)
         tried: set[ProxyWorker] = set()
-        retried_same = False
         while True:
             worker = self.registry.pick(sid, tried)
             if worker is None and not tried:  # no registered worker: try the queue
@@ -155,233 +178,199 @@ class ProxyRouter:
                 if queued_answer is not None:
                     return queued_answer, ""
             if worker is None:
-                return json_error(503, "not enough gpu now", {REQUEST_ID_HEADER: rid}), ""
+                return self._error(exchange, 503, "not enough gpu now"), ""
             worker.inflight += 1
             try:
                 link = worker.link
                 if link is not None and not link.closed:
-                    outcome = await self._via_link(request, sid, worker, link, rid, headers,
-                                                   body, head_deadline)
-                    if outcome is None:  # the link died before an answer began
-                        tried.add(worker)
-                        continue
-                    return outcome
-                url = URL(worker.url + request.raw_path, encoded=True)
-                try:
-                    async with asyncio.timeout_at(head_deadline):
-                        upstream = await self.session.request(
-                            request.method, url, headers=headers, data=body,
-                            allow_redirects=False)
-                except TimeoutError:
-                    logger.warn(f"proxy {request.method} {request.path}: no response from "
-                                f"worker {worker.worker_id} within "
-                                f"{self.config.proxy_response_timeout:g}s", request_id=rid)
-                    return json_error(408, "request timeout: the worker did not start "
-                                           "responding in time", {REQUEST_ID_HEADER: rid}), ""
-                except _RETRY_SAME as exc:
-                    if replayable and not retried_same:
-                        retried_same = True  # perhaps a stale keep-alive connection
-                        continue
-                    self.registry.drop(worker, repr(exc))
-                    if not replayable:
-                        return json_error(502, f"worker failed: {exc!r}"), ""
-                    tried.add(worker)
-                    continue
-                except (aiohttp.ClientError, OSError) as exc:
-                    self.registry.drop(worker, repr(exc))
-                    if not replayable:
-                        return json_error(502, f"worker unreachable: {exc!r}"), ""
-                    tried.add(worker)
-                    continue
-                self.metrics.response_started(
-                    sid, loop.time() - head_deadline + self.config.proxy_response_timeout)
-                try:
-                    result = await relay(
-                        request, ClientAnswer(upstream), {REQUEST_ID_HEADER: rid},
-                        deadline=loop.time() + self.config.proxy_transfer_timeout)
-                finally:
-                    if upstream.content.is_eof():
-                        upstream.release()
-                    else:
-                        upstream.close()
-                if result.cut == "upstream":
-                    self.registry.drop(worker, f"stream broke: {result.detail}")
-                if result.cut:
-                    logger.warn(f"proxy {request.method} {request.path} via "
-                                f"{worker.worker_id} cut ({result.cut}): {result.detail}",
-                                request_id=rid)
-                return result.response, result.cut
+                    outcome = await self._via_link(exchange, worker, link)
+                else:
+                    outcome = await self._via_http(exchange, worker)
             finally:
                 worker.inflight -= 1
+            if outcome is not None:
+                return outcome
+            tried.add(worker)
 
-    async def _via_link(self, request: web.Request, sid: str, worker: ProxyWorker,
-                        link: GatewayLink, rid: str, headers: list[tuple[str, str]], body: Any,
-                        head_deadline: float) -> tuple[web.StreamResponse, str] | None:
-        """One exchange over ``worker``'s proxy link; None: try another worker."""
-        streamed = body is not None and not isinstance(body, bytes)
-        stream = link.open(request.method, request.raw_path, headers,
-                           b"" if streamed or body is None else body, streamed, rid)
-        pump = asyncio.create_task(_pump_body(link, stream, body)) if streamed else None
+    def _error(self, exchange: _Exchange, status: int, message: str) -> web.Response:
+        return proxy_error(exchange.request.path, status, message,
+                           {REQUEST_ID_HEADER: exchange.rid})
+
+    def _timed_out(self, exchange: _Exchange, worker: ProxyWorker) -> Outcome:
+        request = exchange.request
+        logger.warn(f"proxy {request.method} {request.path}: no response from worker "
+                    f"{worker.worker_id} within {self.config.proxy_response_timeout:g}s",
+                    request_id=exchange.rid)
+        return self._error(exchange, 408, "request timeout: the worker did not start "
+                                          "responding in time"), ""
+
+    async def _relay(self, exchange: _Exchange, worker: ProxyWorker,
+                     answer: UpstreamAnswer) -> Relayed:
+        """The worker's answer, on to the client (the one relay of both ways)."""
+        loop = asyncio.get_running_loop()
+        self.metrics.response_started(exchange.sid, loop.time() - exchange.head_deadline
+                                      + self.config.proxy_response_timeout)
+        result = await relay(exchange.request, answer, {REQUEST_ID_HEADER: exchange.rid},
+                             deadline=loop.time() + self.config.proxy_transfer_timeout)
+        if result.cut:
+            request = exchange.request
+            logger.warn(f"proxy {request.method} {request.path} via {worker.worker_id} "
+                        f"cut ({result.cut}): {result.detail}", request_id=exchange.rid)
+        return result
+
+    # ---- over HTTP to the worker's listener -------------------------------------------
+
+    async def _via_http(self, exchange: _Exchange, worker: ProxyWorker) -> Outcome | None:
+        """One exchange with ``worker``'s listener; None: try another worker."""
+        assert self.session is not None, "proxy route used before the app started"
+        request = exchange.request
+        url = URL(worker.url + request.raw_path, encoded=True)
         try:
-            return await self._answer(request, sid, worker, stream, rid, streamed,
-                                      head_deadline)
+            async with asyncio.timeout_at(exchange.head_deadline):
+                upstream = await self.session.request(
+                    request.method, url, headers=exchange.headers, data=exchange.body,
+                    allow_redirects=False)
+        except TimeoutError:
+            return self._timed_out(exchange, worker)
+        except _RETRY_SAME as exc:
+            if exchange.replayable and not exchange.retried_same:
+                exchange.retried_same = True  # perhaps a stale keep-alive connection
+                return await self._via_http(exchange, worker)
+            return self._worker_failed(exchange, worker, f"worker failed: {exc!r}")
+        except (aiohttp.ClientError, OSError) as exc:
+            return self._worker_failed(exchange, worker, f"worker unreachable: {exc!r}")
+        try:
+            result = await self._relay(exchange, worker, ClientAnswer(upstream))
+        finally:
+            if upstream.content.is_eof():
+                upstream.release()
+            else:
+                upstream.close()
+        if result.cut == "upstream":
+            self.registry.drop(worker, f"stream broke: {result.detail}")
+        return result.response, result.cut
+
+    def _worker_failed(self, exchange: _Exchange, worker: ProxyWorker,
+                       message: str) -> Outcome | None:
+        self.registry.drop(worker, message)
+        if not exchange.replayable:
+            return self._error(exchange, 502, message), ""
+        return None
+
+    # ---- over the worker's proxy link ---------------------------------------------------
+
+    async def _via_link(self, exchange: _Exchange, worker: ProxyWorker,
+                        link: GatewayLink) -> Outcome | None:
+        """One exchange over ``worker``'s proxy link; None: try another worker."""
+        request, body = exchange.request, exchange.body
+        streamed = body is not None and not isinstance(body, bytes)
+        stream: LinkStream | None = None
+        pump: asyncio.Task[None] | None = None
+        try:
+            try:  # one timer: a link that does not drain takes no more bodies, then the head
+                async with asyncio.timeout_at(exchange.head_deadline):
+                    await link.writer.wait_drained()
+                    stream = link.open(request.method, request.raw_path, exchange.headers,
+                                       b"" if streamed or body is None else body, streamed,
+                                       exchange.rid)
+                    if streamed:
+                        pump = asyncio.create_task(_pump_body(link, stream, body))
+                    head = await stream.get()
+            except TimeoutError:
+                return self._timed_out(exchange, worker)
+            if isinstance(head, LinkFail):
+                if not stream.lost:
+                    return self._error(exchange, 502, head.message), ""
+                self.registry.drop(worker, head.message)
+                if streamed:
+                    return self._error(exchange, 502, f"worker failed: {head.message}"), ""
+                return None  # the link died before an answer began
+            assert isinstance(head, LinkHead), head
+            result = await self._relay(exchange, worker, LinkAnswer(stream, head))
+            if result.cut == "upstream" and stream.lost:
+                self.registry.drop(worker, result.detail)
+            return result.response, result.cut
         finally:
             if pump is not None:
                 pump.cancel()
-            link.finish(stream)
+            if stream is not None:
+                link.finish(stream)
 
-    async def _answer(self, request: web.Request, sid: str, worker: ProxyWorker,
-                      stream: LinkStream, rid: str, streamed: bool,
-                      head_deadline: float) -> tuple[web.StreamResponse, str] | None:
-        """The worker's answer on ``stream``, on to the client (see ``_via_link``)."""
-        loop = asyncio.get_running_loop()
-        resp: web.StreamResponse | None = None
-        cut, detail = "", ""
+    # ---- requests that are not proxied -------------------------------------------------
+
+    async def not_proxied(self, request: web.Request) -> web.StreamResponse:
+        """The catch-all routes' answer to a request without ``Auth``: what the router
+        would say, and for a miss, that a proxy request needs ``Auth``.
+
+        The catch-alls exist for speed (a miss in aiohttp's router costs an
+        ``HTTPNotFound`` per request, ~50 µs, before the middleware sees it).
+        """
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource in self._catch_alls:
+                continue
+            match, methods = await resource.resolve(request)
+            if match is not None:  # cannot happen (it would have matched first); be safe
+                return await match.handler(request)
+            allowed |= methods
+        if allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+        if "Authorization" in request.headers:
+            message = (f"not found: {request.path} is not a path of the serverless API; a "
+                       f"proxy-route request sends the header 'Auth: <serverless id>-<api "
+                       f"key>' (not 'Authorization: Bearer')")
+        else:
+            message = (f"not found: {request.path}; a proxy-route request sends the header "
+                       f"'Auth: <serverless id>-<api key>'")
+        return proxy_error(request.path, 404, message)
+
+    def install(self, app: web.Application) -> None:
+        app.middlewares.insert(0, self.middleware)
+        app.cleanup_ctx.append(self.lifetime)
+        app.on_shutdown.append(self.shutdown)
+        app.on_response_prepare.append(_announce)
+        Registration(self.config, self.registry).install(app)
+        for prefix in _PREFIXES:  # last, so every route of the public API matches first
+            route = app.router.add_route("*", prefix + "{tail:.*}", self.not_proxied)
+            self._catch_alls.add(route.resource)  # type: ignore[arg-type]
+
+
+class _Exchange:
+    """One client request on its way to a worker: what every try needs."""
+
+    __slots__ = ("request", "sid", "rid", "headers", "body", "head_deadline", "replayable",
+                 "retried_same")
+
+    def __init__(self, request: web.Request, sid: str, rid: str,
+                 headers: list[tuple[str, str]], body: Any, head_deadline: float) -> None:
+        self.request = request
+        self.sid = sid
+        self.rid = rid
+        self.headers = headers
+        self.body = body
+        self.head_deadline = head_deadline
+        self.replayable = body is None or isinstance(body, bytes)
+        self.retried_same = False
+
+
+def _not_utf8(path: str, headers: Iterable[tuple[str, str]]) -> str:
+    """What of the request cannot travel on (it is not UTF-8); "" when all can.
+
+    aiohttp keeps bytes that are not UTF-8 as lone surrogates, which neither
+    the proxy link's frames nor an HTTP client can encode.
+    """
+    if not path.isascii():
         try:
-            # one timer for both limits: the head's, then (rescheduled) the transfer's
-            async with asyncio.timeout_at(head_deadline) as limit:
-                head = await stream.get()
-                if isinstance(head, LinkFail):
-                    if stream.lost:
-                        self.registry.drop(worker, head.message)
-                        if streamed:
-                            return json_error(502, f"worker failed: {head.message}"), ""
-                        return None
-                    return json_error(502, head.message, {REQUEST_ID_HEADER: rid}), ""
-                assert isinstance(head, LinkHead), head
-                self.metrics.response_started(
-                    sid, loop.time() - head_deadline + self.config.proxy_response_timeout)
-                out = CIMultiDict(head.headers)
-                out[REQUEST_ID_HEADER] = rid
-                if (stream.ended and request.method != "HEAD"
-                        and isinstance(stream.frames[-1], LinkEnd)):
-                    # the whole answer came in one batch: one write, with its length
-                    # (an ended stream's last frame says how it ended)
-                    parts = [f.data for f in stream.frames if isinstance(f, LinkData)]
-                    stream.frames.clear()
-                    out.popall("Content-Length", None)
-                    return web.Response(status=head.status, reason=head.reason or None,
-                                        body=b"".join(parts), headers=out), ""
-                resp = LazyHeadResponse(status=head.status, reason=head.reason or None,
-                                        headers=out)
-                try:
-                    await resp.prepare(request)
-                    if not stream.frames:  # no data yet: the head goes out alone, now
-                        await resp.write(b"")
-                except ConnectionError:
-                    return resp, "client"
-                limit.reschedule(loop.time() + self.config.proxy_transfer_timeout)
-                cut, detail = await self._write_body(resp, stream, worker)
-        except TimeoutError:
-            if resp is None:
-                logger.warn(f"proxy {request.method} {request.path}: no response from worker "
-                            f"{worker.worker_id} within "
-                            f"{self.config.proxy_response_timeout:g}s", request_id=rid)
-                return json_error(408, "request timeout: the worker did not start responding "
-                                       "in time", {REQUEST_ID_HEADER: rid}), ""
-            cut, detail = "deadline", "transfer limit reached"
-        if cut in ("upstream", "deadline"):
-            cut_connection(request)
-        if cut:
-            logger.warn(f"proxy {request.method} {request.path} via {worker.worker_id} "
-                        f"cut ({cut}): {detail}", request_id=rid)
-        return resp, cut
-
-    async def _write_body(self, resp: web.StreamResponse, stream: LinkStream,
-                          worker: ProxyWorker) -> tuple[str, str]:
-        """The worker's data frames, on to the client; why it was cut ("" if it was not)."""
-        while True:
-            frame = await stream.get()
-            if isinstance(frame, LinkData):
-                data, end = stream.take_data(frame.data)
-                try:
-                    if end:  # last data and the terminator in one write
-                        await resp.write_eof(data)
-                        return "", ""
-                    await resp.write(data)
-                except ConnectionError as exc:
-                    return "client", repr(exc)
-            elif isinstance(frame, LinkEnd):
-                return "", ""
-            else:
-                detail = getattr(frame, "message", repr(frame))
-                if stream.lost:
-                    self.registry.drop(worker, detail)
-                return "upstream", detail
-
-    # ---- agent side (registration extension) -------------------------------------
-
-    async def link(self, request: web.Request) -> web.StreamResponse:
-        """The proxy link: the worker dials in, exchanges are multiplexed over it."""
-        denied = self._worker_denied(request)
-        if denied is not None:
-            return denied
-        sid = request.match_info["sid"]
-        worker_id = request.query.get("workerID", "")
-        worker = self.registry.get(sid, worker_id)
-        if worker is None:
-            return json_error(404, f"unknown proxy worker {worker_id!r}: register first",
-                              {FEATURES_HEADER: FEATURE})
-        ws = web.WebSocketResponse(max_msg_size=0, heartbeat=30.0)
-        await ws.prepare(request)
-        link = GatewayLink(ws)
-        worker.link = link
-        logger.info(f"proxy worker {worker_id} of {sid}: link up")
-        try:
-            await link.read_loop()
-        finally:
-            if worker.link is link:
-                worker.link = None
-            if self.registry.get(sid, worker_id) is worker:
-                self.registry.drop(worker, "its proxy link closed")
-        return ws
-
-    def _worker_denied(self, request: web.Request) -> web.Response | None:
-        token = self.config.worker_token
-        if not token:
-            return None
-        if hmac.compare_digest(bearer(request).encode(), token.encode()):
-            return None
-        return json_error(401, "invalid worker token", {FEATURES_HEADER: FEATURE})
-
-    async def register(self, request: web.Request) -> web.Response:
-        denied = self._worker_denied(request)
-        if denied is not None:
-            return denied
-        try:
-            reg = msgspec.json.decode(await request.read(), type=ProxyRegistration)
-        except msgspec.ValidationError as exc:
-            return json_error(400, f"invalid registration: {exc}", {FEATURES_HEADER: FEATURE})
-        except msgspec.DecodeError as exc:
-            return json_error(400, f"invalid registration JSON: {exc}",
-                              {FEATURES_HEADER: FEATURE})
-        if not reg.url.startswith(("http://", "https://")) or not reg.workerID:
-            return json_error(400, "invalid registration: url must be http(s)://host:port "
-                                   "and workerID non-empty", {FEATURES_HEADER: FEATURE})
-        self.registry.register(request.match_info["sid"], reg)
-        reply = RegisterReply(workerID=reg.workerID, leaseSeconds=self.config.lease_seconds,
-                              link=LINK_PATH)
-        return web.Response(body=msgspec.json.encode(reply), content_type="application/json",
-                            headers={FEATURES_HEADER: FEATURE})
-
-    async def deregister(self, request: web.Request) -> web.Response:
-        denied = self._worker_denied(request)
-        if denied is not None:
-            return denied
-        try:
-            dereg = msgspec.json.decode(await request.read(), type=ProxyDeregistration)
-        except msgspec.MsgspecError as exc:
-            return json_error(400, f"invalid deregistration: {exc}", {FEATURES_HEADER: FEATURE})
-        self.registry.deregister(request.match_info["sid"], dereg.workerID)
-        return web.json_response({}, headers={FEATURES_HEADER: FEATURE})
-
-    async def workers(self, request: web.Request) -> web.Response:
-        denied = self._worker_denied(request)
-        if denied is not None:
-            return denied
-        listing = ProxyWorkers(workers=self.registry.workers(request.match_info["sid"]))
-        return web.Response(body=msgspec.json.encode(listing), content_type="application/json",
-                            headers={FEATURES_HEADER: FEATURE})
+            path.encode()
+        except UnicodeEncodeError:
+            return "the request path is not valid UTF-8"
+    for name, value in headers:
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return f"header {name!r} is not valid UTF-8"
+    return ""
 
 
 async def _pump_body(link: GatewayLink, stream: LinkStream, body: aiohttp.StreamReader) -> None:
@@ -403,26 +392,6 @@ async def _announce(request: web.Request, response: web.StreamResponse) -> None:
             response.headers[FEATURES_HEADER] = f"{current},{FEATURE}" if current else FEATURE
 
 
-async def _not_proxied(request: web.Request) -> web.StreamResponse:
-    """The catch-all routes' answer to a request without ``Auth``: what the router would say.
-
-    The catch-alls exist for speed (a miss in aiohttp's router costs an
-    ``HTTPNotFound`` per request, ~50 µs, before the middleware sees it); this
-    keeps 404 and 405 exactly as they were for everything else.
-    """
-    allowed: set[str] = set()
-    for resource in request.app.router.resources():
-        if getattr(resource, "spirit_catch_all", False):
-            continue
-        match, methods = await resource.resolve(request)
-        if match is not None:  # cannot happen (it would have matched first); be safe
-            return await match.handler(request)
-        allowed |= methods
-    if allowed:
-        raise web.HTTPMethodNotAllowed(request.method, allowed)
-    raise web.HTTPNotFound()
-
-
 ROUTER_KEY: web.AppKey[ProxyRouter] = web.AppKey("spirit_proxy_router", ProxyRouter)
 
 
@@ -431,15 +400,4 @@ def install(app: web.Application, config: GatewayConfig) -> None:
     gateway = app.get(GATEWAY_KEY)
     router = ProxyRouter(config, ProxyMetrics(gateway.metrics.registry if gateway else None))
     app[ROUTER_KEY] = router
-    app.middlewares.insert(0, router.middleware)
-    app.cleanup_ctx.append(router.lifetime)
-    app.on_shutdown.append(router.shutdown)
-    app.on_response_prepare.append(_announce)
-    base = "/agent/{sid}"
-    app.router.add_post(base + REGISTER_PATH, router.register)
-    app.router.add_post(base + DEREGISTER_PATH, router.deregister)
-    app.router.add_get(base + WORKERS_PATH, router.workers)
-    app.router.add_get(base + LINK_PATH, router.link)
-    for prefix in _PREFIXES:  # last, so every route of the public API matches first
-        route = app.router.add_route("*", prefix + "{tail:.*}", _not_proxied)
-        route.resource.spirit_catch_all = True  # type: ignore[union-attr]
+    router.install(app)

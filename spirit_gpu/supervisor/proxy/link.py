@@ -16,12 +16,11 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
-import msgspec
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
 from spirit_gpu.net.frame_writer import FrameWriter
-from spirit_gpu.net.relay import HOP_BY_HOP, filter_pairs
+from spirit_gpu.net.relay import HOP_BY_HOP, error_body, filter_pairs
 from spirit_gpu.protocol.agent import join_url
 from spirit_gpu.protocol.proxy import (
     LinkCancel,
@@ -32,8 +31,14 @@ from spirit_gpu.protocol.proxy import (
     LinkOpen,
     decode_frames,
 )
-from spirit_gpu.supervisor.proxy.listener import DROP, ProxyListener, new_request_id
+from spirit_gpu.supervisor.proxy.listener import (
+    DROP,
+    NOT_READY,
+    ProxyListener,
+    new_request_id,
+)
 from spirit_gpu.supervisor.proxy.register import Registrar
+from spirit_gpu.supervisor.proxy.upstream import InvalidRequest
 
 _JSON = [("Content-Type", "application/json")]
 
@@ -111,8 +116,7 @@ class WorkerLink:
         listener = self.listener
         exchange = frame.id
         if not listener.ready:
-            _answer(writer, exchange, 503, b'{"error": "worker not ready: check_start has not '
-                                           b'succeeded yet"}')
+            _answer(writer, exchange, 503, error_body(frame.path, 503, NOT_READY))
             return
         rid = frame.request_id or new_request_id()
         key, started = listener.begin(rid)
@@ -124,10 +128,14 @@ class WorkerLink:
             try:
                 upstream = await listener.upstream.request(frame.method, frame.path, headers,
                                                            data)
+            except InvalidRequest as exc:
+                status, note = 400, str(exc)
+                _answer(writer, exchange, 400, error_body(frame.path, 400, note))
+                return
             except OSError as exc:
                 status, note = 502, f"upstream {listener.base_url} unreachable: {exc!r}"
                 listener.stats.failed += 1
-                _answer(writer, exchange, 502, msgspec.json.encode({"error": note}))
+                _answer(writer, exchange, 502, error_body(frame.path, 502, note))
                 return
             try:
                 status = upstream.status
@@ -155,6 +163,11 @@ class WorkerLink:
             note = "cancelled by the gateway (client gone or limit); upstream request aborted"
             listener.stats.cut += 1
             raise
+        except Exception as exc:  # a bug: end this exchange, not the link, and say so
+            note = f"failed: {exc!r}"
+            logger.error(f"proxy exchange {frame.method} {path} failed", request_id=rid,
+                         exc_info=True)
+            writer.send(LinkFail(exchange, f"the worker failed: {exc!r}"))
         finally:
             listener.end(key, rid, started, frame.method, path, status, nbytes, note)
 
@@ -167,7 +180,7 @@ async def _body(first: bytes, rest: asyncio.Queue[bytes | None]) -> AsyncIterato
 
 
 def _answer(writer: FrameWriter, exchange: int, status: int, body: bytes) -> None:
-    reason = {502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "")
+    reason = {400: "Bad Request", 502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "")
     writer.send(LinkHead(exchange, status, reason, _JSON))
     writer.send(LinkData(exchange, body))
     writer.send(LinkEnd(exchange))

@@ -26,7 +26,7 @@ from spirit_gpu.log import logger
 from spirit_gpu.net.relay import (
     HOP_BY_HOP,
     filter_pairs,
-    json_error,
+    proxy_error,
     relay,
     request_body,
 )
@@ -35,9 +35,10 @@ from spirit_gpu.protocol.proxy import (
     REQUEST_ID_HEADER,
     WORKER_TOKEN_HEADER,
 )
-from spirit_gpu.supervisor.proxy.upstream import UpstreamPool
+from spirit_gpu.supervisor.proxy.upstream import InvalidRequest, UpstreamPool
 
 METRICS_PATH = "/_spirit/proxy/metrics"
+NOT_READY = "worker not ready: check_start has not succeeded yet"
 DROP = HOP_BY_HOP | {CLIENT_AUTH_HEADER.lower(), REQUEST_ID_HEADER.lower(),
                       WORKER_TOKEN_HEADER.lower()}
 _ids = itertools.count(1)
@@ -144,11 +145,13 @@ class ProxyListener:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path == METRICS_PATH:
             return web.json_response(self.stats.snapshot())
+        path = request.path
         if self.worker_token and not hmac.compare_digest(
-                request.headers.get(WORKER_TOKEN_HEADER, ""), self.worker_token):
-            return json_error(401, "invalid worker token")
+                request.headers.get(WORKER_TOKEN_HEADER, "").encode("utf-8", "surrogatepass"),
+                self.worker_token.encode()):
+            return proxy_error(path, 401, "invalid worker token")
         if not self.ready:
-            return json_error(503, "worker not ready: check_start has not succeeded yet")
+            return proxy_error(path, 503, NOT_READY)
         assert self._upstream is not None
         rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         key, started = self.begin(rid)
@@ -161,10 +164,13 @@ class ProxyListener:
                 upstream = await self._upstream.request(
                     request.method, request.raw_path, filter_pairs(request.headers.items(), DROP),
                     body)
+            except InvalidRequest as exc:
+                status, note = 400, str(exc)
+                return proxy_error(path, 400, note)
             except OSError as exc:
                 status, note = 502, f"upstream {self.base_url} unreachable: {exc!r}"
                 self.stats.failed += 1
-                return json_error(502, note)
+                return proxy_error(path, 502, note)
             try:
                 self.stats.first_bytes.append(time.monotonic() - started)
                 status = upstream.status

@@ -34,6 +34,11 @@ from spirit_gpu.supervisor.proxy.listener import ProxyListener
 
 Mode = Literal["unknown", "proxy", "plain"]
 _NOT_OFFERED = frozenset({404, 405, 501})
+_REFUSED = frozenset({401, 403})
+# A refused worker token is logged at every try, the tries backing off up to this
+# (seconds): the gateway may yet accept it (a token rotated on its side), and the
+# LLM server the worker fronts may have taken minutes to load, so it does not exit.
+MAX_REFUSED_INTERVAL = 30.0
 _encode = msgspec.json.encode
 
 
@@ -47,6 +52,7 @@ class Registrar:
         self.mode: Mode = "unknown"
         self.lease: float | None = None
         self.beats = 0
+        self.refusals = 0  # agent answers 401/403 in a row
         self.link_path = ""  # the proxy link's path when the agent offers one
         self.link_offered = asyncio.Event()
         self._wake = asyncio.Event()
@@ -65,6 +71,8 @@ class Registrar:
         interval = max(0.05, self.cfg.heartbeat_interval)
         if self.lease is not None:
             interval = min(interval, self.lease / 3)
+        if self.refusals:
+            interval = min(MAX_REFUSED_INTERVAL, interval * 2 ** min(self.refusals, 16))
         return interval
 
     def _registration(self) -> ProxyRegistration:
@@ -97,6 +105,16 @@ class Registrar:
                                       timeout=limit) as resp:
             return resp.status, resp.headers.get(FEATURES_HEADER, ""), await resp.read()
 
+    def _refused(self, what: str, status: int, body: bytes) -> None:
+        """Say so at every try: a refused worker serves nothing until the token is fixed."""
+        self.refusals += 1
+        text = body.decode(errors="replace")[:200]
+        logger.error(f"{what} refused by the agent {self.cfg.agent_url}: HTTP {status} {text}; "
+                     "no request reaches this worker until the agent accepts its worker "
+                     "token (SPIRIT_WORKER_TOKEN must be the gateway's --worker-token); "
+                     f"refusal {self.refusals}, next try in {self.interval:g}s")
+        self._last_problem = f"refused {status}"
+
     def _problem(self, text: str) -> None:
         """Log an agent problem once until it changes (no log flood every beat)."""
         if text != self._last_problem:
@@ -122,6 +140,7 @@ class Registrar:
                             f"{self.listener.url} (ready={self.listener.ready}, "
                             f"lease {reply.leaseSeconds:g}s)")
             self.mode, self.lease, self._last_problem = "proxy", reply.leaseSeconds, ""
+            self.refusals = 0
             if reply.link and self.cfg.transport != "plain":
                 self.link_path = reply.link
                 self.link_offered.set()
@@ -130,20 +149,26 @@ class Registrar:
                         "using the plain heartbeat")
             self.mode, self.lease = "plain", None
             self.link_offered.clear()
+        elif status in _REFUSED:
+            self._refused("proxy registration", status, body)
         else:
             text = body.decode(errors="replace")[:200]
             self._problem(f"proxy registration refused: HTTP {status} {text}")
 
     async def _plain_heartbeat(self) -> None:
         body = _encode(agent.Heartbeat(requestIDs=list(self.listener.stats.inflight.values())))
-        status, features, _ = await self._post(agent.API_PREFIX + "/" + agent.HEARTBEAT, body)
+        status, features, answer = await self._post(agent.API_PREFIX + "/" + agent.HEARTBEAT,
+                                                    body)
         if has_feature(features, FEATURE):
             self.mode = "unknown"
             self.poke()
+        elif status in _REFUSED:
+            self._refused("heartbeat", status, answer)
         elif status >= 300:
             self._problem(f"heartbeat answered HTTP {status}")
         else:
             self._last_problem = ""
+            self.refusals = 0
 
     async def deregister(self) -> None:
         """Tell the agent to route nothing more here (best effort, short)."""

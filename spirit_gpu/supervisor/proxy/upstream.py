@@ -4,10 +4,11 @@ The worker talks to exactly one upstream (``base_url``), so aiohttp's general
 client (cookie jars, redirects, URL building, a task and a stream reader per
 request) cost about a third of the worker's CPU for features this hop never
 uses. This client writes the request head and a known body in one write,
-parses the answer head itself and hands body bytes on as they arrive: what
-one read of the socket brought comes out of ``Answer.read`` as one piece
-(whole chunks of a chunked body, already decoded), so a token stream is
-forwarded chunk by chunk with no extra wake-ups.
+parses the answer with llhttp (``httptools``, the parser uvicorn uses) and
+hands body bytes on as they arrive: what one read of the socket brought comes
+out of ``Answer.read`` as one piece (whole chunks of a chunked body, already
+decoded), so a token stream is forwarded chunk by chunk with no extra
+wake-ups.
 
 Covered: ``http://`` and ``https://`` (the same protocol over asyncio's TLS
 transport), bodies framed by ``Content-Length``, chunked transfer-encoding and
@@ -30,11 +31,11 @@ from collections import deque
 from collections.abc import AsyncIterable
 from typing import Final, cast
 
+import httptools
 from yarl import URL
 
 MAX_HEAD: Final = 64 * 1024  # an answer head larger than this is refused
 HIGH_WATER: Final = 4 * 1024 * 1024  # buffered body bytes before reading pauses
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 
 Body = bytes | AsyncIterable[bytes] | None
@@ -42,6 +43,14 @@ Body = bytes | AsyncIterable[bytes] | None
 
 class UpstreamError(OSError):
     """The upstream could not be reached, or broke the answer (an ``OSError`` like the rest)."""
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be written as HTTP/1.1 (nothing was sent): the client's fault."""
+
+
+class _HeadAnswered(Exception):
+    """Raised from a parser callback to stop llhttp after the head of an answer to HEAD."""
 
 
 class Answer:
@@ -68,6 +77,11 @@ class Answer:
     def complete(self) -> bool:
         """The whole body has arrived (it may still be waiting to be read)."""
         return self._done
+
+    @property
+    def pending(self) -> bool:
+        """Body bytes are buffered: ``read`` returns them without waiting."""
+        return bool(self._chunks)
 
     async def read(self) -> bytes:
         """What has arrived since the last read (at least one byte); b"" at the end.
@@ -132,7 +146,17 @@ class Answer:
 
 
 class _Conn(asyncio.Protocol):
-    """One keep-alive connection: writes requests, parses answers."""
+    """One keep-alive connection: writes requests; llhttp (``httptools``) parses answers.
+
+    The parser calls back as it recognises the answer: ``on_header`` for each
+    header line, ``on_headers_complete`` when the head is whole (the ``Answer``
+    is made then), ``on_body`` with each piece of decoded body, and
+    ``on_message_complete`` at its end. Our own code keeps only the decisions
+    llhttp cannot make: the answer to a ``HEAD`` has no body (httptools gives no
+    way to tell llhttp), a body read until close ends well when the connection
+    closes cleanly, and the connection is reused only when llhttp says the
+    answer allows it and nothing unasked-for arrived.
+    """
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -144,9 +168,15 @@ class _Conn(asyncio.Protocol):
         self.no_body = False  # the current request is HEAD
         self.head_waiter: asyncio.Future[Answer] | None = None
         self.answer: Answer | None = None
-        self._state = _DONE
-        self._pending = b""
-        self._left = 0
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiting = False  # a request is out and its final answer not yet complete
+        self._head_bytes = 0
+        self._reason = ""
+        self._headers: list[tuple[str, str]] = []
+        self._length: int | None = None
+        self._framed = False  # Content-Length or chunked: not read until close
+        self._complete = False
+        self._fed = False
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
 
@@ -158,8 +188,8 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool._forget(self)
-        if self._state == _UNTIL_CLOSE and exc is None:
-            self._finish()
+        if self.answer is not None and not self._framed and exc is None:
+            self._finish()  # a body read until close: the close is its end
         else:
             self._fail(f"the upstream closed the connection{f': {exc!r}' if exc else ''}")
         drain = self._drain
@@ -177,164 +207,107 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
-        if self._pending:
-            data, self._pending = self._pending + data, b""
-        end = len(data)
-        pos = 0
-        answer = self.answer
-        fed = False
-        while pos < end:
-            state = self._state
-            if state == _LENGTH or state == _CHUNK_DATA:
-                n = min(self._left, end - pos)
-                assert answer is not None
-                answer._feed(data[pos:pos + n] if (pos or n < end) else data)
-                fed = True
-                pos += n
-                self._left -= n
-                if not self._left:
-                    if state == _LENGTH:
-                        self._finish()
-                        answer = None
-                    else:
-                        self._state = _CHUNK_CRLF
-            elif state == _CHUNK_SIZE:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                try:
-                    size = int(data[pos:eol].split(b";", 1)[0], 16)
-                except ValueError:
-                    return self._fail("the upstream sent a bad chunk size")
-                if size < 0:
-                    return self._fail("the upstream sent a bad chunk size")
-                pos = eol + 2
-                if size:
-                    self._state, self._left = _CHUNK_DATA, size
-                else:
-                    self._state = _TRAILERS
-            elif state == _CHUNK_CRLF:
-                if end - pos < 2:
-                    break
-                if data[pos:pos + 2] != b"\r\n":
-                    return self._fail("the upstream sent a chunk without its CRLF")
-                pos += 2
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                if eol == pos:
-                    self._finish()
-                    answer = None
-                pos = eol + 2  # a trailer line: dropped (trailers are hop-by-hop here)
-            elif state == _UNTIL_CLOSE:
-                assert answer is not None
-                answer._feed(data[pos:] if pos else data)
-                fed = True
-                pos = end
-            elif state == _HEAD:
-                eoh = data.find(b"\r\n\r\n", pos)
-                if eoh < 0:
-                    if end - pos > MAX_HEAD:
-                        return self._fail("the upstream's answer head is too large")
-                    break
-                if not self._head(data[pos:eoh]):
-                    return
-                pos = eoh + 4
-                answer = self.answer
-            else:  # bytes nobody asked for: the connection cannot be trusted again
+        if not self._waiting:  # bytes nobody asked for: the connection cannot be trusted
+            self.abort()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # 101: the rest is another protocol
+            self.reusable = False
+            self._complete = True
+        except httptools.HttpParserError as exc:
+            if self._complete:  # bytes after a whole answer: it stands, the connection not
                 self.reusable = False
-                self.abort()
+            elif self.no_body and self.answer is not None:
+                # the head of an answer to HEAD: llhttp stopped where it expected a body;
+                # a fresh parser for the next answer, if nothing came after this head
+                self._parser = httptools.HttpResponseParser(self)
+                self.reusable = self.reusable and data.endswith(b"\r\n\r\n")
+                self._complete = True
+            else:
+                self._fail(f"the upstream sent a malformed answer: {exc}")
                 return
-        if pos < end:
-            self._pending = data[pos:]
-        if fed and answer is not None:
+        answer = self.answer
+        if answer is None and self._waiting:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:  # llhttp sets no limit of its own
+                self._fail("the upstream's answer head is too large")
+                return
+        if self._fed and answer is not None:
+            self._fed = False
             answer._wake()
-
-    # ---- parsing ---------------------------------------------------------------------
-
-    def _head(self, raw: bytes) -> bool:
-        lines = raw.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-            self._fail(f"the upstream sent no HTTP/1.x answer: {lines[0][:80]!r}")
-            return False
-        status = int(code)
-        headers: list[tuple[str, str]] = []
-        length: str | None = None
-        chunked = False
-        keep_alive = version == "HTTP/1.1"
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name[-1] in " \t" or name[0] in " \t":
-                self._fail(f"the upstream sent a bad header line: {line[:80]!r}")
-                return False
-            value = value.strip()
-            headers.append((name, value))
-            low = name.lower()
-            if low == "content-length":
-                if length is not None and length != value:
-                    self._fail("the upstream sent conflicting Content-Length headers")
-                    return False
-                length = value
-            elif low == "transfer-encoding":
-                chunked = value.lower().rsplit(",", 1)[-1].strip() == "chunked"
-                if not chunked:
-                    keep_alive = False
-            elif low == "connection":
-                tokens = {t.strip().lower() for t in value.split(",")}
-                if "close" in tokens:
-                    keep_alive = False
-                elif "keep-alive" in tokens:
-                    keep_alive = True
-        if 100 <= status < 200 and status != 101:
-            return True  # interim answer (103 Early Hints, ...): the real one follows
-        if not keep_alive:
-            self.reusable = False
-        size: int | None = None
-        if self.no_body or status in _NO_BODY_STATUS or status == 101:
-            self._state = _DONE
-            if status == 101:
-                self.reusable = False
-        elif chunked:
-            self._state = _CHUNK_SIZE
-            if length is not None:  # both framings: a smuggling risk, not worth reusing
-                self.reusable = False
-        elif length is not None:
-            if not length.isdigit():
-                self._fail(f"the upstream sent a bad Content-Length: {length[:40]!r}")
-                return False
-            size = int(length)
-            self._state, self._left = (_LENGTH, size) if size else (_DONE, 0)
-        else:
-            self._state = _UNTIL_CLOSE
-            self.reusable = False
-        answer = self.answer = Answer(self, status, reason, headers, size)
-        waiter = self.head_waiter
-        self.head_waiter = None
-        if self._state == _DONE:
+        if self._complete:
             self._finish()
+
+    # ---- httptools callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:  # a second answer to one request
+            raise UpstreamError("the upstream sent an answer nobody asked for")
+        self._headers = []
+        self._length = None
+        self._framed = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.answer is not None:
+            return  # a chunked body's trailer: hop-by-hop here, dropped
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        self._headers.append((key, text))
+        if len(name) == 14 and key.lower() == "content-length":
+            self._length = int(text)  # llhttp has checked it: digits, given once
+            self._framed = True
+        elif len(name) == 17 and key.lower() == "transfer-encoding":
+            # chunked last: framed; anything else is read until close (RFC 9112 6.3)
+            self._framed = text.rstrip().lower().endswith("chunked")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # interim answer (103 Early Hints, ...): the real one follows
+        if not parser.should_keep_alive():
+            self.reusable = False
+        no_body = self.no_body or status in _NO_BODY_STATUS or status == 101
+        length = None if no_body else self._length
+        answer = self.answer = Answer(self, status, self._reason, self._headers, length)
+        waiter, self.head_waiter = self.head_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(answer)
-        return True
+        if self.no_body:
+            raise _HeadAnswered  # stops llhttp, which would wait for a body (see data_received)
+
+    def on_body(self, data: bytes) -> None:
+        answer = self.answer
+        if answer is not None:
+            answer._feed(data)
+            self._fed = True
+
+    def on_message_complete(self) -> None:
+        if self.answer is not None:  # not an interim answer's end
+            self._complete = True
+
+    # ---- ends of an answer -----------------------------------------------------------
 
     def _finish(self) -> None:
         answer, self.answer = self.answer, None
-        self._state = _DONE
+        self._waiting = self._complete = False
         if answer is not None:
             if answer._paused:  # the rest is buffered: the next answer must be read
                 answer._paused = False
                 self.resume()
             answer._end()
-        if self.reusable and not self.closed and not self._pending:
+        if self.reusable and not self.closed:
             self.pool._release(self)
         else:
             self.abort()
 
     def _fail(self, message: str) -> None:
         self.reusable = False
+        self._waiting = self._complete = False
         error = UpstreamError(message)
         waiter, self.head_waiter = self.head_waiter, None
         if waiter is not None and not waiter.done():
@@ -342,7 +315,6 @@ class _Conn(asyncio.Protocol):
         answer, self.answer = self.answer, None
         if answer is not None:
             answer._end(error)
-        self._state = _DONE
         self.abort()
 
     # ---- used by the pool ------------------------------------------------------------
@@ -352,8 +324,8 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         self.got_bytes = False
         self.no_body = no_body
-        self._state = _HEAD
-        self._pending = b""
+        self._waiting = True
+        self._head_bytes = 0
         waiter = self.head_waiter = asyncio.get_running_loop().create_future()
         self.transport.write(head)
         return waiter
@@ -414,13 +386,14 @@ class UpstreamPool:
 
         ``headers`` are sent as given, but for framing: ``Host`` is the
         upstream's, and a bytes body gets its ``Content-Length`` (a streamed
-        one keeps the client's, else goes chunked). Raises ``UpstreamError``
+        one keeps the client's, else goes chunked). Raises ``InvalidRequest``
+        (nothing sent) for a header that HTTP/1.1 cannot carry, ``UpstreamError``
         (or another ``OSError``) when no answer head arrives.
         """
         if self.invalid:
             raise UpstreamError(self.invalid)
         streamed = body is not None and not isinstance(body, bytes)
-        head = self._head(method, target, headers, body, streamed)
+        head = self._request_head(method, target, headers, body, streamed)
         if not streamed and body:
             assert isinstance(body, bytes)
             head += body  # one write: head and body
@@ -454,8 +427,8 @@ class UpstreamPool:
         self._all.clear()
         self._idle.clear()
 
-    def _head(self, method: str, target: str, headers: list[tuple[str, str]], body: Body,
-              streamed: bool) -> bytes:
+    def _request_head(self, method: str, target: str, headers: list[tuple[str, str]],
+                      body: Body, streamed: bool) -> bytes:
         parts = [f"{method} {self.prefix}{target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
         for name, value in headers:
             low = name.lower()
@@ -468,7 +441,11 @@ class UpstreamPool:
         elif body or method not in ("GET", "HEAD", "OPTIONS", "DELETE", "TRACE"):
             parts.append(f"Content-Length: {len(body) if isinstance(body, bytes) else 0}\r\n")
         parts.append("\r\n")
-        return "".join(parts).encode("latin-1")
+        text = "".join(parts)
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise InvalidRequest(_not_latin1(method, target, headers)) from None
 
     async def _acquire(self) -> tuple[_Conn, bool]:
         loop = asyncio.get_running_loop()
@@ -496,6 +473,18 @@ class UpstreamPool:
         self._all.discard(conn)
         if conn in self._idle:
             self._idle.remove(conn)
+
+
+def _not_latin1(method: str, target: str, headers: list[tuple[str, str]]) -> str:
+    """What cannot be written: HTTP/1.1 carries header bytes, read here as Latin-1."""
+    for name, value in headers:
+        try:
+            name.encode("latin-1")
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            return (f"header {name!r} has a character outside Latin-1 (ISO-8859-1); "
+                    "send non-ASCII header values percent- or base64-encoded")
+    return f"the request line {method} {target[:80]!r} has a character outside Latin-1"
 
 
 def _has_length(headers: list[tuple[str, str]]) -> bool:
