@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from spirit_gpu.config import WorkerConfig, add_flags, flags_from
+from spirit_gpu.config import WorkerConfig
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.settings import add_flags
 
 
 def test_worker_precedence_flag_over_env_over_start_key() -> None:
@@ -14,8 +15,8 @@ def test_worker_precedence_flag_over_env_over_start_key() -> None:
     assert (cfg.max_children, cfg.idle_timeout, cfg.job_timeout, cfg.test_mode) == (5, 9.0,
                                                                                    2.5, True)
     parser = argparse.ArgumentParser()
-    add_flags(parser)
-    flags = flags_from(parser.parse_args(["--max-children", "7", "--no-in-process"]))
+    add_flags(parser, WorkerConfig)
+    flags = WorkerConfig.flag_values(parser.parse_args(["--max-children", "7", "--no-in-process"]))
     assert flags == {"max_children": "7", "in_process": False}
     cfg = WorkerConfig.from_sources({"max_children": 3}, environ=env, flags=flags)
     assert cfg.max_children == 7 and cfg.in_process is False

@@ -12,7 +12,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from typing import NoReturn
 
 from spirit_gpu.protocol import ipc
@@ -31,6 +30,8 @@ class Channel:
         self._frames = ipc.FrameBuffer()
         self._rbuf = bytearray(READ_SIZE)
         self._rview = memoryview(self._rbuf)
+        self.beat_interval = 1.0  # read at each beat: start() may change it
+
 
     def send(self, msg: ipc.Message) -> None:
         self.write(ipc.encode(msg))
@@ -41,9 +42,6 @@ class Channel:
                 ipc.write_all(self._wfd, data)
             except (BrokenPipeError, OSError):
                 _supervisor_gone()
-
-    def write_frames(self, frames: Iterable[bytes]) -> None:
-        self.write(b"".join(frames))
 
     def read_blocking(self) -> list[ipc.Message]:
         """Block until at least one whole message arrived; exit at end of stream."""
@@ -73,10 +71,12 @@ class Channel:
         return self._frames.feed(self._rview[:n])
 
     def start_beats(self, interval: float) -> None:
+        self.beat_interval = interval
+
         def beat() -> None:
             seq = 0
             while True:
-                time.sleep(interval)
+                time.sleep(self.beat_interval)
                 seq += 1
                 self.send(ipc.Beat(seq))
 

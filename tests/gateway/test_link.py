@@ -11,7 +11,7 @@ import pytest
 
 from spirit_gpu.supervisor.jobs import Job, metric
 from spirit_gpu.supervisor.transports.link import LinkTransport
-from spirit_gpu.supervisor.transports.plain import AgentUnavailable
+from spirit_gpu.supervisor.transports.base import AgentUnavailable
 from tests.gateway.conftest import AUTH, TOKEN, GatewayFactory, Gw, poll
 
 HOOK = "http://127.0.0.1:9/h"

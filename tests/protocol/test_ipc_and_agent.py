@@ -11,7 +11,13 @@ import pytest
 
 from spirit_gpu.protocol import ipc
 from spirit_gpu.protocol.agent import ResultBody
-from spirit_gpu.supervisor.jobs import Job, job_from_envelope, metric, ttl_expired
+from spirit_gpu.supervisor.jobs import (
+    Job,
+    job_from_envelope,
+    metric,
+    status_metric,
+    ttl_expired,
+)
 
 
 def test_ipc_frames_are_length_prefixed_tagged_msgpack() -> None:
@@ -88,7 +94,8 @@ def test_sync_webhook_comes_from_header_and_ttl_defaults() -> None:
 def test_metric_and_result_bodies_have_the_reference_fields() -> None:
     job = Job(request_id="r", mode="async", webhook="w", enqueue_at=1000, create_at=900,
               started_at=1500)
-    m = json.loads(msgspec.json.encode(metric(job, "succeed", "ok", finished_at=2000)))
+    report = metric(job, "succeed", "ok", finished_at=2000)
+    m = json.loads(msgspec.json.encode(status_metric(job, report)))
     assert list(m) == ["timestamp", "requestID", "webhook", "status", "operation",
                        "enqueueTimestamp", "queueingDuration", "executionDuration",
                        "totalDuration", "requestCreateAt", "message"]
