@@ -133,11 +133,14 @@ async def test_wedged_child_is_killed_when_its_beats_stop(agent: FakeAgent, work
 async def test_sync_job_timeout_kills_child_with_408(agent: FakeAgent, worker_factory) -> None:
     agent.enqueue("slow", {"input": {"sleep": 30}})
     agent.enqueue("next", {"input": {"x": 1}})
-    worker_factory("behave.py", worker_env(agent, SPIRIT_JOB_TIMEOUT="0.5"))
+    w = worker_factory("behave.py", worker_env(agent, SPIRIT_JOB_TIMEOUT="0.5"))
     await agent.wait_for(lambda: {"slow", "next"} <= set(agent.acks), 30)
     code, body = result(agent, "slow")
     assert code == 408 and "timeout" in body["error"]  # type: ignore[index]
     assert result(agent, "next")[0] == 200
+    # the supervisor killed it on purpose: not an out-of-memory error, not a crash
+    assert "stopped (request timeout" in w.output
+    assert "SIGKILL" not in w.output and '"level":"ERROR"' not in w.output
 
 
 async def test_async_job_timeout_cancels_task_and_keeps_process(agent: FakeAgent,
