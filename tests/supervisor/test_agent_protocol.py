@@ -111,14 +111,14 @@ async def test_agent_down_then_back(worker_factory) -> None:
     agent.url = f"http://127.0.0.1:{port}"
     agent.enqueue("late", {"input": {"x": 3}})
     w = worker_factory("behave.py", worker_env(agent))
-    w.wait_output("unreachable")
+    await w.wait_output("unreachable")
     runner = web.AppRunner(agent.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         await agent.wait_for(lambda: "late" in agent.acks)
         assert agent.results["late"]["statusCode"] == 200
-        w.wait_output("reachable again")
+        await w.wait_output("reachable again")
         assert w.output.count("unreachable") == 1
         assert w.proc.poll() is None
     finally:
