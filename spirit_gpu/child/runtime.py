@@ -205,7 +205,7 @@ def serve(channel: Channel, config: dict[str, Any]) -> NoReturn:
 
     options = start_options(config)
     cfg = child_config(options)
-    channel.beat_interval = cfg.ping_interval  # start()'s ping_interval, unless overridden
+    channel.set_beat_interval(cfg.ping_interval)  # start()'s, unless a flag or env var says
     check_start = config.get("check_start")
     if options["mode"] == "proxy":
         SyncRuntime(channel, None, "proxy", None, check_start, options, cfg.agent_url).serve()
