@@ -93,13 +93,13 @@ async def test_a_child_whose_pipe_closed_gets_no_new_job(agent: FakeAgent, worke
 
 async def test_exit_code_is_named_and_crash_loop_backs_off(agent: FakeAgent,
                                                            worker_factory) -> None:
-    for i in range(3):
+    for i in range(2):  # the second crash in a row backs off
         agent.enqueue(f"e{i}", {"input": {"exit": 7}})
     agent.enqueue("fine", {"input": {"x": 1}})
     # real os._exit crashes; the backoff's delays are tests/supervisor/test_pool.py's
     w = worker_factory("behave.py", worker_env(agent, SPIRIT_CRASH_BACKOFF_MAX="0.2"))
     await agent.wait_for(lambda: "fine" in agent.acks, 30)
-    for i in range(3):
+    for i in range(2):
         code, body = result(agent, f"e{i}")
         assert code == 500 and "exited with code 7" in body["error"]  # type: ignore[index]
     assert "backing off" in w.output
