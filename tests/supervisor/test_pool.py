@@ -72,6 +72,17 @@ def test_scales_up_to_the_modifiers_concurrency_then_retires_idle_surplus() -> N
         assert cfg.idle_timeout <= loop.time() - idle_from < cfg.idle_timeout + 2
         assert sum(isinstance(m, ipc.Stop) for c in children for m in c.sent) == 2
         assert pool.crash_streak == 0
+        allowed["value"] = 1  # scaling down: one slot, and one job at a time again
+        await until(lambda: pool.slots == 1)
+        runs = [asyncio.ensure_future(pool.run(job(i))) for i in range(2)]
+        await until(lambda: any(c.jobs for c in alive(children)))
+        await asyncio.sleep(5.0)
+        assert len(alive(children)) == 1 and len(pool.pending) == 1  # the second one waits
+        for _ in range(2):
+            child = alive(children)[0]
+            await until(lambda: child.jobs)
+            child.done(next(iter(child.jobs)))
+        assert [o.status_code for o in await asyncio.gather(*runs)] == [200, 200]
         await pool.close()
     run(main)
 
