@@ -79,8 +79,8 @@ def test_scales_up_to_the_modifiers_concurrency_then_retires_idle_surplus() -> N
         await asyncio.sleep(5.0)
         assert len(alive(children)) == 1 and len(pool.pending) == 1  # the second one waits
         for _ in range(2):
+            await until(lambda: alive(children)[0].jobs)
             child = alive(children)[0]
-            await until(lambda: child.jobs)
             child.done(next(iter(child.jobs)))
         assert [o.status_code for o in await asyncio.gather(*runs)] == [200, 200]
         await pool.close()
