@@ -9,26 +9,13 @@ import secrets
 import shlex
 import signal
 import sys
-from dataclasses import fields
 from typing import Any
 
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.settings import SettingError, add_flags
 
 DEV_SID = "local"
 STOP_GRACE = 40.0  # seconds the worker gets to finish on Ctrl-C (its own grace is 30)
-
-
-def _add_gateway_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per GatewayConfig field; ``--api-key`` may repeat."""
-    for f in fields(GatewayConfig):
-        env = f.metadata["env"]
-        if f.name == "api_keys":
-            parser.add_argument("--api-key", dest="api_keys", action="append", default=None,
-                                metavar="KEY", help=f"{f.metadata['doc']} (repeatable; env {env})")
-            continue
-        default = f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            help=f"{f.metadata['doc']} (env {env}, default {default!r})")
 
 
 def _config(ns: argparse.Namespace, **forced: Any) -> GatewayConfig:
@@ -43,12 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gw = sub.add_parser("gateway", help="serve the public serverless API and the agent API",
                         description="Every flag is also a SPIRIT_* environment variable.")
-    _add_gateway_flags(gw)
+    add_flags(gw, GatewayConfig)
     dev = sub.add_parser("dev", help="gateway + worker for one script, in one command",
                          description="Runs the gateway and `python -m spirit_gpu.supervisor "
                                      "SCRIPT` for serverless id 'local'.")
     dev.add_argument("script", help="the worker script that calls spirit_gpu.start()")
-    _add_gateway_flags(dev)
+    add_flags(dev, GatewayConfig)
     _add_agent_parser(sub)
     return parser
 
@@ -206,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(ns, **forced)
         check(config)
         return _code(run(_dev(config, os.path.abspath(ns.script))))
-    except ConfigRefused as exc:
+    except (ConfigRefused, SettingError) as exc:
         _err(str(exc))
         return 2
     except (OSError, ValueError) as exc:

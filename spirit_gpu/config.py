@@ -2,12 +2,14 @@
 
 Precedence, highest first: command-line flag, environment variable, start()
 key, default. Nothing else in the package reads worker settings from the
-environment.
+environment. The config is frozen: the supervisor builds it once its first
+handler process has said which start() keys it has (``Pool`` calls
+``from_sources`` then), and handler processes resolve the same one (the
+supervisor's flags reach them as environment variables: ``child_environ``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -16,8 +18,11 @@ from typing import Any
 from spirit_gpu.settings import EnvSettings
 from spirit_gpu.settings import setting as _opt
 
+# never handed to handler processes through their environment
+SECRET_FIELDS = frozenset({"worker_token"})
 
-@dataclass
+
+@dataclass(frozen=True)
 class WorkerConfig(EnvSettings):
     """Settings of the supervisor and its handler children."""
 
@@ -74,25 +79,18 @@ class WorkerConfig(EnvSettings):
     def from_sources(cls, start_options: Mapping[str, Any] | None = None,
                      environ: Mapping[str, str] | None = None,
                      flags: Mapping[str, Any] | None = None) -> WorkerConfig:
+        """Raises ``SettingError`` (one line naming the flag, env var or key) on a bad value."""
         environ = os.environ if environ is None else environ
-        return (cls().apply(start_options or {}).apply(cls.env_values(environ))
-                .apply(flags or {}))
+        return (cls().apply(start_options or {}, "start").apply(cls.env_values(environ), "env")
+                .apply(flags or {}, "flag"))
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag per WorkerConfig field (default None: not given)."""
-    for f in fields(WorkerConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['doc']} (env {f.metadata['env']}, default {f.default!r})"
-        if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
-
-
-def flags_from(ns: argparse.Namespace) -> dict[str, Any]:
-    return WorkerConfig.flag_values(ns)
+def child_environ(flags: Mapping[str, Any]) -> dict[str, str]:
+    """The supervisor's flags as the env vars a handler process reads (secrets left out),
+    so that it resolves the same config as the supervisor."""
+    env = {f.name: f.metadata["env"] for f in fields(WorkerConfig)}
+    return {env[name]: str(value) for name, value in flags.items()
+            if name in env and name not in SECRET_FIELDS and value is not None}
 
 
 def start_options(config: Mapping[str, Any]) -> dict[str, Any]:

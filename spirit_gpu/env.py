@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+DEFAULT_AGENT_URL = "http://localhost:8087"
+
 
 @dataclass
 class Env:
     """What a handler may know about and ask of the runtime.
 
     ``request_id`` is the current request's id; ``mode`` is ``sync`` or
-    ``async``; ``recycle()`` asks for this handler process to be replaced once
+    ``async``; ``agent_url`` the agent the worker talks to (the worker config's:
+    flag, env var or start() key); ``recycle()`` asks for this handler process to be replaced once
     the current job is done (for example to hand GPU memory back).
     """
 
@@ -20,10 +23,7 @@ class Env:
     webhook: str = ""
     test_mode: bool = False
     recycle_requested: bool = False
-
-    @property
-    def agent_url(self) -> str:
-        return os.environ.get("EASE_AGENT_URL", "http://localhost:8087")
+    agent_url: str = DEFAULT_AGENT_URL  # the worker config's (--agent-url, EASE_AGENT_URL)
 
     @property
     def pid(self) -> int:

@@ -1,8 +1,11 @@
-"""The mechanism both typed configs share: fields that know their env var.
+"""The mechanism both typed configs share: fields that know their env var and flag.
 
 ``WorkerConfig`` (spirit_gpu/config.py) and ``GatewayConfig``
 (spirit_gpu/gateway/config.py) are dataclasses of ``setting(...)`` fields and
 inherit ``EnvSettings``; each decides its own precedence in ``from_sources``.
+``add_flags`` declares one command-line flag per field, for either config.
+A value that cannot be used raises ``SettingError`` naming where it came from
+(``--job-timeout``, ``SPIRIT_JOB_TIMEOUT``, the start() key).
 """
 
 from __future__ import annotations
@@ -10,32 +13,73 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import field, fields
+from dataclasses import Field, field, fields
 from typing import Any, Self
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
-def setting(default: Any, env: str, doc: str) -> Any:
-    """A config field with its environment variable and one line of help."""
+class SettingError(ValueError):
+    """A setting's value cannot be used; the message is one line a user can act on."""
+
+
+def setting(default: Any, env: str, doc: str, flag: str = "", metavar: str = "") -> Any:
+    """A config field with its environment variable, one line of help and, when it
+    differs from ``--field-name``, its flag."""
+    metadata = {"env": env, "doc": doc, "flag": flag, "metavar": metavar}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"env": env, "doc": doc})
-    return field(default=default, metadata={"env": env, "doc": doc})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _kind(kind: Any) -> str:
+    return kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
 
 
 def coerce(kind: Any, value: Any) -> Any:
-    """A flag's or env var's text (or a code value) as the field's type."""
-    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    """A flag's or env var's text (or a code value) as the field's type (ValueError if not)."""
+    kind = _kind(kind)
     if kind == "bool":
-        return value if isinstance(value, bool) else str(value).strip().lower() in _TRUE
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in _TRUE | _FALSE:
+            raise ValueError("is not true or false (1/0, yes/no, on/off)")
+        return text in _TRUE
     if kind == "int":
-        return int(value)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError("is not a whole number") from None
     if kind == "float":
-        return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError("is not a number") from None
     if kind == "list[str]":
         items = value.split(",") if isinstance(value, str) else list(value)
         return [str(v).strip() for v in items if str(v).strip()]
     return str(value)
+
+
+def _check(name: str, value: Any) -> None:
+    if (name == "port" or name.endswith("_port")) and not 0 <= value <= 65535:
+        raise ValueError("is not a port number (0-65535)")
+
+
+def flag_name(f: Field[Any]) -> str:
+    return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
+
+
+def _where(f: Field[Any], source: str) -> str:
+    if source == "flag":
+        return flag_name(f)
+    if source == "env":
+        return str(f.metadata["env"])
+    if source == "start":
+        return f"start() key {f.name!r}"
+    return f.name
 
 
 class EnvSettings:
@@ -45,11 +89,21 @@ class EnvSettings:
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]  # type: ignore[arg-type]
 
-    def apply(self, values: Mapping[str, Any]) -> Self:
-        """A copy with the known keys of ``values`` set (unknown keys and None ignored)."""
+    def apply(self, values: Mapping[str, Any], source: str = "") -> Self:
+        """A copy with the known keys of ``values`` set (unknown keys and None ignored).
+
+        ``source`` (flag, env, start) names the origin in a ``SettingError``."""
         known = {f.name: f for f in fields(self)}  # type: ignore[arg-type]
-        updates = {k: coerce(known[k].type, v) for k, v in values.items()
-                   if k in known and v is not None}
+        updates = {}
+        for name, value in values.items():
+            f = known.get(name)
+            if f is None or value is None:
+                continue
+            try:
+                updates[name] = coerce(f.type, value)
+                _check(name, updates[name])
+            except ValueError as exc:
+                raise SettingError(f"{_where(f, source)}: {value!r} {exc}") from None
         return dataclasses.replace(self, **updates)  # type: ignore[type-var]
 
     @classmethod
@@ -63,3 +117,31 @@ class EnvSettings:
         """The fields given as command-line flags (argparse default None: not given)."""
         names = set(cls.names())
         return {k: v for k, v in vars(ns).items() if k in names and v is not None}
+
+    @classmethod
+    def flag_names(cls) -> list[str]:
+        names = []
+        for f in fields(cls):  # type: ignore[arg-type]
+            names.append(flag_name(f))
+            if _kind(f.type) == "bool":
+                names.append("--no-" + flag_name(f)[2:])
+        return names
+
+
+def add_flags(parser: argparse.ArgumentParser, config: type[EnvSettings]) -> None:
+    """One flag per field of ``config`` (default None: not given, so the env var or
+    the default applies); booleans get ``--x/--no-x``, lists repeat."""
+    for f in fields(config):  # type: ignore[arg-type]
+        env, doc = f.metadata["env"], f.metadata["doc"]
+        flag = flag_name(f)
+        kind = _kind(f.type)
+        metavar = f.metadata.get("metavar") or None
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=f"{doc} (env {env}, default {f.default!r})")
+        elif kind.startswith("list"):
+            parser.add_argument(flag, dest=f.name, action="append", default=None,
+                                metavar=metavar, help=f"{doc} (repeatable; env {env})")
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=metavar,
+                                help=f"{doc} (env {env}, default {f.default!r})")

@@ -30,8 +30,14 @@ def start(config: dict[str, Any]) -> None:
         from spirit_gpu.child.runtime import serve
         serve(chan, config)
     from spirit_gpu.config import WorkerConfig
+    from spirit_gpu.settings import SettingError
 
-    if WorkerConfig.from_sources(config).in_process:
+    try:
+        in_process = WorkerConfig.from_sources(config).in_process
+    except SettingError as exc:
+        print(f"spirit-gpu: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if in_process:
         from spirit_gpu.supervisor.inprocess import run_in_process
         sys.exit(run_in_process(config))
     _hand_over()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import os
 import signal
@@ -12,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +65,9 @@ class Worker:
                              text=True).stdout
         return [int(x) for x in out.split()]
 
-    def wait_output(self, text: str, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not in output:\n{self.output}")
-            time.sleep(0.05)
+    async def wait_output(self, text: str, timeout: float = 15.0) -> None:
+        await until(lambda: text in self.output, timeout, f"{text!r} in the output",
+                    detail=lambda: self.output)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -117,12 +116,32 @@ def worker_env(agent: FakeAgent, **extra: str) -> dict[str, str]:
     return env
 
 
-async def until(check: object, timeout: float = 15.0) -> None:
+async def until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition",
+                wake: asyncio.Event | None = None, detail: Callable[[], str] | None = None
+                ) -> Any:
+    """Await until ``predicate()`` (a function or coroutine function) is truthy; return it.
+
+    The one polling helper: it never blocks the loop (a fake agent or gateway served by
+    this loop keeps running), polls every 20 ms or sooner when ``wake`` is set, and fails
+    after ``timeout`` s naming ``what`` (and ``detail()``, e.g. the calls seen).
+    """
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        left = deadline - time.monotonic()
+        if left <= 0:
+            extra = f": {detail()}" if detail is not None else f" (last: {value!r})"
+            raise AssertionError(f"{what} not met within {timeout} s{extra}")
+        if wake is None:
+            await asyncio.sleep(min(left, 0.02))
+            continue
+        wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), min(left, 0.2))
 
 
 async def wait_exit(worker: Worker, timeout: float = 20.0) -> int:

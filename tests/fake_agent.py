@@ -54,20 +54,10 @@ class FakeAgent:
         return base64.b64decode(self.results[request_id]["data"])
 
     async def wait_for(self, check: Callable[[], Any], timeout: float = 15.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = check()
-            if value:
-                return value
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"condition not met within {timeout} s; calls: "
-                                     f"{self.calls[-20:]}")
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.2))
-            except TimeoutError:
-                pass
+        """``tests.conftest.until``, woken by every call the agent answers."""
+        from tests.conftest import until
+        return await until(check, timeout, wake=self._changed,
+                           detail=lambda: f"calls: {self.calls[-20:]}")
 
     def _record(self, request: web.Request) -> None:
         self.calls.append(f"{request.method} {request.path}")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from spirit_gpu.config import WorkerConfig, add_flags, flags_from
+from spirit_gpu.config import WorkerConfig
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.settings import add_flags
 
 
 def test_worker_precedence_flag_over_env_over_start_key() -> None:
@@ -14,8 +15,8 @@ def test_worker_precedence_flag_over_env_over_start_key() -> None:
     assert (cfg.max_children, cfg.idle_timeout, cfg.job_timeout, cfg.test_mode) == (5, 9.0,
                                                                                    2.5, True)
     parser = argparse.ArgumentParser()
-    add_flags(parser)
-    flags = flags_from(parser.parse_args(["--max-children", "7", "--no-in-process"]))
+    add_flags(parser, WorkerConfig)
+    flags = WorkerConfig.flag_values(parser.parse_args(["--max-children", "7", "--no-in-process"]))
     assert flags == {"max_children": "7", "in_process": False}
     cfg = WorkerConfig.from_sources({"max_children": 3}, environ=env, flags=flags)
     assert cfg.max_children == 7 and cfg.in_process is False
@@ -33,3 +34,25 @@ def test_gateway_lists_from_env_and_code() -> None:
     assert (cfg.api_keys, cfg.port) == (["a", "b", "c"], 9)
     assert GatewayConfig().api_keys == [] and GatewayConfig().api_keys is not \
         GatewayConfig().api_keys  # no shared mutable default
+
+
+def test_supervisor_flags_reach_handler_processes_as_env_vars_without_secrets() -> None:
+    from spirit_gpu.config import child_environ
+
+    env = child_environ({"agent_url": "http://gw:8000/agent/s", "ping_interval": "0.5",
+                         "test_mode": True, "worker_token": "secret"})
+    assert env == {"EASE_AGENT_URL": "http://gw:8000/agent/s", "SPIRIT_PING_INTERVAL": "0.5",
+                   "EASE_TEST_MODE": "True"}
+    # a handler process resolving its config from them agrees with the supervisor
+    cfg = WorkerConfig.from_sources({"ping_interval": 2.0}, environ=env)
+    assert (cfg.agent_url, cfg.ping_interval, cfg.test_mode) == ("http://gw:8000/agent/s",
+                                                                 0.5, True)
+
+
+def test_the_worker_config_is_frozen() -> None:
+    import dataclasses
+
+    import pytest
+    cfg = WorkerConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.grace_period = 0  # type: ignore[misc]

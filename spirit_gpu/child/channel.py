@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
-from collections.abc import Iterable
 from typing import NoReturn
 
 from spirit_gpu.protocol import ipc
@@ -31,6 +29,9 @@ class Channel:
         self._frames = ipc.FrameBuffer()
         self._rbuf = bytearray(READ_SIZE)
         self._rview = memoryview(self._rbuf)
+        self.beat_interval = 1.0
+        self._beat_changed = threading.Event()
+
 
     def send(self, msg: ipc.Message) -> None:
         self.write(ipc.encode(msg))
@@ -41,9 +42,6 @@ class Channel:
                 ipc.write_all(self._wfd, data)
             except (BrokenPipeError, OSError):
                 _supervisor_gone()
-
-    def write_frames(self, frames: Iterable[bytes]) -> None:
-        self.write(b"".join(frames))
 
     def read_blocking(self) -> list[ipc.Message]:
         """Block until at least one whole message arrived; exit at end of stream."""
@@ -72,11 +70,21 @@ class Channel:
             _supervisor_gone()
         return self._frames.feed(self._rview[:n])
 
+    def set_beat_interval(self, interval: float) -> None:
+        """start()'s ping_interval: the beat thread switches to it at once."""
+        if interval != self.beat_interval:
+            self.beat_interval = interval
+            self._beat_changed.set()
+
     def start_beats(self, interval: float) -> None:
+        self.beat_interval = interval
+
         def beat() -> None:
             seq = 0
             while True:
-                time.sleep(interval)
+                if self._beat_changed.wait(self.beat_interval):
+                    self._beat_changed.clear()
+                    continue
                 seq += 1
                 self.send(ipc.Beat(seq))
 

@@ -10,24 +10,33 @@ from typing import Any, NoReturn
 
 from spirit_gpu import handlers
 from spirit_gpu.child.channel import Channel, exit_process
+from spirit_gpu.config import WorkerConfig
 from spirit_gpu.env import Env
 from spirit_gpu.handlers import BadRequest, Outcome, error_body, prepare_request
+from spirit_gpu.net.batch_writer import BatchWriter
 from spirit_gpu.protocol import ipc
+from spirit_gpu.settings import SettingError
 
 # Python 3.12+: a job's task runs its first step at once, in the reader callback;
 # a handler that never waits finishes without a loop turn (or Task scheduling).
 _EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
 
 
-def _env(msg: ipc.Run) -> Env:
-    return Env(request_id=msg.request_id, mode=msg.mode, webhook=msg.webhook)
+def _env(msg: ipc.Run, agent_url: str) -> Env:
+    return Env(request_id=msg.request_id, mode=msg.mode, webhook=msg.webhook,
+               agent_url=agent_url)
+
+
+def _join(frames: list[bytes]) -> bytes:
+    return frames[0] if len(frames) == 1 else b"".join(frames)
 
 
 class _Base:
     def __init__(self, channel: Channel, handler: handlers.Handler | None, kind: str,
                  modifier: Callable[[int], Any] | None, check_start: Callable[[], Any] | None,
-                 options: dict[str, Any]) -> None:
+                 options: dict[str, Any], agent_url: str = "") -> None:
         self.channel = channel
+        self.agent_url = agent_url
         self.handler = handler
         self.kind = kind
         self.modifier = modifier
@@ -74,7 +83,7 @@ class SyncRuntime(_Base):
                 # Cancel: a sync handler cannot be interrupted; the supervisor kills us.
 
     def _run(self, msg: ipc.Run) -> None:
-        env = _env(msg)
+        env = _env(msg, self.agent_url)
         try:
             request = prepare_request(msg.body, msg.request_id)
         except BadRequest as exc:
@@ -99,26 +108,21 @@ class AsyncRuntime(_Base):
         self.cancel_reasons: dict[int, ipc.Cancel] = {}
         self.stopping = False
         self.finished = asyncio.Event()
-        self._out: list[bytes] = []
+        self._out: BatchWriter[bytes] | None = None  # made on the runtime's loop
         self._reading = False  # inside the reader callback: it flushes at its end
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _queue(self, msg: ipc.Message) -> None:
         out = self._out
-        if not out and not self._reading:
-            if not self.tasks:  # nothing else running: nothing to batch with
-                self.channel.write(ipc.encode(msg))
-                return
-            if self._loop is not None:
-                self._loop.call_soon(self._flush)
-        out.append(ipc.encode(msg))
-        if len(out) >= ipc.FLUSH_EVERY:  # let the supervisor start on these meanwhile
-            self._flush()
+        if out is None:
+            self.channel.send(msg)
+            return
+        # nothing else running (and not inside the reader): nothing to batch with
+        out.send(ipc.encode(msg), not self.tasks and not self._reading)
 
     def _flush(self) -> None:
-        out, self._out = self._out, []
-        if out:
-            self.channel.write_frames(out)
+        if self._out is not None:
+            self._out.flush()
 
     def done(self, msg: ipc.Run, outcome: Outcome, env: Env) -> None:
         self._queue(ipc.Done(msg.job, outcome.status_code, outcome.body, outcome.message,
@@ -158,7 +162,7 @@ class AsyncRuntime(_Base):
             self.channel.send(ipc.StartChecked(False, "check_start is for proxy mode"))
 
     async def _run(self, msg: ipc.Run) -> None:
-        env = _env(msg)
+        env = _env(msg, self.agent_url)
         try:
             try:
                 request = prepare_request(msg.body, msg.request_id)
@@ -179,6 +183,8 @@ class AsyncRuntime(_Base):
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # the pipe is blocking on this side: the sink always writes at once
+        self._out = BatchWriter(_join, self.channel.write, max_batch=ipc.FLUSH_EVERY)
         os.set_blocking(self.channel.read_fd, False)
         self._loop.add_reader(self.channel.read_fd, self._readable)
         self.hello()
@@ -198,12 +204,25 @@ def serve(channel: Channel, config: dict[str, Any]) -> NoReturn:
     from spirit_gpu.config import start_options
 
     options = start_options(config)
+    cfg = child_config(options)
+    channel.set_beat_interval(cfg.ping_interval)  # start()'s, unless a flag or env var says
     check_start = config.get("check_start")
     if options["mode"] == "proxy":
-        SyncRuntime(channel, None, "proxy", None, check_start, options).serve()
+        SyncRuntime(channel, None, "proxy", None, check_start, options, cfg.agent_url).serve()
     handler = config["handler"]
     kind = handlers.handler_kind(handler)
     runtime_cls = AsyncRuntime if kind in handlers.ASYNC_KINDS else SyncRuntime
     runtime: SyncRuntime | AsyncRuntime = runtime_cls(
-        channel, handler, kind, config.get("concurrency_modifier"), check_start, options)
+        channel, handler, kind, config.get("concurrency_modifier"), check_start, options,
+        cfg.agent_url)
     runtime.serve()
+
+
+def child_config(options: dict[str, Any]) -> WorkerConfig:
+    """The worker config as the supervisor resolves it: its flags reach this process as
+    environment variables, so flags > env > start() keys > defaults holds here too.
+    A bad start() value is the supervisor's to report: defaults then."""
+    try:
+        return WorkerConfig.from_sources(options)
+    except SettingError:
+        return WorkerConfig()

@@ -27,7 +27,8 @@ class GatewayConfig(EnvSettings):
     host: str = _opt("127.0.0.1", "SPIRIT_HOST", "Address to listen on")
     port: int = _opt(8000, "SPIRIT_PORT", "Port to listen on")
     api_keys: list[str] = _opt([], "SPIRIT_API_KEYS",
-                               "Client API keys (env: comma-separated); at least one")
+                               "Client API keys (env: comma-separated); at least one",
+                               flag="--api-key", metavar="KEY")
     worker_token: str = _opt("", "SPIRIT_WORKER_TOKEN",
                              "Bearer token workers must send to the agent API")
     lease_seconds: float = _opt(20.0, "SPIRIT_LEASE_SECONDS",
@@ -74,7 +75,8 @@ class GatewayConfig(EnvSettings):
                      flags: Mapping[str, Any] | None = None,
                      **values: Any) -> GatewayConfig:
         environ = os.environ if environ is None else environ
-        return cls().apply(values).apply(cls.env_values(environ)).apply(flags or {})
+        return (cls().apply(values).apply(cls.env_values(environ), "env")
+                .apply(flags or {}, "flag"))
 
 
 CONFIG_KEY: web.AppKey[GatewayConfig] = web.AppKey("spirit_gateway_config", GatewayConfig)

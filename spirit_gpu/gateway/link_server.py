@@ -8,9 +8,9 @@ ends in the same ``Gateway``/storage calls as the plain agent API.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
+from collections.abc import Awaitable
 
 import msgspec
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
@@ -20,6 +20,7 @@ from spirit_gpu.gateway.httpio import serverless_id
 from spirit_gpu.gateway.service import FEATURES, GATEWAY_KEY, Gateway
 from spirit_gpu.gateway.storage.base import RequestRecord
 from spirit_gpu.log import logger
+from spirit_gpu.net.batch_writer import BatchWriter, ws_sink
 from spirit_gpu.protocol import link as lp
 from spirit_gpu.protocol.agent import WORKER_ID_HEADER
 
@@ -50,7 +51,10 @@ class LinkSession:
         self.held: set[str] = set()  # dispatched to (or adopted by) this link, not yet acked
         self.refused = 0  # frames about requests this worker does not hold
         self.last_touch = 0.0
-        self._tasks: set[asyncio.Task[None]] = set()
+        # dispatches, cancels: what a loop turn sends goes out as one message
+        self.writer: BatchWriter[lp.Frame] = BatchWriter(
+            lp.encode_many, ws_sink(ws.send_bytes), max_batch=0 if batches else 1,
+            on_error=self._unsent)
 
     async def run(self) -> None:
         lease_ms = int(self.gw.config.lease_seconds * 1000)
@@ -77,6 +81,7 @@ class LinkSession:
         finally:
             dispatcher.cancel()
             await asyncio.gather(dispatcher, return_exceptions=True)
+            await self.writer.close()
             for request_id in self.held:
                 if self.gw.links.get(request_id) == self.push_cancel:
                     del self.gw.links[request_id]
@@ -109,21 +114,22 @@ class LinkSession:
             for r in taken:
                 self.held.add(r.request_id)
                 self.gw.links[r.request_id] = self.push_cancel
-            try:
-                await self.ws.send_bytes(lp.encode_many([dispatch_frame(r) for r in taken]))
-            except (ConnectionError, RuntimeError):
-                for r in taken:
-                    await storage.give_back(self.sid, r.request_id)
-                return
+                self.writer.send(dispatch_frame(r))
+            self.writer.flush()  # written now, with anything else queued this turn
+            await self.writer.wait_drained()  # a link that pushes back holds dispatching
+
+    def _unsent(self, frames: list[lp.Frame], exc: Exception) -> Awaitable[None] | None:
+        """A message the link did not take: its jobs go back to the queue."""
+        lost = [f.request_id for f in frames if isinstance(f, lp.Dispatch)]
+        return self._give_back(lost) if lost else None
+
+    async def _give_back(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.held.discard(request_id)
+            await self.gw.storage.give_back(self.sid, request_id)
 
     def push_cancel(self, request_ids: list[str]) -> None:
-        task = asyncio.create_task(self._send(lp.Cancel(request_ids=request_ids)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, frame: lp.Frame) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.ws.send_bytes(lp.encode(frame))
+        self.writer.send(lp.Cancel(request_ids=request_ids))
 
     # --- inbound -------------------------------------------------------------------
     async def _on_frame(self, frame: lp.Frame) -> None:
@@ -157,7 +163,7 @@ class LinkSession:
                 mine = [i for i in ids[:room] if i in self.held or await self._holds(i, "")]
                 cancel = await gw.storage.heartbeat(sid, self.worker, mine)
                 if cancel:
-                    await self._send(lp.Cancel(request_ids=cancel))
+                    self.writer.send(lp.Cancel(request_ids=cancel))
             case _:
                 pass  # gateway-to-worker frames coming back: ignore
 

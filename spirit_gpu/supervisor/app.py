@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Mapping
 
 import aiohttp
 
-from spirit_gpu.config import WorkerConfig
+from spirit_gpu.config import WorkerConfig, child_environ
 from spirit_gpu.log import logger
 from spirit_gpu.supervisor.pool import Pool, StartupFailed
 from spirit_gpu.supervisor.pool_api import JobPool
-from spirit_gpu.supervisor.transports.base import Transport
+from spirit_gpu.supervisor.transports.base import AgentUnavailable, Transport
 from spirit_gpu.supervisor.transports.plain import PlainTransport
 
 EXIT_STARTUP_FAILED = 3
@@ -26,6 +28,10 @@ class Supervisor:
         self.flags = flags or {}
         self.stop = asyncio.Event()
         self.signals: asyncio.Queue[int] = asyncio.Queue()
+
+    def _resolve(self, start_options: Mapping[str, object]) -> WorkerConfig:
+        """start() keys the script passed, under env vars and flags."""
+        return WorkerConfig.from_sources(start_options, flags=self.flags)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -44,15 +50,13 @@ class Supervisor:
                 self.stop.set()
             else:
                 logger.warn(f"received {signal.Signals(sig).name} again: stopping now")
-                self.cfg.grace_period = 0
-                pool.cfg.grace_period = 0
-                for request_id in pool.running_request_ids():
-                    pool.cancel(request_id, 503, "worker stopped")
+                pool.hurry()  # no more grace: running jobs end now with 503
 
     async def serve(self, pool: JobPool | None = None) -> int:
         """Run until drained; ``pool`` replaces the handler processes (in-process mode)."""
         self._install_signals()
-        pool = pool or Pool(self.cfg, self.script, self.args)  # noqa: SIM108
+        pool = pool or Pool(self.cfg, self.script, self.args, self._resolve,
+                            child_env=child_environ(self.flags))
         watcher = asyncio.ensure_future(self._watch_signals(pool))
         try:
             await pool.start()
@@ -63,9 +67,7 @@ class Supervisor:
                 return EXIT_STARTUP_FAILED
             if self.stop.is_set():
                 return 0
-            # start() keys the script passed, under env vars and flags
-            self.cfg = WorkerConfig.from_sources(pool.options, flags=self.flags)
-            pool.cfg = self.cfg
+            self.cfg = pool.cfg  # resolved once, with the script's start() keys
             return await self._serve_mode(pool)
         finally:
             await pool.close()
@@ -104,7 +106,8 @@ class Supervisor:
         if choice == "plain":
             return plain
         if choice == "auto":
-            await plain.heartbeat([])  # learns what the agent offers
+            with contextlib.suppress(AgentUnavailable):
+                await plain.heartbeat([])  # learns what the agent offers
             if "link" not in plain.features:
                 return plain
         try:

@@ -7,10 +7,10 @@ import fcntl
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
+from spirit_gpu.net.batch_writer import BatchWriter
 from spirit_gpu.protocol import ipc
 
 _PIPE_SIZE = 1 << 20  # bigger pipes move large payloads in fewer wake-ups
@@ -26,6 +26,10 @@ def describe_exit(returncode: int) -> str:
         hint = " (out of memory, or killed from outside)" if name == "SIGKILL" else ""
         return f"was killed by {name}{hint}"
     return f"exited with code {returncode}"
+
+
+def _join(frames: list[bytes]) -> bytes:
+    return frames[0] if len(frames) == 1 else b"".join(frames)
 
 
 class _Reader(asyncio.Protocol):
@@ -63,15 +67,16 @@ class ChildProcess:
         self.eof = asyncio.Event()
         self.jobs: dict[int, Any] = {}
         self.jobs_done = 0
-        self.last_seen = time.monotonic()
-        self.idle_since = time.monotonic()
-        self.started_at = time.monotonic()
+        # cached: asyncio.get_running_loop() costs a getpid() syscall on 3.11
+        self._loop = asyncio.get_running_loop()
+        self.last_seen = self.idle_since = self.started_at = self._loop.time()
         self.fatal = ""
         self.was_ready = False
         self.kill_reason = ""
-        self._out: list[bytes] = []
-        # cached: asyncio.get_running_loop() costs a getpid() syscall on 3.11
-        self._loop = asyncio.get_running_loop()
+        self.killed_on_purpose = False  # for a job's cancel or timeout: not a crash
+        # frames one loop turn queues go out in one write, at most FLUSH_EVERY at a time
+        self._out: BatchWriter[bytes] = BatchWriter(_join, self._write,
+                                                    max_batch=ipc.FLUSH_EVERY)
 
     async def spawn(self, script: str, args: list[str], env: dict[str, str],
                     beat_interval: float) -> None:
@@ -106,25 +111,19 @@ class ChildProcess:
         ``alone``: nothing else is in flight to this child, so there is nothing
         to batch with and the frame goes out now (one loop turn sooner).
         """
-        out = self._out
-        if alone and not out:
-            if self._writer is not None and not self._writer.is_closing():
-                self._writer.write(ipc.encode(msg))
-            return
-        if not out:
-            self._loop.call_soon(self._flush)
-        out.append(ipc.encode(msg))
-        if len(out) >= ipc.FLUSH_EVERY:
-            self._flush()
+        self._out.send(ipc.encode(msg), alone)
 
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if self._writer is not None and not self._writer.is_closing() and out:
-            self._writer.write(out[0] if len(out) == 1 else b"".join(out))
+    def _write(self, data: bytes) -> None:
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(data)  # a pipe transport buffers: never waits here
 
-    def kill(self, reason: str = "") -> None:
+    def kill(self, reason: str = "", on_purpose: bool = False) -> None:
+        """SIGKILL; ``on_purpose``: the supervisor ends it for a job's sake (cancel,
+        timeout), so its exit is expected, not a crash."""
         if reason and not self.kill_reason:
             self.kill_reason = reason
+            self.killed_on_purpose = on_purpose
         if self.proc is not None and self.proc.returncode is None:
             try:
                 self.proc.kill()

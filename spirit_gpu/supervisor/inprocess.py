@@ -42,6 +42,7 @@ class InProcessPool:
         self.changed = asyncio.Event()
         self.listeners: list[Callable[[], None]] = []
         self.closing = False
+        self._hurried = False
         self._ids = itertools.count(1)
 
     @property
@@ -84,7 +85,8 @@ class InProcessPool:
             self._notify()
 
     async def _call(self, job: Job, on_chunk: handlers.EmitChunk | None) -> Outcome:
-        env = Env(request_id=job.request_id, mode=job.mode, webhook=job.webhook)
+        env = Env(request_id=job.request_id, mode=job.mode, webhook=job.webhook,
+                  agent_url=self.cfg.agent_url)
         try:
             request = prepare_request(job.body, job.request_id)
         except BadRequest as exc:
@@ -105,8 +107,15 @@ class InProcessPool:
     async def check_start(self) -> tuple[bool, str]:
         return await asyncio.to_thread(handlers.call_check_start, self.check)
 
+    def hurry(self) -> None:
+        self._hurried = True
+        for run in list(self.runs.values()):
+            self.cancel(run.job.request_id, 503, "worker stopped")
+
     async def drain(self, grace: float) -> None:
         self.closing = True
+        if self._hurried:
+            grace = 0.0
         tasks = [r.task for r in self.runs.values()]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)

@@ -9,13 +9,20 @@ import aiohttp
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.handlers import ASYNC_GENERATOR, GENERATOR, Outcome, error_body
 from spirit_gpu.log import logger
+from spirit_gpu.retry import Backoff, RetryPolicy
 from spirit_gpu.supervisor import webhook
 from spirit_gpu.supervisor.jobs import Job, metric, now_ms, ttl_expired
 from spirit_gpu.supervisor.pool_api import JobPool
-from spirit_gpu.supervisor.transports.base import Transport
-from spirit_gpu.supervisor.transports.plain import AgentUnavailable
+from spirit_gpu.supervisor.transports.base import AgentUnavailable, Transport
 
 STREAMING_KINDS = (GENERATOR, ASYNC_GENERATOR)
+# an unreachable agent: wait longer each time, at most 5 s
+AGENT_DOWN_RETRY = RetryPolicy(first=0.2, factor=2.0, max_delay=5.0)
+
+
+def empty_queue_retry(cfg: WorkerConfig) -> RetryPolicy:
+    """An empty queue without long-polling: poll less often, up to pull_backoff_max."""
+    return RetryPolicy(first=0.05, factor=2.0, max_delay=cfg.pull_backoff_max)
 
 
 class ChunkRelay:
@@ -54,8 +61,8 @@ class Worker:
         self.exit_code = 0
         # a multiplexed transport hands over many jobs per pull: one puller is enough;
         # the plain protocol pulls one job per request, one request per free slot
-        self.batched = bool(getattr(transport, "batched_pulls", False))
-        self.instant_metrics = bool(getattr(transport, "instant_metrics", False))
+        self.batched = transport.capabilities.batched_pulls
+        self.instant_metrics = transport.capabilities.instant_metrics
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set (or the agent says it is unhealthy)."""
@@ -103,19 +110,20 @@ class Worker:
         self.kick.set()
 
     async def _puller(self, stop: asyncio.Event) -> None:
-        idle_delay = 0.05
+        idle = Backoff(empty_queue_retry(self.cfg))
+        down = Backoff(AGENT_DOWN_RETRY)
         while not stop.is_set():
             taken = await self._take_slots()
             try:
                 result = await self.transport.pull(taken)
             except AgentUnavailable:
                 self._free_slot(taken)
-                await asyncio.sleep(min(5.0, idle_delay * 4))
-                idle_delay = min(idle_delay * 2, 1.25)
+                await down.sleep()
                 continue
             except BaseException:
                 self._free_slot(taken)
                 raise
+            down.reset()
             if len(result.jobs) < taken:
                 self._free_slot(taken - len(result.jobs))
             if not result.healthy and not self.pool.running_request_ids() and not self.jobs:
@@ -125,10 +133,9 @@ class Worker:
                 stop.set()
             if not result.jobs:
                 if "longpoll" not in self.transport.features:
-                    await asyncio.sleep(idle_delay)
-                    idle_delay = min(idle_delay * 2, self.cfg.pull_backoff_max)
+                    await idle.sleep()
                 continue
-            idle_delay = 0.05
+            idle.reset()
             for job in result.jobs:
                 task = asyncio.ensure_future(self._process(job))
                 self.jobs.add(task)

@@ -92,14 +92,34 @@ def ttl_expired(job: Job, at_ms: int) -> bool:
     return job.enqueue_at > 0 and at_ms - job.enqueue_at > job.ttl_ms
 
 
-def metric(job: Job, status: str, message: str = "", finished_at: int = 0) -> StatusMetric:
+class StatusReport(msgspec.Struct, frozen=True):
+    """A job's status as the job loop reports it; each transport words it its own way
+    (the plain agent's ``StatusMetric`` body, the link's ``Metric`` frame)."""
+
+    status: str  # executing | succeed | failed
+    message: str
+    timestamp: int  # ms
+    enqueued_at: int  # ms
+    queueing_ms: int
+    execution_ms: int
+
+
+def metric(job: Job, status: str, message: str = "", finished_at: int = 0) -> StatusReport:
     ts = now_ms()
     enq = job.enqueue_at or job.received_at
     started = job.started_at or ts
     queueing = max(0, started - enq)
     execution = max(0, (finished_at or ts) - started) if status != "executing" else 0
-    return StatusMetric(timestamp=ts, requestID=job.request_id, webhook=job.webhook,
-                        status=status, operation=job.mode, enqueueTimestamp=enq,
-                        queueingDuration=queueing, executionDuration=execution,
-                        totalDuration=queueing + execution, requestCreateAt=job.create_at,
-                        message=message)
+    return StatusReport(status=status, message=message, timestamp=ts, enqueued_at=enq,
+                        queueing_ms=queueing, execution_ms=execution)
+
+
+def status_metric(job: Job, report: StatusReport) -> StatusMetric:
+    """The plain agent protocol's status body."""
+    return StatusMetric(timestamp=report.timestamp, requestID=job.request_id,
+                        webhook=job.webhook, status=report.status, operation=job.mode,
+                        enqueueTimestamp=report.enqueued_at,
+                        queueingDuration=report.queueing_ms,
+                        executionDuration=report.execution_ms,
+                        totalDuration=report.queueing_ms + report.execution_ms,
+                        requestCreateAt=job.create_at, message=report.message)

@@ -5,19 +5,29 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.handlers import ASYNC_KINDS, Outcome, error_body
 from spirit_gpu.log import logger
 from spirit_gpu.protocol import ipc
+from spirit_gpu.retry import RetryPolicy
+from spirit_gpu.settings import SettingError
 from spirit_gpu.supervisor.child_process import ChildProcess, describe_exit
 from spirit_gpu.supervisor.jobs import Job
 
 ChunkSink = Callable[[int, bytes], None]
+# start() keys (the first Hello's options) -> the worker's final config
+Resolve = Callable[[Mapping[str, object]], WorkerConfig]
+ChildFactory = Callable[[int, Callable[[ChildProcess, ipc.Message], None]], ChildProcess]
+
+
+def crash_retry(cfg: WorkerConfig) -> RetryPolicy:
+    """Restart delays of a crash-looping handler: the first crash restarts at once,
+    then 0.5 s, doubling up to ``crash_backoff_max``."""
+    return RetryPolicy(first=0.5, factor=2.0, max_delay=cfg.crash_backoff_max)
 
 
 class StartupFailed(Exception):
@@ -49,10 +59,18 @@ def _failed(code: int, message: str) -> Outcome:
 
 
 class Pool:
-    def __init__(self, cfg: WorkerConfig, script: str, args: list[str]) -> None:
+    """``cfg`` is what the first process starts under; once it says hello, ``resolve``
+    (given its start() keys) builds the final config, once. ``new_child`` and the
+    loop's clock are what unit tests replace."""
+
+    def __init__(self, cfg: WorkerConfig, script: str, args: list[str],
+                 resolve: Resolve | None = None, new_child: ChildFactory = ChildProcess,
+                 child_env: Mapping[str, str] | None = None) -> None:
         self.cfg = cfg
         self.script = script
         self.args = args
+        self._resolve = resolve
+        self._new_child = new_child
         self.kind: str | None = None
         self._async = False
         self.options: dict[str, object] = {}
@@ -64,6 +82,7 @@ class Pool:
         self.ready = asyncio.Event()
         # cached: asyncio.get_running_loop() costs a getpid() syscall on 3.11
         self._loop = asyncio.get_running_loop()
+        self._clock = self._loop.time
         self.startup_error: asyncio.Future[str] = self._loop.create_future()
         self.changed = asyncio.Event()  # capacity may have changed
         self.listeners: list[Callable[[], None]] = []
@@ -78,6 +97,8 @@ class Pool:
         self._check: asyncio.Future[tuple[bool, str]] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._env = {k: v for k, v in os.environ.items() if k != "SPIRIT_SUPERVISED"}
+        self._env.update(child_env or {})
+        self._hurried = False
 
     def _notify(self) -> None:
         self.changed.set()
@@ -125,7 +146,7 @@ class Pool:
         task.add_done_callback(self._tasks.discard)
 
     def _spawn_now(self) -> None:
-        child = ChildProcess(next(self._ids), self._on_message)
+        child = self._new_child(next(self._ids), self._on_message)
         self.children[child.cid] = child
         self._background(self._run_child(child))
 
@@ -145,7 +166,7 @@ class Pool:
     # ---- messages from children -------------------------------------------------
 
     def _on_message(self, child: ChildProcess, msg: ipc.Message) -> None:
-        child.last_seen = now = time.monotonic()
+        child.last_seen = now = self._clock()
         if isinstance(msg, ipc.Done):
             self._on_done(child, msg, now)
         elif isinstance(msg, ipc.Chunk):
@@ -176,12 +197,19 @@ class Pool:
             return
         child.state = "ready"
         child.was_ready = True
-        child.idle_since = time.monotonic()
+        child.idle_since = self._clock()
         if self.kind is None:
             self.kind = msg.kind
             self._async = msg.kind in ASYNC_KINDS
             self.options = dict(msg.options)
             self.allowed = msg.concurrency
+            if self._resolve is not None:  # start() keys, under env vars and flags
+                try:
+                    self.cfg = self._resolve(self.options)
+                except SettingError as exc:
+                    if not self.startup_error.done():
+                        self.startup_error.set_result(str(exc))
+                    return
         self.ever_ready = True
         logger.debug(f"handler process {msg.pid} ready ({msg.kind} handler)")
         self.ready.set()
@@ -215,7 +243,9 @@ class Pool:
         clean = child.state == "stopping" and code == 0
         child.state = "dead"
         self.children.pop(child.cid, None)
-        what = describe_exit(code)
+        # "killed by SIGKILL (out of memory...)" only when we did not kill it ourselves
+        what = ("was stopped by the supervisor" if child.killed_on_purpose
+                else describe_exit(code))
         for run in list(child.jobs.values()):
             self.runs.pop(run.job_id, None)
             if run.reason is not None:
@@ -232,19 +262,26 @@ class Pool:
                 if not self.startup_error.done():
                     self.startup_error.set_result(message)
                 return
-            self.crash_streak += 1
-            delay = 0.0 if self.crash_streak <= 1 else min(
-                self.cfg.crash_backoff_max, 0.5 * 2 ** (self.crash_streak - 2))
-            self._next_spawn = time.monotonic() + delay
-            state = "" if was_ready else " before becoming ready"
-            reason = f" ({child.kill_reason})" if child.kill_reason else ""
-            backoff = (f"; {self.crash_streak} crashes in a row, backing off {delay:.1f} s"
-                       if delay else "")
-            logger.error(f"handler process {child.pid} {what}{reason}{state}; "
-                         f"starting a replacement{backoff}")
+            if child.killed_on_purpose:  # a job's cancel or timeout: expected, not a crash
+                logger.info(f"handler process {child.pid} stopped ({child.kill_reason}); "
+                            "starting a replacement")
+            else:
+                self._crashed(child, what, was_ready)
         self._pump()
         self._scale()
         self._notify()
+
+    def _crashed(self, child: ChildProcess, what: str, was_ready: bool) -> None:
+        self.crash_streak += 1
+        delay = 0.0 if self.crash_streak <= 1 else crash_retry(self.cfg).delay(
+            self.crash_streak - 1)
+        self._next_spawn = self._clock() + delay
+        state = "" if was_ready else " before becoming ready"
+        reason = f" ({child.kill_reason})" if child.kill_reason else ""
+        backoff = (f"; {self.crash_streak} crashes in a row, backing off {delay:.1f} s"
+                   if delay else "")
+        logger.error(f"handler process {child.pid} {what}{reason}{state}; "
+                     f"starting a replacement{backoff}")
 
     # ---- dispatch ---------------------------------------------------------------
 
@@ -303,7 +340,7 @@ class Pool:
         missing = self._wanted() - len(alive)
         if missing <= 0:
             return
-        wait = self._next_spawn - time.monotonic()
+        wait = self._next_spawn - self._clock()
         if wait > 0:
             if self._spawn_timer is None:
                 self._spawn_timer = self._loop.call_later(wait, self._spawn_due)
@@ -345,18 +382,18 @@ class Pool:
             # a task that ignores cancellation loses its process
             self._loop.call_later(5.0, self._cancel_overdue, run)
         else:
-            child.kill(message)
+            child.kill(message, on_purpose=True)
 
     def _cancel_overdue(self, run: _Run) -> None:
         if not run.future.done() and run.child is not None:
-            run.child.kill("a cancelled task did not stop within 5 s")
+            run.child.kill("a cancelled task did not stop within 5 s", on_purpose=True)
 
     async def _watchdog(self) -> None:
         tick = max(0.05, min(self.cfg.ping_interval, 1.0))
         last_ask = 0.0
         while True:
             await asyncio.sleep(tick)
-            now = time.monotonic()
+            now = self._clock()
             live = [c for c in self.children.values()
                     if c.state in ("starting", "ready", "stopping", "lost")]
             for child in live:  # every message counts; a beat comes each ping_interval
@@ -399,16 +436,25 @@ class Pool:
 
     # ---- shutdown ---------------------------------------------------------------
 
+    def hurry(self) -> None:
+        """No more grace (a second SIGINT): running jobs end now with 503."""
+        self._hurried = True
+        for run in list(self.runs.values()):
+            self._stop_run(run, 503, "worker stopped")
+        self._notify()
+
     async def drain(self, grace: float) -> None:
         """Stop taking work; give running jobs ``grace`` seconds, then end them."""
         self.closing = True
+        if self._hurried:
+            grace = 0.0
         for run in list(self.pending):
             self._stop_run(run, 503, "worker shutting down before the request started")
-        deadline = time.monotonic() + grace
-        while self.runs and time.monotonic() < deadline:
+        deadline = self._clock() + grace
+        while self.runs and self._clock() < deadline:
             self.changed.clear()
             try:
-                await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - self._clock()))
             except TimeoutError:
                 break
         for run in list(self.runs.values()):
@@ -422,11 +468,11 @@ class Pool:
             self._spawn_timer.cancel()
         for child in list(self.children.values()):
             child.stop()
-        deadline = time.monotonic() + 3.0
-        while self.children and time.monotonic() < deadline:
+        deadline = self._clock() + 3.0
+        while self.children and self._clock() < deadline:
             self.changed.clear()
             try:
-                await asyncio.wait_for(self.changed.wait(), deadline - time.monotonic())
+                await asyncio.wait_for(self.changed.wait(), deadline - self._clock())
             except TimeoutError:
                 break
         for child in list(self.children.values()):

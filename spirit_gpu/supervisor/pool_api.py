@@ -37,6 +37,9 @@ class JobPool(Protocol):
 
     async def check_start(self) -> tuple[bool, str]: ...
 
+    def hurry(self) -> None:
+        """No more grace (a second SIGINT): end running jobs now."""
+
     async def drain(self, grace: float) -> None: ...
 
     async def close(self) -> None: ...

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 from yarl import URL
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
+from spirit_gpu.retry import RetryPolicy
+
+
+def retry_policy(cfg: WorkerConfig) -> RetryPolicy:
+    """``webhook_attempts`` tries, the first retry after ``webhook_backoff`` s, doubling."""
+    return RetryPolicy(first=cfg.webhook_backoff, factor=2.0, max_delay=float("inf"),
+                       attempts=max(1, cfg.webhook_attempts))
 
 
 async def deliver(session: aiohttp.ClientSession, cfg: WorkerConfig, webhook: str,
@@ -25,9 +30,9 @@ async def deliver(session: aiohttp.ClientSession, cfg: WorkerConfig, webhook: st
     except (ValueError, TypeError) as exc:
         return f"webhook {webhook!r} is not a valid URL: {exc}"
     timeout = aiohttp.ClientTimeout(total=cfg.webhook_timeout)
-    delay = cfg.webhook_backoff
+    policy = retry_policy(cfg)
     error = ""
-    for attempt in range(1, cfg.webhook_attempts + 1):
+    async for attempt in policy.attempts_of():
         try:
             async with session.post(url, data=body, timeout=timeout,
                                     headers={"Content-Type": "application/json"}) as resp:
@@ -39,11 +44,9 @@ async def deliver(session: aiohttp.ClientSession, cfg: WorkerConfig, webhook: st
                     break
         except (aiohttp.ClientError, TimeoutError) as exc:
             error = f"webhook unreachable: {exc or type(exc).__name__}"
-        if attempt < cfg.webhook_attempts:
-            logger.warn(f"{error}; retrying in {delay:g} s (attempt {attempt} of "
-                        f"{cfg.webhook_attempts})", request_id=request_id)
-            await asyncio.sleep(delay)
-            delay *= 2
+        if attempt < (policy.attempts or 0):
+            logger.warn(f"{error}; retrying in {policy.delay(attempt):g} s (attempt {attempt} "
+                        f"of {policy.attempts})", request_id=request_id)
     note = f"webhook delivery failed: {error}"
     logger.error(note, request_id=request_id)
     return note

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator
 
@@ -10,8 +11,8 @@ import aiohttp
 import pytest
 
 from spirit_gpu.supervisor.jobs import Job, metric
+from spirit_gpu.supervisor.transports.base import AgentUnavailable
 from spirit_gpu.supervisor.transports.link import LinkTransport
-from spirit_gpu.supervisor.transports.plain import AgentUnavailable
 from tests.gateway.conftest import AUTH, TOKEN, GatewayFactory, Gw, poll
 
 HOOK = "http://127.0.0.1:9/h"
@@ -140,3 +141,46 @@ async def test_worker_gone_mid_job_fails_the_job(gateway_factory: GatewayFactory
         return bool((await gw.status("lg", rid))["status"] == "failed")
     await poll(failed, 5, "lease expiry")
     assert "worker lost" in (await gw.status("lg", rid))["message"]
+
+
+async def test_a_cut_link_resends_a_turns_frames_together_and_in_order(
+        gw: Gw, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spirit_gpu.gateway import link_server
+    from spirit_gpu.protocol import link as lp
+
+    seen: list[tuple[str, str]] = []  # (frame, request id) in the order the gateway reads them
+    original = link_server.LinkSession._on_frame
+
+    async def record(self: link_server.LinkSession, frame: lp.Frame) -> None:
+        if isinstance(frame, lp.Metric | lp.Result | lp.Ack):
+            seen.append((f"{type(frame).__name__}:{getattr(frame, 'status', '')}",
+                         frame.request_id))
+        await original(self, frame)
+    monkeypatch.setattr(link_server.LinkSession, "_on_frame", record)
+
+    link = LinkTransport(session, f"{gw.url}/agent/lx")
+    await link.connect()
+    ids = [await submit(gw, "lx", i) for i in range(3)]
+    jobs = await pull_until(link, 3, 3)
+    ws = link._ws
+    assert ws is not None
+    # one loop turn: each job's metrics, result and ack are queued, then the socket dies
+    # under them before the turn's message is written
+    for job in jobs:
+        job.started_at = job.received_at
+        await link.metric(job, metric(job, "executing"))
+        await link.result(job, 200, "", b'{"ok": true}')
+        await link.metric(job, metric(job, "succeed"))
+        await link.ack(job)
+    ws._writer.transport.abort()  # aiohttp's socket transport: a cut connection
+
+    async def all_done() -> bool:
+        return all([(await gw.status("lx", i))["status"] == "succeed" for i in ids])
+    await poll(all_done, 10, "results resent on a new link")
+    assert link._ws is not ws  # they went over a new connection
+    expected = [(what, j.request_id) for j in jobs
+                for what in ("Metric:executing", "Result:", "Metric:succeed", "Ack:")]
+    assert seen == expected
+    for i in ids:
+        assert base64.b64decode((await gw.status("lx", i))["result"]) == b'{"ok": true}'
+    await link.close()

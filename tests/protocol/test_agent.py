@@ -22,7 +22,7 @@ from spirit_gpu.protocol.agent import (
     ResultBody,
     StatusMetric,
 )
-from spirit_gpu.supervisor.jobs import Job, job_from_envelope, metric, ttl_expired
+from spirit_gpu.supervisor.jobs import Job, job_from_envelope, metric, status_metric, ttl_expired
 
 GOLDEN: list[tuple[msgspec.Struct, bytes]] = [
     (Envelope(headers={"Ease-Mode": "sync", "Ease-Request-Id": "r1"}, body="e30="),
@@ -102,7 +102,8 @@ def test_sync_webhook_comes_from_header_and_ttl_defaults() -> None:
 def test_metric_fields_are_in_the_reference_order() -> None:
     job = Job(request_id="r", mode="async", webhook="w", enqueue_at=1000, create_at=900,
               started_at=1500)
-    m = json.loads(msgspec.json.encode(metric(job, "succeed", "ok", finished_at=2000)))
+    report = metric(job, "succeed", "ok", finished_at=2000)
+    m = json.loads(msgspec.json.encode(status_metric(job, report)))
     assert list(m) == ["timestamp", "requestID", "webhook", "status", "operation",
                        "enqueueTimestamp", "queueingDuration", "executionDuration",
                        "totalDuration", "requestCreateAt", "message"]

@@ -111,14 +111,14 @@ async def test_agent_down_then_back(worker_factory) -> None:
     agent.url = f"http://127.0.0.1:{port}"
     agent.enqueue("late", {"input": {"x": 3}})
     w = worker_factory("behave.py", worker_env(agent))
-    w.wait_output("unreachable")
+    await w.wait_output("unreachable")
     runner = web.AppRunner(agent.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         await agent.wait_for(lambda: "late" in agent.acks)
         assert agent.results["late"]["statusCode"] == 200
-        w.wait_output("reachable again")
+        await w.wait_output("reachable again")
         assert w.output.count("unreachable") == 1
         assert w.proc.poll() is None
     finally:
@@ -142,11 +142,13 @@ async def test_heartbeat_lists_running_requests(agent: FakeAgent, worker_factory
 
 async def test_heartbeat_cancel_kills_running_sync_job(agent: FakeAgent, worker_factory) -> None:
     agent.enqueue("long", {"input": {"sleep": 30}})
-    worker_factory("behave.py", worker_env(agent))
+    w = worker_factory("behave.py", worker_env(agent))
     await agent.wait_for(lambda: any("long" in hb for hb in agent.heartbeats))
     agent.cancel = ["long"]
     await agent.wait_for(lambda: "long" in agent.acks)
     assert agent.results["long"]["statusCode"] == 499
+    await w.wait_output("starting a replacement")
+    assert "SIGKILL" not in w.output and '"level":"ERROR"' not in w.output  # not a crash
 
 
 async def test_sigterm_drains_running_job_then_exits_0(agent: FakeAgent, worker_factory) -> None:

@@ -31,6 +31,7 @@ from spirit_gpu.protocol.proxy import (
     LinkOpen,
     decode_frames,
 )
+from spirit_gpu.retry import Backoff, RetryPolicy
 from spirit_gpu.supervisor.proxy.listener import (
     DROP,
     NOT_READY,
@@ -41,6 +42,7 @@ from spirit_gpu.supervisor.proxy.register import Registrar
 from spirit_gpu.supervisor.proxy.upstream import InvalidRequest
 
 _JSON = [("Content-Type", "application/json")]
+RECONNECT_RETRY = RetryPolicy(first=0.1, factor=2.0, max_delay=2.0)
 
 
 class WorkerLink:
@@ -54,7 +56,7 @@ class WorkerLink:
 
     async def run(self) -> None:
         """Keep the link up while the agent offers it (cancel to stop)."""
-        backoff = 0.1
+        backoff = Backoff(RECONNECT_RETRY)
         async with aiohttp.ClientSession() as session:
             while True:
                 await self.registrar.link_offered.wait()
@@ -64,7 +66,7 @@ class WorkerLink:
                     async with session.ws_connect(url, headers=self._headers, max_msg_size=0,
                                                   heartbeat=30.0) as ws:
                         logger.info(f"proxy link to {url} up")
-                        backoff = 0.1
+                        backoff.reset()
                         self.connected.set()
                         await self._serve(ws)
                     logger.info("proxy link closed by the gateway")
@@ -72,8 +74,7 @@ class WorkerLink:
                     logger.warn(f"proxy link to {url} failed: {exc!r}; retrying")
                 finally:
                     self.connected.clear()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.sleep()
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         writer = FrameWriter(ws)

@@ -37,7 +37,8 @@ from spirit_gpu.supervisor.jobs import Job, metric, now_ms, ttl_expired
 from spirit_gpu.supervisor.proxy.listener import ProxyListener
 from spirit_gpu.supervisor.proxy.register import Registrar
 from spirit_gpu.supervisor.proxy.upstream import Answer
-from spirit_gpu.supervisor.transports.plain import AgentUnavailable, PlainTransport
+from spirit_gpu.supervisor.transports.base import AgentUnavailable
+from spirit_gpu.supervisor.transports.plain import PlainTransport
 
 MAX_IN_FLIGHT = 64
 _DROP = HOP_BY_HOP | {"content-length"}

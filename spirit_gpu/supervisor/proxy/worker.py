@@ -23,6 +23,7 @@ from typing import Literal
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
+from spirit_gpu.retry import Backoff, RetryPolicy
 from spirit_gpu.supervisor.proxy.link import WorkerLink, stop_link
 from spirit_gpu.supervisor.proxy.listener import ProxyListener
 from spirit_gpu.supervisor.proxy.queue_jobs import QueueJobs
@@ -85,7 +86,7 @@ async def wait_ready(check_start: CheckStart, deadline: float,
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline
     next_notice = loop.time() + WAITING_NOTICE_EVERY
-    delay = FIRST_POLL
+    poll = Backoff(RetryPolicy(first=FIRST_POLL, factor=2.0, max_delay=MAX_POLL))
     last_error = ""
     attempts = 0
     while not stop.is_set():
@@ -108,9 +109,8 @@ async def wait_ready(check_start: CheckStart, deadline: float,
                         f"{max(0.0, give_up - loop.time()):.0f}s left)")
             next_notice = loop.time() + WAITING_NOTICE_EVERY
         try:
-            async with asyncio.timeout(min(delay, max(0.0, give_up - loop.time()))):
+            async with asyncio.timeout(min(poll.next(), max(0.0, give_up - loop.time()))):
                 await stop.wait()
         except TimeoutError:
             pass
-        delay = min(delay * 2, MAX_POLL)
     return "stopped"

@@ -2,17 +2,20 @@
 
 ``PlainTransport`` (plain.py) speaks the reference HTTP protocol; the
 multiplexed ``LinkTransport`` (link.py) carries the same calls as
-msgspec frames over one WebSocket. The worker loop only sees this interface.
+msgspec frames over one WebSocket. The job loop only sees this interface, and
+reads what a transport offers from its ``capabilities``, never by probing.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import msgspec
 
-from spirit_gpu.protocol.agent import HeartbeatReply, StatusMetric
-from spirit_gpu.supervisor.jobs import Job
+from spirit_gpu.log import logger
+from spirit_gpu.protocol.agent import HeartbeatReply
+from spirit_gpu.supervisor.jobs import Job, StatusReport
 
 
 class PullResult(msgspec.Struct):
@@ -20,13 +23,49 @@ class PullResult(msgspec.Struct):
     healthy: bool = True
 
 
+class Capabilities(msgspec.Struct, frozen=True):
+    """What a transport offers the job loop."""
+
+    batched_pulls: bool = False  # one pull() may hand over many jobs: one puller is enough
+    instant_metrics: bool = False  # metric() only queues and returns: no task needed
+
+
+class AgentUnavailable(Exception):
+    """The agent could not be reached or answered with an error."""
+
+
+class Outage:
+    """Logs an agent outage once when it starts and once when it ends."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.since: float | None = None
+
+    @property
+    def ongoing(self) -> bool:
+        return self.since is not None
+
+    def down(self, error: object) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            logger.error(f"{self.what} unreachable ({error}); retrying with backoff")
+
+    def up(self) -> None:
+        if self.since is not None:
+            logger.info(f"{self.what} reachable again after "
+                        f"{time.monotonic() - self.since:.1f} s")
+            self.since = None
+
+
 class Transport(Protocol):
-    features: set[str]
+    capabilities: Capabilities
+    features: set[str]  # extensions the agent announced (longpoll, stream, link, ...)
 
     async def pull(self, limit: int) -> PullResult:
-        """Up to ``limit`` jobs; may wait (long-poll); [] when there is nothing."""
+        """Up to ``limit`` jobs; may wait (long-poll); [] when there is nothing.
+        Raises ``AgentUnavailable`` when the agent cannot be reached."""
 
-    async def metric(self, job: Job, status: StatusMetric) -> None: ...
+    async def metric(self, job: Job, report: StatusReport) -> None: ...
 
     async def result(self, job: Job, status_code: int, message: str, data: bytes) -> None: ...
 
@@ -35,6 +74,7 @@ class Transport(Protocol):
     async def chunk(self, job: Job, seq: int, data: bytes) -> None:
         """A generator's item as it is yielded (no-op where the agent has no streams)."""
 
-    async def heartbeat(self, request_ids: list[str]) -> HeartbeatReply: ...
+    async def heartbeat(self, request_ids: list[str]) -> HeartbeatReply:
+        """Raises ``AgentUnavailable`` when it could not be delivered."""
 
     async def close(self) -> None: ...

@@ -5,6 +5,11 @@ Jobs arrive as ``Dispatch`` frames against credits this side grants in
 (``spirit_gpu.protocol.link``). On a lost link it reconnects on the next call;
 jobs dispatched but not yet handed to the worker loop are dropped (the gateway
 redelivers them when their lease runs out), running jobs report on the new link.
+
+Outgoing frames go through one ``BatchWriter``: a loop turn's frames travel as
+one message, and a message that could not be sent is retried whole, in order,
+before anything queued after it (a result never overtakes its ``executing``
+metric, an ack never its result). Each frame has its own number of tries.
 """
 
 from __future__ import annotations
@@ -12,25 +17,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from typing import Any
+from collections.abc import Awaitable
 
 import aiohttp
 import msgspec
 
 from spirit_gpu.log import logger
 from spirit_gpu.net import wsio
+from spirit_gpu.net.batch_writer import BatchWriter
 from spirit_gpu.protocol import agent
 from spirit_gpu.protocol import link as lp
-from spirit_gpu.protocol.agent import DEFAULT_TTL_MS, HeartbeatReply, StatusMetric
-from spirit_gpu.supervisor.jobs import Job, now_ms
-from spirit_gpu.supervisor.transports.base import PullResult
-from spirit_gpu.supervisor.transports.plain import AgentUnavailable, Outage
+from spirit_gpu.protocol.agent import DEFAULT_TTL_MS, HeartbeatReply
+from spirit_gpu.retry import Backoff, RetryPolicy
+from spirit_gpu.supervisor.jobs import Job, StatusReport, now_ms
+from spirit_gpu.supervisor.transports.base import (
+    AgentUnavailable,
+    Capabilities,
+    Outage,
+    PullResult,
+)
 
 PULL_WAIT = 1.0  # seconds pull() waits for a dispatch before answering []
 # A job's "executing" metric waits this long for its result, so a short job's
 # metrics, result and ack share one message; a longer job reports it on time.
 EXECUTING_DELAY = 0.05
 CONNECT_TIMEOUT = 10.0
+# a message the link did not take is retried with this backoff; how many tries a
+# frame gets is its own (a result 10, metrics and acks 6, chunks 3, heartbeats 1)
+RESEND_RETRY = RetryPolicy(first=0.1, factor=2.0, max_delay=5.0)
+_SEND_ERRORS = (AgentUnavailable, aiohttp.ClientError, ConnectionError, RuntimeError)
 
 
 def job_from_dispatch(d: lp.Dispatch) -> Job:
@@ -39,18 +54,35 @@ def job_from_dispatch(d: lp.Dispatch) -> Job:
                ttl_ms=d.ttl_ms or DEFAULT_TTL_MS, body=d.body, received_at=now_ms())
 
 
-_Group = list[tuple[lp.Frame, asyncio.Future[bool]]]
+class _Out:
+    """A frame waiting to go out, with the tries it has left."""
+
+    __slots__ = ("frame", "tries", "done", "request_id")
+
+    def __init__(self, frame: lp.Frame, tries: int, request_id: str,
+                 done: asyncio.Future[bool] | None) -> None:
+        self.frame = frame
+        self.tries = tries
+        self.request_id = request_id
+        self.done = done
 
 
-def _settle(group: _Group, ok: bool) -> None:
-    for _, done in group:
-        if not done.done():
-            done.set_result(ok)
+def _encode(items: list[_Out]) -> bytes:
+    return lp.encode_many([o.frame for o in items])
+
+
+def _settle(items: list[_Out], ok: bool) -> None:
+    for o in items:
+        if o.done is not None and not o.done.done():
+            o.done.set_result(ok)
+
+
+def _sent(items: list[_Out]) -> None:
+    _settle(items, True)
 
 
 class LinkTransport:
-    batched_pulls = True  # one pull() may hand over many jobs
-    instant_metrics = True  # metric() only queues a frame and returns
+    capabilities = Capabilities(batched_pulls=True, instant_metrics=True)
 
     def __init__(self, session: aiohttp.ClientSession, agent_url: str, token: str = "") -> None:
         self.session = session
@@ -64,8 +96,8 @@ class LinkTransport:
         self._lock = asyncio.Lock()
         self._buffer: deque[Job] = deque()
         self._waiters: deque[asyncio.Future[Job | None]] = deque()  # pulls waiting for a job
-        self._out: _Group = []  # this loop turn's frames
-        self._writes: set[asyncio.Task[Any]] = set()
+        self._writer: BatchWriter[_Out] = BatchWriter(
+            _encode, self._sink, max_batch=1, on_error=self._resend, on_sent=_sent)
         self._batches = False  # the gateway reads Batch messages
         self._outstanding = 0  # credits granted and not yet used by a dispatch
         self._executing: dict[str, tuple[asyncio.TimerHandle, lp.Metric]] = {}
@@ -90,6 +122,7 @@ class LinkTransport:
             raise
         self.features = set(welcome.features)
         self._batches = "batch" in self.features
+        self._writer.max_batch = 0 if self._batches else 1  # one message per frame
         self.lease_ms = welcome.lease_ms
         self._buffer.clear()
         self._outstanding = 0
@@ -153,87 +186,60 @@ class LinkTransport:
                 return
         self._buffer.append(job)
 
-    def _queue(self, frame: lp.Frame) -> asyncio.Future[bool]:
-        """Send with the rest of this loop turn's frames; the future says if it went out."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._out.append((frame, done))
-        return done
+    # --- sending ----------------------------------------------------------------
+    def _sink(self, data: bytes) -> Awaitable[None] | None:
+        ws = self._ws
+        if ws is None or ws.closed:
+            return self._send_when_up(data)  # the next call reconnects
+        coro = ws.send_bytes(data)
+        done, waiting = wsio.start(coro)  # the usual case: written here, no task
+        return None if done else wsio.finish(coro, waiting)
 
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if not out:
-            return
-        groups = [out] if self._batches else [[item] for item in out]
-        for group in groups:
-            ws = self._ws
-            if ws is not None and not ws.closed and not self._writes:
-                self._write_now(ws, group)  # the usual case: written here, no task
-                continue
-            task = asyncio.ensure_future(self._write(group))  # after a reconnect
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
+    async def _send_when_up(self, data: bytes) -> None:
+        ws = await self._live()
+        await ws.send_bytes(data)
 
-    def _write_now(self, ws: aiohttp.ClientWebSocketResponse, group: _Group) -> None:
-        coro = ws.send_bytes(lp.encode_many([frame for frame, _ in group]))
-        try:
-            done, waiting = wsio.start(coro)
-        except (aiohttp.ClientError, ConnectionError, RuntimeError):
-            _settle(group, False)
-            return
-        if done:
-            _settle(group, True)
-            return
-        task = asyncio.ensure_future(self._finish(coro, waiting, group))  # link pushes back
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _finish(self, coro: wsio.SendCoro, waiting: Any, group: _Group) -> None:
-        try:
-            await wsio.finish(coro, waiting)
-            ok = True
-        except (aiohttp.ClientError, ConnectionError, RuntimeError):
-            ok = False
-        _settle(group, ok)
-
-    async def _write(self, group: _Group) -> None:
-        try:
-            ws = await self._live()
-            await ws.send_bytes(lp.encode_many([frame for frame, _ in group]))
-            ok = True
-        except (AgentUnavailable, aiohttp.ClientError, ConnectionError, RuntimeError):
-            ok = False
-        _settle(group, ok)
-
-    def _send_soon(self, frame: lp.Frame, attempts: int, request_id: str = "") -> None:
-        """Queue without waiting (frames of one turn share a message); retry if it failed."""
-        def sent(done: asyncio.Future[bool]) -> None:
-            if not done.result():
-                task = asyncio.ensure_future(self._retry(frame, attempts - 1, request_id))
-                self._writes.add(task)
-                task.add_done_callback(self._writes.discard)
-        self._queue(frame).add_done_callback(sent)
-
-    async def _send(self, frame: lp.Frame, attempts: int, request_id: str = "") -> bool:
-        return await self._queue(frame) or await self._retry(frame, attempts - 1, request_id)
-
-    async def _retry(self, frame: lp.Frame, attempts: int, request_id: str) -> bool:
-        data = lp.encode(frame)
-        delay = 0.1
-        error: object = "the link is down"
-        for _ in range(attempts):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    async def _resend(self, items: list[_Out], error: Exception) -> None:
+        """Retry a message that did not go out, whole and in order; the writer holds
+        everything queued after it until this ends."""
+        backoff = Backoff(RESEND_RETRY)
+        while True:
+            left = []
+            for o in items:  # that try counted for every frame in it
+                o.tries -= 1
+                if o.tries > 0:
+                    left.append(o)
+                    continue
+                _settle([o], False)
+                if o.request_id:  # a job's report is lost: say so for each one
+                    logger.error(f"giving up on sending {type(o.frame).__name__.lower()} "
+                                 f"over the link: {error}", request_id=o.request_id)
+            items = left
+            if not items:
+                return
+            await backoff.sleep()
             try:
                 ws = await self._live()
-                await ws.send_bytes(data)
-                return True
-            except (AgentUnavailable, aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+                if self._batches:
+                    await ws.send_bytes(_encode(items))
+                else:
+                    for o in items:
+                        await ws.send_bytes(lp.encode(o.frame))
+            except _SEND_ERRORS as exc:
                 error = exc
-        logger.error(f"giving up on sending {type(frame).__name__.lower()} over the link after "
-                     f"{attempts + 1} attempts: {error}", request_id=request_id)
-        return False
+                continue
+            _settle(items, True)
+            return
+
+    def _send_soon(self, frame: lp.Frame, tries: int, request_id: str = "") -> None:
+        """Queue without waiting: frames of one loop turn share a message."""
+        self._writer.send(_Out(frame, tries, request_id, None))
+
+    async def _send(self, frame: lp.Frame, tries: int) -> bool:
+        """Queue and wait until it went out (True) or was given up on (False)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._writer.send(_Out(frame, tries, "", done))
+        return await done
 
     # --- Transport ------------------------------------------------------------------
     async def pull(self, limit: int) -> PullResult:
@@ -244,7 +250,7 @@ class LinkTransport:
         # top credits up in bulk (one frame per many jobs), never leaving none
         if want > 0 and want >= max(1, limit // 2) or want < 0:
             self._outstanding += want
-            self._queue(lp.Credit(n=want))  # a lost link resets the credits
+            self._send_soon(lp.Credit(n=want), 1)  # a lost link resets the credits
         jobs: list[Job] = []
         while self._buffer and len(jobs) < limit:
             jobs.append(self._buffer.popleft())
@@ -269,11 +275,11 @@ class LinkTransport:
             jobs.append(self._buffer.popleft())
         return PullResult(jobs)
 
-    async def metric(self, job: Job, status: StatusMetric) -> None:
-        frame = lp.Metric(request_id=job.request_id, status=status.status,
-                          message=status.message, queueing_ms=status.queueingDuration,
-                          execution_ms=status.executionDuration)
-        if status.status == "executing":
+    async def metric(self, job: Job, report: StatusReport) -> None:
+        frame = lp.Metric(request_id=job.request_id, status=report.status,
+                          message=report.message, queueing_ms=report.queueing_ms,
+                          execution_ms=report.execution_ms)
+        if report.status == "executing":
             timer = asyncio.get_running_loop().call_later(EXECUTING_DELAY, self._executing_due,
                                                           job.request_id)
             self._executing[job.request_id] = (timer, frame)
@@ -309,9 +315,7 @@ class LinkTransport:
     async def close(self) -> None:
         for request_id in list(self._executing):
             self._executing_due(request_id)
-        self._flush()
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._writer.join()
         self._closed = True
         ws, self._ws = self._ws, None
         if ws is not None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import socket
-import time
 import uuid
 
 import aiohttp
@@ -14,39 +12,36 @@ import msgspec
 
 from spirit_gpu.log import logger
 from spirit_gpu.protocol import agent
-from spirit_gpu.protocol.agent import HeartbeatReply, ResultBody, StatusMetric
-from spirit_gpu.supervisor.jobs import BadEnvelope, Job, job_from_envelope
-from spirit_gpu.supervisor.transports.base import PullResult
+from spirit_gpu.protocol.agent import HeartbeatReply, ResultBody
+from spirit_gpu.retry import RetryPolicy
+from spirit_gpu.supervisor.jobs import (
+    BadEnvelope,
+    Job,
+    StatusReport,
+    job_from_envelope,
+    status_metric,
+)
+from spirit_gpu.supervisor.transports.base import (
+    AgentUnavailable,
+    Capabilities,
+    Outage,
+    PullResult,
+)
 
 LONG_POLL_MS = 20_000
 _json = msgspec.json.Encoder()
 _reply = msgspec.json.Decoder(HeartbeatReply)
-
-
-class AgentUnavailable(Exception):
-    """The agent could not be reached or answered with an error."""
-
-
-class Outage:
-    """Logs an agent outage once when it starts and once when it ends."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.since: float | None = None
-
-    def down(self, error: object) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
-            logger.error(f"{self.what} unreachable ({error}); retrying with backoff")
-
-    def up(self) -> None:
-        if self.since is not None:
-            logger.info(f"{self.what} reachable again after "
-                        f"{time.monotonic() - self.since:.1f} s")
-            self.since = None
+# a POST the agent did not take (no answer, 5xx) is retried: a result longest, a chunk
+# (superseded by the result) least, a heartbeat not at all (the next one comes soon)
+REPORT_RETRY = RetryPolicy(first=0.1, factor=2.0, max_delay=5.0, attempts=6)
+RESULT_RETRY = RetryPolicy(first=0.1, factor=2.0, max_delay=5.0, attempts=10)
+CHUNK_RETRY = RetryPolicy(first=0.1, factor=2.0, max_delay=5.0, attempts=3)
+HEARTBEAT_RETRY = RetryPolicy(first=0.1, attempts=1)
 
 
 class PlainTransport:
+    capabilities = Capabilities(batched_pulls=False, instant_metrics=False)
+
     def __init__(self, session: aiohttp.ClientSession, agent_url: str, token: str = "") -> None:
         self.session = session
         self.agent_url = agent_url
@@ -92,41 +87,43 @@ class PlainTransport:
             return PullResult([], healthy)
 
     async def _post(self, path: str, body: bytes, request_id: str = "",
-                    extra: dict[str, str] | None = None, attempts: int = 6) -> bytes | None:
+                    extra: dict[str, str] | None = None,
+                    retry: RetryPolicy = REPORT_RETRY) -> bytes | None:
+        outage = self.outage
         headers = dict(self.headers, **{"Content-Type": "application/json"}, **(extra or {}))
-        delay = 0.1
-        for attempt in range(1, attempts + 1):
+        error: object = ""
+        async for _ in retry.attempts_of():
             try:
                 async with self.session.post(agent.endpoint(self.agent_url, path), data=body,
                                              headers=headers) as resp:
                     self._note(resp)
                     data = await resp.read()
                     if resp.status < 500:
-                        self.outage.up()
+                        outage.up()
                         if resp.status >= 400:
                             logger.warn(f"agent answered {resp.status} to {path}: "
                                         f"{data[:200]!r}", request_id=request_id)
                         return data
-                    error: object = f"status {resp.status}"
+                    error = f"status {resp.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 error = exc
-                self.outage.down(exc)
-            if attempt < attempts:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        logger.error(f"giving up on POST {path} after {attempts} attempts: {error}",
-                     request_id=request_id)
+                outage.down(exc)
+        if request_id:  # a job's report is lost: say so for each one
+            logger.error(f"giving up on POST {path} after {retry.attempts} attempts: {error}",
+                         request_id=request_id)
+        else:  # a heartbeat: the outage is logged once when it starts and when it ends
+            outage.down(f"POST {path}: {error}")
         return None
 
-    async def metric(self, job: Job, status: StatusMetric) -> None:
-        await self._post(f"{agent.METRIC}/{job.request_id}", _json.encode(status),
-                         job.request_id)
+    async def metric(self, job: Job, report: StatusReport) -> None:
+        await self._post(f"{agent.METRIC}/{job.request_id}",
+                         _json.encode(status_metric(job, report)), job.request_id)
 
     async def result(self, job: Job, status_code: int, message: str, data: bytes) -> None:
         body = ResultBody(statusCode=status_code, message=message,
                           data=base64.b64encode(data).decode())
         await self._post(f"{agent.RESULT}/{job.request_id}", _json.encode(body), job.request_id,
-                         attempts=10)
+                         retry=RESULT_RETRY)
 
     async def ack(self, job: Job) -> None:
         await self._post(f"{agent.ACK}/{job.request_id}", b"", job.request_id)
@@ -134,11 +131,13 @@ class PlainTransport:
     async def chunk(self, job: Job, seq: int, data: bytes) -> None:
         if "stream" in self.features:
             await self._post(f"{agent.CHUNK}/{job.request_id}", data, job.request_id,
-                             {agent.CHUNK_SEQ_HEADER: str(seq)}, attempts=3)
+                             {agent.CHUNK_SEQ_HEADER: str(seq)}, CHUNK_RETRY)
 
     async def heartbeat(self, request_ids: list[str]) -> HeartbeatReply:
         data = await self._post(agent.HEARTBEAT, _json.encode(agent.Heartbeat(request_ids)),
-                                attempts=1)
+                                retry=HEARTBEAT_RETRY)
+        if data is None:
+            raise AgentUnavailable("heartbeat not delivered")
         if data:
             try:
                 return _reply.decode(data)
