@@ -136,4 +136,5 @@ def test_real_command(tmp_path: Path) -> None:
 
 def test_console_script_entry_point_is_main() -> None:
     text = (REPO / "pyproject.toml").read_text()
-    assert 'spirit-gpu-builder = "spirit_gpu.builder.cli:main"' in text
+    # the package's main checks the builder extra, then runs the CLI's main
+    assert 'spirit-gpu-builder = "spirit_gpu.builder:main"' in text
