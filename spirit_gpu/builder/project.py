@@ -10,8 +10,8 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from spirit_gpu.builder.errors import BuilderError
 from spirit_gpu.builder import wheel
+from spirit_gpu.builder.errors import BuilderError
 from spirit_gpu.builder.model import MODEL_FILE
 
 HANDLER_TYPES = ("sync", "async", "sync_generator", "async_generator")
@@ -83,6 +83,13 @@ def _requirements(data_type: str) -> str:
     return "\n".join(lines)
 
 
+def regenerate_command(options: Options, wrote_api_json: bool) -> str:
+    """The command that regenerates the model, run in the project's directory: from
+    api.json when the project has it (the input file itself may live elsewhere)."""
+    source = "api.json" if wrote_api_json else options.input_name
+    return f"spirit-gpu-builder -i {source} --data-type {options.data_type} --model-only"
+
+
 def plan_project(options: Options, model_code: str, api_json: str | None) -> list[PlannedFile]:
     """Every file of a new project (``api_json`` None: no api.json to write)."""
     values = {
@@ -90,6 +97,7 @@ def plan_project(options: Options, model_code: str, api_json: str | None) -> lis
         "data_type": options.data_type, "handler_type": options.handler_type,
         "year": str(datetime.date.today().year),
         "requirements": _requirements(options.data_type),
+        "regenerate": regenerate_command(options, api_json is not None),
     }
     files = [PlannedFile(p, _read("project", p), p.endswith(".sh")) for p in _STATIC]
     files += [PlannedFile(p, string.Template(_read("project", p + ".tmpl")).substitute(values))

@@ -65,10 +65,11 @@ def metadata() -> Meta:
         return found
     dist = importlib.metadata.distribution(NAME)
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
-    return Meta(version=dist.version, summary=dist.metadata.get("Summary", ""),
-                requires_python=dist.metadata.get("Requires-Python", ""),
+    info = dist.metadata
+    return Meta(version=dist.version, summary=info["Summary"] or "",
+                requires_python=info["Requires-Python"] or "",
                 requires=list(dist.requires or []),
-                extras=list(dist.metadata.get_all("Provides-Extra") or []), scripts=scripts)
+                extras=list(info.get_all("Provides-Extra") or []), scripts=scripts)
 
 
 def wheel_name(meta: Meta) -> str:
