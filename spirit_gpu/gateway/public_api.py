@@ -14,12 +14,12 @@ from spirit_gpu.gateway.httpio import (
     JSON,
     ApiError,
     json_response,
-    looks_like_json,
     read_body,
     serverless_id,
 )
 from spirit_gpu.gateway.service import GATEWAY_KEY, Gateway
 from spirit_gpu.gateway.storage.base import CancelOutcome, NewRequest, RequestRecord
+from spirit_gpu.protocol.agent import result_content_type
 
 
 class Policy(msgspec.Struct):
@@ -107,8 +107,8 @@ def result_response(rec: RequestRecord) -> web.Response:
     """A sync request's answer: the worker's status code and the handler's bytes."""
     data = rec.result
     if data:
-        ctype = JSON if looks_like_json(data) else "application/octet-stream"
-        return web.Response(body=data, status=rec.status_code, content_type=ctype)
+        return web.Response(body=data, status=rec.status_code,
+                            content_type=result_content_type(data))
     if 200 <= rec.status_code < 300:
         return web.Response(body=b"", status=rec.status_code, content_type=JSON)
     return json_response({"error": rec.message or rec.status}, rec.status_code)

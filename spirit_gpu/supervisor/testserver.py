@@ -9,6 +9,7 @@ from aiohttp import web
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
+from spirit_gpu.protocol.agent import result_content_type
 from spirit_gpu.supervisor.jobs import Job, now_ms
 from spirit_gpu.supervisor.pool_api import JobPool
 
@@ -26,9 +27,11 @@ async def serve_test_mode(cfg: WorkerConfig, pool: JobPool, stop: asyncio.Event)
         job = Job(request_id=request_id, mode="sync", body=body, received_at=now_ms())
         job.started_at = job.received_at
         outcome = await pool.run(job)
+        # the gateway's rule: JSON as application/json, a handler's raw bytes as
+        # application/octet-stream
+        ctype = result_content_type(outcome.body) if outcome.body else "application/json"
         return web.Response(status=outcome.status_code, body=outcome.body,
-                            content_type="application/json",
-                            headers={"Ease-Request-Id": request_id})
+                            content_type=ctype, headers={"Ease-Request-Id": request_id})
 
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post("/", run)
