@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import uuid
 
 from aiohttp import web
@@ -38,7 +39,16 @@ async def serve_test_mode(cfg: WorkerConfig, pool: JobPool, stop: asyncio.Event)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, cfg.test_host, cfg.test_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the port is in use (pick another with EASE_TEST_PORT or --test-port)"
+        logger.error(f"test mode: cannot listen on {cfg.test_host}:{cfg.test_port}: {reason}")
+        await pool.drain(0)
+        await runner.cleanup()
+        return 1
     logger.info(f"test mode: POST http://{cfg.test_host}:{cfg.test_port}/ runs the handler")
     try:
         await stop.wait()
