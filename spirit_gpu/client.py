@@ -36,6 +36,8 @@ import aiohttp
 
 TERMINAL = ("succeed", "failed", "cancelled")
 DEFAULT_SYNC_TIMEOUT = 200.0  # the gateway answers 408 after 180 s; wait a little longer
+# a stream may wait for a queued job: the default async TTL (15 min) and a little more
+DEFAULT_STREAM_GAP = 930.0
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -210,6 +212,25 @@ class _Sse:
         return None
 
 
+def _gap(timeout: float) -> RequestTimeout:
+    return RequestTimeout(408, f"no stream event within {timeout:g} s")
+
+
+def _lines(resp: http.client.HTTPResponse, timeout: float) -> Iterator[bytes]:
+    try:
+        yield from resp
+    except TimeoutError as exc:
+        raise _gap(timeout) from exc
+
+
+async def _alines(resp: aiohttp.ClientResponse, timeout: float) -> AsyncIterator[bytes]:
+    try:
+        async for line in resp.content:
+            yield line
+    except TimeoutError as exc:
+        raise _gap(timeout) from exc
+
+
 def _end_status(data: bytes) -> tuple[int, str]:
     end = json.loads(data)
     return int(end.get("statusCode") or 0), str(end.get("status", ""))
@@ -243,14 +264,14 @@ class Job:
             time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def stream(self, timeout: float | None = None) -> Iterator[Any]:
+    def stream(self, timeout: float = DEFAULT_STREAM_GAP) -> Iterator[Any]:
         """Each generator item, decoded, as the worker yields it; ``JobFailed`` when
-        the job ends other than ``succeed``."""
+        the job ends other than ``succeed``. ``timeout``: longest wait for the next item."""
         query = urllib.parse.urlencode({"requestID": self.id})
         resp = self.endpoint._open("GET", f"stream?{query}", None, timeout)
         sse = _Sse()
         with resp:
-            for line in resp:
+            for line in _lines(resp, timeout):
                 event = sse.feed(line)
                 if event is None:
                     continue
@@ -382,12 +403,13 @@ class AsyncJob:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def stream(self, timeout: float | None = None) -> AsyncIterator[Any]:
+    async def stream(self, timeout: float = DEFAULT_STREAM_GAP) -> AsyncIterator[Any]:
+        """Each generator item as it comes; ``timeout``: longest wait for the next one."""
         resp = await self.endpoint._open("GET", "stream", None, timeout,
                                          params={"requestID": self.id})
         sse = _Sse()
         async with resp:
-            async for line in resp.content:
+            async for line in _alines(resp, timeout):
                 event = sse.feed(line)
                 if event is None:
                     continue

@@ -18,6 +18,7 @@ from spirit_gpu.client import (
     Endpoint,
     JobFailed,
     NotFound,
+    RequestTimeout,
     Retry,
     ServerError,
     ServiceUnavailable,
@@ -164,14 +165,33 @@ async def test_call_command(tgw: Gw, worker_factory: Any, webhooks: Webhooks) ->
     accepted = json.loads(out)
     assert code == 0 and set(accepted) == {"id", "sequence"}
 
-    async def finished() -> dict[str, Any] | None:
-        code, out, err = await call("c", "--status", accepted["id"])
-        assert code == 0, err
-        st = json.loads(out)
-        return st if st["status"] == "succeed" else None
-    st = await poll(finished, 30, "call --status says succeed")
-    assert st["result"] == [{"i": 0}] and st["statusCode"] == 200
+    ep = Endpoint(tgw.url, "c", KEY)
+    await asyncio.to_thread(ep.job(accepted["id"]).result, 30)
+    code, out, err = await call("c", "--status", accepted["id"])
+    st = json.loads(out)
+    assert (code, st["status"], st["statusCode"], st["result"]) == (0, "succeed", 200, [{"i": 0}])
     code, out, err = await call("c", '{"n": 1}', "--api-key", "wrong")
     assert code == 1 and out == "" and "(401)" in err
     code, _, err = await call("c", "{not json")
     assert code == 2 and "not JSON" in err
+
+
+async def test_stream_gap_longer_than_timeout_is_a_typed_timeout(
+        tgw: Gw, worker_factory: Any, webhooks: Webhooks, tmp_path: Any) -> None:
+    await start_worker(tgw, worker_factory, "c", "chunks.py")
+    gate = str(tmp_path / "never")  # item 1 waits for a gate nobody opens (30 s)
+    ep = Endpoint(tgw.url, "c", KEY, retry=FAST)
+    job = await asyncio.to_thread(ep.submit, {"n": 2, "gate": gate}, webhooks.url)
+
+    def first_then_wait() -> list[Any]:
+        items = []
+        for item in job.stream(timeout=0.5):
+            items.append(item)
+        return items
+    with pytest.raises(RequestTimeout) as gap:
+        await asyncio.to_thread(first_then_wait)
+    assert gap.value.status == 408 and "no stream event within 0.5 s" in gap.value.message
+    async with AsyncEndpoint(tgw.url, "c", KEY, retry=FAST) as aep:
+        with pytest.raises(RequestTimeout):
+            _ = [item async for item in aep.job(job.id).stream(timeout=0.5)]
+    await asyncio.to_thread(job.cancel)
