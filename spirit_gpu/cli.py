@@ -137,7 +137,8 @@ async def _dev(config: GatewayConfig, script: str, worker_args: list[str]) -> in
 
     signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a closed terminal must not leave the worker (in its own session) behind
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, signals.put_nowait, sig)  # handlers only queue
     gateway_stop = asyncio.Event()
     bound: asyncio.Future[int] = loop.create_future()
