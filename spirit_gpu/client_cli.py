@@ -71,6 +71,9 @@ def call(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             data = json.loads(raw)
         except ValueError as exc:
             parser.error(f"call: the input is not JSON: {exc}")
+        if (ns.is_async or ns.stream) and not ns.webhook:
+            parser.error("call: --async and --stream need --webhook URL (the serverless API "
+                         "requires one for async requests)")
         if ns.is_async or ns.stream:
             job = ep.submit(data, webhook=ns.webhook, ttl=ns.ttl)
             if ns.is_async:

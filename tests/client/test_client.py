@@ -174,6 +174,8 @@ async def test_call_command(tgw: Gw, worker_factory: Any, webhooks: Webhooks) ->
     assert code == 1 and out == "" and "(401)" in err
     code, _, err = await call("c", "{not json")
     assert code == 2 and "not JSON" in err
+    code, _, err = await call("c", "1", "--stream")
+    assert code == 2 and "need --webhook" in err
 
 
 async def test_stream_gap_longer_than_timeout_is_a_typed_timeout(
