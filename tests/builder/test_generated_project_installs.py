@@ -104,3 +104,11 @@ def test_fresh_venv_installs_the_projects_spirit_gpu_and_serves(tmp_path: Path,
         proc.kill()
         proc.wait(10)
         log.close()
+
+
+def test_version_is_past_the_registrys_original() -> None:
+    import spirit_gpu
+
+    version = metadata().version
+    assert spirit_gpu.__version__ == version
+    assert tuple(int(x) for x in version.split(".")[:2]) > (0, 1)
