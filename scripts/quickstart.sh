@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT="${PORT:-8000}"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e . >/dev/null 2>&1 || .venv/bin/pip install -e .
+.venv/bin/pip install -q -e '.[gateway]' >/dev/null 2>&1 || .venv/bin/pip install -e '.[gateway]'
 KEY="${SPIRIT_API_KEY:-$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(24))')}"
 .venv/bin/spirit-gpu dev examples/hello/main.py --port "$PORT" --api-key "$KEY" &
 DEV=$!

@@ -10,4 +10,4 @@ from spirit_gpu.log import logger
 from spirit_gpu.start import start
 
 __all__ = ["Env", "HandlerError", "logger", "start"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

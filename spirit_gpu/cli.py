@@ -1,14 +1,17 @@
-"""``spirit-gpu gateway`` and ``spirit-gpu dev main.py``."""
+"""``spirit-gpu gateway``, ``spirit-gpu dev main.py`` and ``spirit-gpu call``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
 import secrets
 import shlex
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from spirit_gpu.gateway.config import GatewayConfig
@@ -16,6 +19,9 @@ from spirit_gpu.settings import SettingError, add_flags
 
 DEV_SID = "local"
 STOP_GRACE = 40.0  # seconds the worker gets to finish on Ctrl-C (its own grace is 30)
+# answered by the README's and examples/hello's main.py
+EXAMPLE_INPUT: Any = {"x": 21}
+_PROXY_MODE = re.compile(r"""["']mode["']\s*:\s*["']proxy["']|mode\s*=\s*["']proxy["']""")
 
 
 def _config(ns: argparse.Namespace, **forced: Any) -> GatewayConfig:
@@ -32,11 +38,17 @@ def _parser() -> argparse.ArgumentParser:
                         description="Every flag is also a SPIRIT_* environment variable.")
     add_flags(gw, GatewayConfig)
     dev = sub.add_parser("dev", help="gateway + worker for one script, in one command",
+                         allow_abbrev=False,
                          description="Runs the gateway and `python -m spirit_gpu.supervisor "
-                                     "SCRIPT` for serverless id 'local'.")
+                                     "SCRIPT` for serverless id 'local'. Flags that are not "
+                                     "the gateway's (e.g. --job-timeout 30) go to the worker; "
+                                     "arguments after -- go to the script.")
     dev.add_argument("script", help="the worker script that calls spirit_gpu.start()")
     add_flags(dev, GatewayConfig)
     _add_agent_parser(sub)
+    from spirit_gpu.client_cli import add_call_parser
+
+    add_call_parser(sub)
     return parser
 
 
@@ -98,27 +110,57 @@ async def _gateway(config: GatewayConfig) -> int:
     return 0
 
 
-def _banner(url: str, sid: str, api_key: str) -> None:
-    from rich.console import Console
-    from rich.panel import Panel
+def example_body(script: str) -> str:
+    """The JSON body of dev's sample request: ``test_input.json`` beside the script
+    (as runpod projects keep it) when there is one, else ``{"input": EXAMPLE_INPUT}``."""
+    beside = Path(script).with_name("test_input.json")
+    if beside.is_file():
+        try:
+            body = json.loads(beside.read_text())
+        except (OSError, ValueError) as exc:
+            _err(f"ignoring {beside}: not JSON ({exc})")
+        else:
+            return json.dumps(body if isinstance(body, dict) and "input" in body
+                              else {"input": body})
+    return json.dumps({"input": EXAMPLE_INPUT})
 
-    curl = (f"curl -s -X POST {url}/v1/{sid}/sync \\\n"
-            f"  -H {shlex.quote('Authorization: Bearer ' + api_key)} \\\n"
-            f"  -H 'Content-Type: application/json' \\\n"
-            f"  -d '{{\"input\": {{}}}}'")
-    text = (f"[bold]gateway[/] {url}   [bold]serverless id[/] {sid}\n"
-            f"[bold]API key[/] {api_key}\n\n[bold]try it:[/]\n{curl}\n\n"
-            "API: /openapi.json    Ctrl-C stops both.")
-    Console(highlight=False, soft_wrap=True).print(
-        Panel(text, title="spirit-gpu dev", expand=False))
+
+def is_proxy_script(script: str) -> bool:
+    try:
+        return bool(_PROXY_MODE.search(Path(script).read_text(errors="replace")))
+    except OSError:
+        return False
 
 
-async def _dev(config: GatewayConfig, script: str) -> int:
+def banner(url: str, sid: str, api_key: str, script: str) -> str:
+    """What dev prints: plain lines, so a copied curl pastes as it is."""
+    if is_proxy_script(script):
+        tryit = (f"curl -s {url}/v1/models -H {shlex.quote(f'Auth: {sid}-{api_key}')}\n"
+                 "(proxy mode: any /api/*, /v1/* or /v1/chat/* path goes to your LLM server)")
+    else:
+        body = example_body(script)
+        tryit = (f"curl -s -X POST {url}/v1/{sid}/sync \\\n"
+                 f"  -H {shlex.quote('Authorization: Bearer ' + api_key)} \\\n"
+                 f"  -H 'Content-Type: application/json' \\\n"
+                 f"  -d {shlex.quote(body)}\n\n"
+                 f"or: spirit-gpu call {sid} --url {url} --api-key {api_key} "
+                 f"{shlex.quote(json.dumps(json.loads(body)['input']))}")
+    return (f"spirit-gpu dev: gateway {url}, serverless id {sid}\n"
+            f"API key: {api_key}\n\ntry it:\n\n{tryit}\n\n"
+            "API: /openapi.json   Ctrl-C stops both: running jobs get the worker's grace "
+            "period (--grace-period, default 30 s); Ctrl-C again stops them at once.\n")
+
+
+async def _dev(config: GatewayConfig, script: str, worker_args: list[str]) -> int:
     from spirit_gpu.gateway.server import serve
 
-    stop = _stop_event()
+    signals: asyncio.Queue[int] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    # SIGHUP too: a closed terminal must not leave the worker (in its own session) behind
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)  # handlers only queue
     gateway_stop = asyncio.Event()
-    bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    bound: asyncio.Future[int] = loop.create_future()
     server = asyncio.create_task(serve(config, gateway_stop, bound.set_result))
     first: set[asyncio.Future[Any]] = {server, bound}
     await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
@@ -129,28 +171,34 @@ async def _dev(config: GatewayConfig, script: str) -> int:
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, EASE_AGENT_URL=f"{url}/agent/{DEV_SID}",
                SPIRIT_WORKER_TOKEN=config.worker_token)
+    # its own session: a terminal's Ctrl-C reaches dev only, which passes it on once
+    # (a second signal straight from the terminal would mean "stop now" to the worker)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "spirit_gpu.supervisor", script, env=env)
-    _banner(url, DEV_SID, config.api_keys[0])
+        sys.executable, "-m", "spirit_gpu.supervisor", script, *worker_args, env=env,
+        start_new_session=True)
+    print(banner(url, DEV_SID, config.api_keys[0], script), flush=True)
     exited = asyncio.create_task(proc.wait())
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if exited.done():
+    code = 0
+    signalled = 0
+    while not exited.done():
+        got = asyncio.create_task(signals.get())
+        await asyncio.wait({exited, got}, return_when=asyncio.FIRST_COMPLETED,
+                           timeout=STOP_GRACE if signalled else None)
+        if not got.done():
+            got.cancel()
+            if signalled and not exited.done():
+                _err(f"the worker did not stop within {STOP_GRACE:g} s; killing it")
+                proc.kill()
+                await exited
+            break
+        signalled += 1
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)  # the first drains, the second stops at once
+    if not signalled:
         code = proc.returncode or 0
         code = 128 - code if code < 0 else code
         if code:
             _err(f"the worker exited with code {code}; stopping")
-    else:
-        code = 0
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.shield(exited), STOP_GRACE)
-        except TimeoutError:
-            _err(f"the worker did not stop within {STOP_GRACE:g} s; killing it")
-            proc.kill()
-            await exited
     gateway_stop.set()
     await server
     return code
@@ -161,7 +209,15 @@ def _code(value: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
+    parser = _parser()
+    ns, rest = parser.parse_known_args(argv)
+    if ns.command == "call":
+        from spirit_gpu.client_cli import call
+
+        return call(ns, parser) if not rest else parser.error(
+            f"unrecognized arguments: {' '.join(rest)}")
+    if rest and ns.command != "dev":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if ns.command == "agent":
         from spirit_gpu.loop import run as run_loop
 
@@ -192,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             forced["worker_token"] = secrets.token_urlsafe(24)
         config = _config(ns, **forced)
         check(config)
-        return _code(run(_dev(config, os.path.abspath(ns.script))))
+        return _code(run(_dev(config, os.path.abspath(ns.script), rest)))
     except (ConfigRefused, SettingError) as exc:
         _err(str(exc))
         return 2

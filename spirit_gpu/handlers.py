@@ -1,4 +1,13 @@
-"""Calling a user handler of any kind and turning what it does into result bytes."""
+"""Calling a user handler of any kind and turning what it does into result bytes.
+
+The one rule for results: a handler that returns ``bytes`` (plain or async)
+answers those bytes untouched; everything else is JSON. Inside JSON, bytes are
+base64 strings (msgspec's and pydantic's convention), and that includes each
+item a generator yields: a generator's result is a JSON list and each streamed
+chunk one JSON value. The gateway and test mode serve a result that parses as
+JSON as ``application/json``, anything else as ``application/octet-stream``
+(``spirit_gpu.protocol.agent.result_content_type``).
+"""
 
 from __future__ import annotations
 
@@ -52,6 +61,11 @@ _request_decoder = msgspec.json.Decoder()
 def encode_result(value: Any) -> bytes:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
+    return _json.encode(value)
+
+
+def encode_item(value: Any) -> bytes:
+    """One generator item: always JSON (bytes become a base64 string)."""
     return _json.encode(value)
 
 
@@ -109,7 +123,7 @@ def run_sync(handler: Handler, kind: str, request: dict[str, Any], env: Env,
         if kind == GENERATOR:
             items: list[bytes] = []
             for item in handler(request, env):
-                encoded = encode_result(item)
+                encoded = encode_item(item)
                 if emit is not None:
                     emit(len(items), encoded)
                 items.append(encoded)
@@ -126,7 +140,7 @@ async def run_async(handler: Handler, kind: str, request: dict[str, Any], env: E
         if kind == ASYNC_GENERATOR:
             items: list[bytes] = []
             async for item in handler(request, env):
-                encoded = encode_result(item)
+                encoded = encode_item(item)
                 if emit is not None:
                     emit(len(items), encoded)
                 items.append(encoded)

@@ -1,7 +1,10 @@
 """The reference-compatible logger: one JSON object a line on stdout.
 
 Each line is ``{"message": ..., "requestID": ..., "level": ...}``; the platform's
-log collector reads exactly these keys, so they must not change.
+log collector reads exactly these keys, so they must not change. When stdout is
+a terminal (``spirit-gpu dev``, a worker run by hand) lines are written for
+people instead: ``12:00:01 INFO  [request-id] message``, tracebacks as they
+are. ``SPIRIT_LOG_FORMAT=json`` or ``console`` forces one or the other.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 from typing import TextIO
 
@@ -23,6 +27,24 @@ _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARN
 _NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARNING",
           logging.ERROR: "ERROR", logging.CRITICAL: "CRITICAL"}
 _encoder = msgspec.json.Encoder()
+FORMAT_ENV = "SPIRIT_LOG_FORMAT"
+
+
+def console_format(stream: TextIO, environ: dict[str, str] | None = None) -> bool:
+    """Whether to write human lines: ``SPIRIT_LOG_FORMAT``, else whether ``stream``
+    is a terminal (JSON everywhere else, as the platform's collector expects)."""
+    chosen = (os.environ if environ is None else environ).get(FORMAT_ENV, "").strip().lower()
+    if chosen in ("json", "console"):
+        return chosen == "console"
+    try:
+        return stream.isatty()
+    except (ValueError, AttributeError):
+        return False
+
+
+def console_line(level: str, message: str, request_id: str, at: float) -> str:
+    rid = f"[{request_id}] " if request_id else ""
+    return f"{time.strftime('%H:%M:%S', time.localtime(at))} {level:<7} {rid}{message}\n"
 
 
 def _truncate(message: str) -> str:
@@ -47,6 +69,7 @@ class Logger:
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
         self._lock = threading.Lock()
+        self._console: bool | None = None  # decided at the first line written
         self.level = logging.INFO
         self.set_level(os.environ.get("EASE_LOG_LEVEL", "INFO") or "INFO")
 
@@ -75,10 +98,15 @@ class Logger:
             tb = traceback.format_exc()
             if tb and not tb.startswith("NoneType: None"):
                 text = f"{text}\n{tb.rstrip()}"
-        record = {"message": _truncate(text), "requestID": request_id or "",
-                  "level": _NAMES.get(level, str(level))}
-        line = _encoder.encode(record).decode() + "\n"
         stream = self._stream or sys.stdout
+        name = _NAMES.get(level, str(level))
+        if self._console is None:
+            self._console = console_format(stream)
+        if self._console:
+            line = console_line(name, _truncate(text), request_id or "", time.time())
+        else:
+            record = {"message": _truncate(text), "requestID": request_id or "", "level": name}
+            line = _encoder.encode(record).decode() + "\n"
         with self._lock:
             try:
                 stream.write(line)

@@ -48,9 +48,10 @@ def _hand_over() -> NoReturn:
         raise RuntimeError("start() was called in the supervisor process: the supervisor "
                            "must never import the worker script")
     script = os.path.abspath(sys.argv[0])
+    shown = sys.argv[0] if sys.argv[0] and not os.path.isabs(sys.argv[0]) else script
     logger.info(
         "start() is handing over to `python -m spirit_gpu.supervisor "
-        f"{os.path.basename(script)}`: handler processes run this script again, so its "
+        f"{shown}`: handler processes run this script again, so its "
         "module-level code (e.g. model loading) runs once more there. Start the worker "
         "with that command to run it only in the handler processes.")
     script_args = ["--", *sys.argv[1:]] if len(sys.argv) > 1 else []  # the script's, verbatim

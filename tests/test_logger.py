@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
+from typing import Any
 
 from spirit_gpu.log import MAX_MESSAGE_CHARS, Logger
 
@@ -73,3 +75,33 @@ def test_long_messages_keep_head_and_tail() -> None:
     assert len(message) <= MAX_MESSAGE_CHARS
     assert message.startswith("HHH") and message.endswith("TTT")
     assert "truncated" in message
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_readable_lines_and_json_stays_elsewhere(monkeypatch: Any) -> None:
+    monkeypatch.delenv("SPIRIT_LOG_FORMAT", raising=False)
+    tty = _Tty()
+    log = Logger(tty)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.error("handler raised", request_id="r9", exc_info=True)
+    text = tty.getvalue()
+    assert re.match(r"\d\d:\d\d:\d\d ERROR   \[r9\] handler raised\nTraceback", text), text
+    assert 'raise ValueError("boom")\n' in text and "ValueError: boom\n" in text
+    monkeypatch.setenv("SPIRIT_LOG_FORMAT", "json")
+    forced = _Tty()
+    Logger(forced).info("x")
+    assert json.loads(forced.getvalue()) == {"message": "x", "requestID": "", "level": "INFO"}
+    monkeypatch.setenv("SPIRIT_LOG_FORMAT", "console")
+    piped = io.StringIO()
+    Logger(piped).warn("y")
+    assert piped.getvalue().endswith(" WARNING y\n")
+    monkeypatch.delenv("SPIRIT_LOG_FORMAT")
+    plain = io.StringIO()
+    Logger(plain).info("z")
+    assert json.loads(plain.getvalue())["message"] == "z"

@@ -89,6 +89,15 @@ def run(args: argparse.Namespace, console: Console) -> None:
     report.show_next_steps(console, out_dir, args.model_only)
 
 
+def console(stderr: bool = False) -> Console:
+    """Rich output; into a pipe or file no line is wrapped at a made-up terminal width
+    (a long path must stay whole for whoever reads or greps it)."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True, width=100_000)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the builder; returns the exit status (0 ok, 1 a reported error, 2 bad usage)."""
     parser = build_parser()
@@ -96,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has already printed the usage error
         return exc.code if isinstance(exc.code, int) else 2
-    console, errors = Console(), Console(stderr=True)
+    out, errors = console(), console(stderr=True)
     try:
-        run(args, console)
+        run(args, out)
     except BuilderError as exc:
         report.show_error(errors, exc)
         return 1

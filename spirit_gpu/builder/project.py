@@ -10,12 +10,15 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from spirit_gpu.builder import wheel
 from spirit_gpu.builder.errors import BuilderError
 from spirit_gpu.builder.model import MODEL_FILE
 
 HANDLER_TYPES = ("sync", "async", "sync_generator", "async_generator")
 CREATED, OVERWRITTEN, KEPT, UNCHANGED = "created", "overwritten", "kept", "unchanged"
-_STATIC = ("Dockerfile", "scripts/build.sh", "scripts/start.sh", "src/build.py")
+_STATIC = (".dockerignore", "Dockerfile", "scripts/build.sh", "scripts/start.sh",
+           "src/build.py")
+WHEELS = "wheels"
 _RENDERED = ("LICENSE", "README.md", "requirements.txt")
 _STDLIB = {"async_generator": ["from collections.abc import AsyncIterator"],
            "sync_generator": ["from collections.abc import Iterator"]}
@@ -32,7 +35,7 @@ class Options:
 @dataclass(frozen=True)
 class PlannedFile:
     path: str  # relative to the output directory, with "/"
-    content: str
+    content: str | bytes
     executable: bool = False
 
 
@@ -72,10 +75,19 @@ def render_main(data_type: str, handler_type: str) -> str:
 
 
 def _requirements(data_type: str) -> str:
-    lines = ["spirit-gpu"]
+    # the registry's 0.1.0 is an older SDK without the supervisor: ask for this
+    # version or newer, which pip finds in wheels/ until it is published
+    lines = [f"--find-links ./{WHEELS}", f"spirit-gpu>={wheel.metadata().version}"]
     if data_type.startswith("pydantic"):
         lines.append("pydantic>=2")
     return "\n".join(lines)
+
+
+def regenerate_command(options: Options, wrote_api_json: bool) -> str:
+    """The command that regenerates the model, run in the project's directory: from
+    api.json when the project has it (the input file itself may live elsewhere)."""
+    source = "api.json" if wrote_api_json else options.input_name
+    return f"spirit-gpu-builder -i {source} --data-type {options.data_type} --model-only"
 
 
 def plan_project(options: Options, model_code: str, api_json: str | None) -> list[PlannedFile]:
@@ -85,12 +97,15 @@ def plan_project(options: Options, model_code: str, api_json: str | None) -> lis
         "data_type": options.data_type, "handler_type": options.handler_type,
         "year": str(datetime.date.today().year),
         "requirements": _requirements(options.data_type),
+        "regenerate": regenerate_command(options, api_json is not None),
     }
     files = [PlannedFile(p, _read("project", p), p.endswith(".sh")) for p in _STATIC]
     files += [PlannedFile(p, string.Template(_read("project", p + ".tmpl")).substitute(values))
               for p in _RENDERED]
     files.append(PlannedFile("src/main.py", render_main(options.data_type, options.handler_type)))
     files.append(PlannedFile(MODEL_FILE, model_code))
+    name, data = wheel.build()
+    files.append(PlannedFile(f"{WHEELS}/{name}", data))
     if api_json is not None:
         files.append(PlannedFile("api.json", api_json))
     return sorted(files, key=lambda f: f.path)
@@ -111,15 +126,21 @@ def _write_one(out_dir: Path, planned: PlannedFile, overwrite: bool) -> Outcome:
     existed = target.exists()
     if existed:
         try:
-            if target.read_text(encoding="utf-8") == planned.content:
+            current = target.read_bytes()
+            wanted = planned.content if isinstance(planned.content, bytes) \
+                else planned.content.encode()
+            if current == wanted:
                 return Outcome(planned.path, UNCHANGED)
-        except (OSError, UnicodeDecodeError):
+        except OSError:
             pass
         if not overwrite:
             return Outcome(planned.path, KEPT)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(planned.content, encoding="utf-8")
+        if isinstance(planned.content, bytes):
+            target.write_bytes(planned.content)
+        else:
+            target.write_text(planned.content, encoding="utf-8")
         if planned.executable:
             os.chmod(target, 0o755)
     except OSError as exc:

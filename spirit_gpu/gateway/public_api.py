@@ -17,7 +17,6 @@ from spirit_gpu.gateway.httpio import (
     JSON,
     ApiError,
     json_response,
-    looks_like_json,
     read_body,
     serverless_id,
 )
@@ -28,6 +27,7 @@ from spirit_gpu.gateway.storage.base import (
     NewRequest,
     RequestRecord,
 )
+from spirit_gpu.protocol.agent import result_content_type
 
 
 class Policy(msgspec.Struct):
@@ -114,6 +114,32 @@ def status_view(rec: RequestRecord) -> dict[str, Any]:
             "result": base64.b64encode(result).decode() if result is not None else None}
 
 
+NO_GPU = "not enough gpu now"
+
+
+def never_connected(sid: str) -> str:
+    return (f"no worker has ever connected for serverless id '{sid}': check the id (workers "
+            f"connect with EASE_AGENT_URL=<gateway>/agent/{sid})")
+
+
+async def _no_worker_message(gw: Gateway, sid: str) -> str:
+    """503's message: the reference's words, then whether the id is known at all."""
+    seen = await gw.storage.ever_had_worker(sid)
+    if seen is None:
+        return NO_GPU
+    if not seen:
+        return f"{NO_GPU}: {never_connected(sid)}"
+    return f"{NO_GPU}: no worker of serverless id '{sid}' is connected right now; retry later"
+
+
+async def _with_hint(gw: Gateway, sid: str, view: dict[str, Any]) -> dict[str, Any]:
+    """A queued request of a serverless id that never had a worker says so."""
+    if view["status"] == "queueing" and not view["message"] \
+            and await gw.storage.ever_had_worker(sid) is False:
+        view["message"] = f"queued: {never_connected(sid)}"
+    return view
+
+
 def _not_found(sid: str, request_id: str) -> dict[str, Any]:
     return {"statusCode": 404, "serverlessID": sid, "requestID": request_id,
             "status": "notFound", "message": "request not found (unknown or past retention)",
@@ -124,8 +150,8 @@ def result_response(rec: RequestRecord) -> web.Response:
     """A sync request's answer: the worker's status code and the handler's bytes."""
     data = rec.result
     if data:
-        ctype = JSON if looks_like_json(data) else "application/octet-stream"
-        return web.Response(body=data, status=rec.status_code, content_type=ctype)
+        return web.Response(body=data, status=rec.status_code,
+                            content_type=result_content_type(data))
     if 200 <= rec.status_code < 300:
         return web.Response(body=b"", status=rec.status_code, content_type=JSON)
     return json_response({"error": rec.message or rec.status}, rec.status_code)
@@ -139,7 +165,7 @@ async def sync_request(request: web.Request) -> web.StreamResponse:
     body = _parse(raw)
     ttl = min(_ttl_ms(body, cfg.sync_timeout, cfg.async_ttl_max), int(cfg.sync_timeout * 1000))
     if await gw.storage.worker_count(sid) == 0:
-        raise ApiError(503, "not enough gpu now")
+        raise ApiError(503, await _no_worker_message(gw, sid))
     rec = await gw.submit(NewRequest(sid=sid, mode="sync", body=raw,
                                      webhook=body.webhook or "", ttl_ms=ttl))
     # nobody is left to read the answer: end the request (its worker is told to stop)
@@ -150,12 +176,15 @@ async def sync_request(request: web.Request) -> web.StreamResponse:
     finally:
         stop_watching()
     if done is None:
-        await gw.cancel(sid, rec.request_id, None, 408, "request timeout")
+        message = f"request timeout: no result within {cfg.sync_timeout:g} s"
+        await gw.cancel(sid, rec.request_id, None, 408, message)
         done = await gw.storage.get(sid, rec.request_id)
         if done is None or not done.terminal:
-            raise ApiError(408, "request timeout")
+            raise ApiError(408, message)
     if done.status_code == 408 and done.ended_by_gateway:
-        raise ApiError(408, f"request timeout: {done.message}")
+        message = done.message or "request timeout"
+        raise ApiError(408, message if message.startswith("request timeout")
+                       else f"request timeout: {message}")
     return result_response(done)
 
 
@@ -171,7 +200,10 @@ async def async_request(request: web.Request) -> web.StreamResponse:
     _check_webhook(body.webhook)
     rec = await gw.submit(NewRequest(sid=sid, mode="async", body=raw, webhook=body.webhook,
                                      ttl_ms=ttl))
-    return json_response({"id": rec.request_id, "sequence": rec.sequence})
+    resp = json_response({"id": rec.request_id, "sequence": rec.sequence})
+    if await gw.storage.ever_had_worker(sid) is False:
+        resp.headers["Spirit-Warning"] = never_connected(sid)
+    return resp
 
 
 async def get_status(request: web.Request) -> web.StreamResponse:
@@ -183,7 +215,7 @@ async def get_status(request: web.Request) -> web.StreamResponse:
     rec = await gw.storage.get(sid, request_id)
     if rec is None:
         raise ApiError(404, "request not found (unknown or past retention)")
-    return json_response(status_view(rec))
+    return json_response(await _with_hint(gw, sid, status_view(rec)))
 
 
 async def post_status(request: web.Request) -> web.StreamResponse:
@@ -196,7 +228,8 @@ async def post_status(request: web.Request) -> web.StreamResponse:
     statuses = []
     for request_id in query.requestIDs:
         rec = await gw.storage.get(sid, request_id)
-        statuses.append(status_view(rec) if rec is not None else _not_found(sid, request_id))
+        statuses.append(await _with_hint(gw, sid, status_view(rec)) if rec is not None
+                        else _not_found(sid, request_id))
     return json_response({"statuses": statuses})
 
 

@@ -136,3 +136,13 @@ class ProxyJob(msgspec.Struct, kw_only=True):
     uri: str = "/"
     header: dict[str, list[str]] = {}
     body: str = ""
+
+
+def result_content_type(data: bytes) -> str:
+    """How a handler's result is served to a client: JSON when it parses as JSON (every
+    result but a handler's returned bytes), else raw bytes."""
+    try:
+        msgspec.json.decode(data, type=msgspec.Raw)
+    except msgspec.DecodeError:
+        return "application/octet-stream"
+    return "application/json"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import uuid
 
 from aiohttp import web
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
+from spirit_gpu.protocol.agent import result_content_type
 from spirit_gpu.supervisor.jobs import Job, now_ms
 from spirit_gpu.supervisor.pool_api import JobPool
 
@@ -26,16 +28,27 @@ async def serve_test_mode(cfg: WorkerConfig, pool: JobPool, stop: asyncio.Event)
         job = Job(request_id=request_id, mode="sync", body=body, received_at=now_ms())
         job.started_at = job.received_at
         outcome = await pool.run(job)
+        # the gateway's rule: JSON as application/json, a handler's raw bytes as
+        # application/octet-stream
+        ctype = result_content_type(outcome.body) if outcome.body else "application/json"
         return web.Response(status=outcome.status_code, body=outcome.body,
-                            content_type="application/json",
-                            headers={"Ease-Request-Id": request_id})
+                            content_type=ctype, headers={"Ease-Request-Id": request_id})
 
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post("/", run)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, cfg.test_host, cfg.test_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the port is in use (pick another with EASE_TEST_PORT or --test-port)"
+        logger.error(f"test mode: cannot listen on {cfg.test_host}:{cfg.test_port}: {reason}")
+        await pool.drain(0)
+        await runner.cleanup()
+        return 1
     logger.info(f"test mode: POST http://{cfg.test_host}:{cfg.test_port}/ runs the handler")
     try:
         await stop.wait()

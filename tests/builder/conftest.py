@@ -12,10 +12,12 @@ from types import ModuleType
 import pytest
 
 from spirit_gpu.builder.cli import main
+from spirit_gpu.builder.wheel import metadata, wheel_name
 
 REPO = Path(__file__).resolve().parents[2]
 
 PROJECT_FILES = {
+    ".dockerignore", f"wheels/{wheel_name(metadata())}",
     "Dockerfile", "LICENSE", "README.md", "api.json", "requirements.txt", "scripts/build.sh",
     "scripts/start.sh", "src/build.py", "src/main.py", "src/spirit_generated_model.py",
 }

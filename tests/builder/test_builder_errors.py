@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,25 @@ def test_output_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture
     target = write(tmp_path / "taken", "x")
     assert build("-i", str(source), "-o", str(target)) == 1
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_long_paths_are_not_wrapped_into_a_pipe(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    deep = tmp_path / ("a-rather-long-directory-name-" * 6)
+    deep.mkdir()
+    source = write(deep / "api.json", json.dumps({"a": 1}))
+    target = write(deep / "taken", "x")
+    assert build("-i", str(source), "-o", str(target)) == 1
+    err = capsys.readouterr().err
+    assert f"output directory {target} exists and is not a directory" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_graphql_without_graphql_core_names_the_extra(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "graphql", None)  # import graphql raises ImportError
+    source = write(tmp_path / "api.graphql", "input RequestInput {\n  prompt: String!\n}\n")
+    assert build("-i", str(source), "-o", str(tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "graphql-core is not installed" in err and "pip install 'spirit-gpu[builder]'" in err

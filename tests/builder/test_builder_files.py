@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -136,4 +137,23 @@ def test_real_command(tmp_path: Path) -> None:
 
 def test_console_script_entry_point_is_main() -> None:
     text = (REPO / "pyproject.toml").read_text()
-    assert 'spirit-gpu-builder = "spirit_gpu.builder.cli:main"' in text
+    # the package's main checks the builder extra, then runs the CLI's main
+    assert 'spirit-gpu-builder = "spirit_gpu.builder:main"' in text
+
+
+@pytest.mark.parametrize("data_type", ["pydantic_v2.BaseModel", "dataclasses.dataclass"])
+def test_readme_regenerate_command_works_inside_the_project(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_type: str) -> None:
+    source = write(tmp_path / "specs" / "t2i.yaml", OPENAPI_COMPONENTS)
+    out = tmp_path / "proj"
+    assert build("-i", str(source), "-o", str(out), "--data-type", data_type) == 0
+    def model_code() -> list[str]:  # the header names the source file; the code is the same
+        text = (out / "src/spirit_generated_model.py").read_text()
+        return [line for line in text.splitlines() if not line.startswith("#")]
+    model = model_code()
+    readme = (out / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("spirit-gpu-builder"))
+    assert command == f"spirit-gpu-builder -i api.json --data-type {data_type} --model-only"
+    monkeypatch.chdir(out)
+    assert build(*shlex.split(command)[1:]) == 0
+    assert model_code() == model

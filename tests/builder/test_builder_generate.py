@@ -73,6 +73,11 @@ def test_openapi_components_keep_constraints_enums_and_only_referenced_schemas(
         model.RequestInput.model_validate(bad)
     locs = {".".join(map(str, e["loc"])) for e in info.value.errors()}
     assert {"prompt", "steps", "scheduler", "size.height", "tags"} <= locs
+    # only what the schema calls nullable accepts null: steps is a plain integer
+    assert model.RequestInput.model_validate({"prompt": "x", "guidance": None}).guidance is None
+    with pytest.raises(pydantic.ValidationError) as info:
+        model.RequestInput.model_validate({"prompt": "x", "steps": None})
+    assert [e["loc"] for e in info.value.errors()] == [("steps",)]
 
 
 @pytest.mark.parametrize("by_ref", [True, False])

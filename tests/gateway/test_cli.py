@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -99,3 +101,76 @@ async def test_dev_stops_with_the_workers_exit_code() -> None:
     proc = await spawn("dev", "no/such/file.py")
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2 and b"no such script" in out
+
+
+def test_dev_banner_is_plain_and_uses_test_input(tmp_path: Path) -> None:
+    from spirit_gpu.cli import banner
+
+    script = tmp_path / "main.py"
+    script.write_text("start({'handler': handler})\n")
+    text = banner("http://127.0.0.1:1", "local", "KEY", str(script))
+    assert not any(ch in text for ch in "│╭╰─")  # no box: a copied line pastes as it is
+    lines = text.splitlines()
+    curl = lines[lines.index(next(x for x in lines if x.startswith("curl"))):]
+    assert all(x.endswith(" \\") for x in curl[:3]) and curl[3] == \
+        """  -d '{"input": {"x": 21}}'"""
+    (tmp_path / "test_input.json").write_text('{"input": {"prompt": "it\'s"}}')
+    text = banner("http://127.0.0.1:1", "local", "KEY", str(script))
+    assert """-d '{"input": {"prompt": "it'"'"'s"}}'""" in text
+    (tmp_path / "test_input.json").write_text('{"prompt": "bare"}')  # no "input" key: wrapped
+    assert """-d '{"input": {"prompt": "bare"}}'""" in banner("u", "s", "k", str(script))
+
+    script.write_text('start({"mode": "proxy", "base_url": "http://127.0.0.1:11434"})\n')
+    text = banner("http://127.0.0.1:1", "local", "KEY", str(script))
+    assert "curl -s http://127.0.0.1:1/v1/models -H 'Auth: local-KEY'" in text
+    assert "/sync" not in text
+
+
+async def _dev_key(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    banner = b""
+    while b"Bearer " not in banner:
+        banner += await asyncio.wait_for(proc.stdout.readline(), 20)
+    return banner.split(b"Bearer ", 1)[1].split(b"'", 1)[0].decode()
+
+
+async def test_dev_passes_worker_flags_and_ctrl_c_lets_running_jobs_finish(
+        session: aiohttp.ClientSession, tmp_path: Path) -> None:
+    port = free_port()
+    # --job-timeout is the worker's flag; as a terminal does, Ctrl-C goes to the whole group
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "spirit_gpu.cli", "dev", str(APPS / "marker.py"), "--port",
+        str(port), "--job-timeout", "4", cwd=ROOT, env=ENV, start_new_session=True,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        key = await _dev_key(proc)
+        url = f"http://127.0.0.1:{port}/v1/local/sync"
+        headers = {"Authorization": f"Bearer {key}"}
+
+        async def answered() -> bool:
+            async with session.post(url, json={"input": {}}, headers=headers) as resp:
+                return resp.status == 200
+        await poll(answered, 30, "dev answers")
+        async with session.post(url, json={"input": {"sleep": 60}}, headers=headers) as resp:
+            assert "4 s job timeout" in await resp.text()  # the worker got --job-timeout
+        started = tmp_path / "started"
+        slow = asyncio.create_task(session.post(
+            url, json={"input": {"sleep": 2, "started": str(started)}}, headers=headers))
+
+        async def running() -> bool:
+            return started.exists()
+        await poll(running, 30, "the handler runs")
+        os.killpg(proc.pid, signal.SIGINT)
+        async with await slow as resp:  # it finishes within the grace period the banner says
+            assert (resp.status, await resp.json()) == (200, {"slept": 2})
+        out, _ = await asyncio.wait_for(proc.communicate(), 40)
+        assert proc.returncode == 0, out.decode()
+        assert b"stopping now" not in out and b"within the 0 s grace period" not in out
+    finally:
+        if proc.returncode is None:  # the worker runs in a session of its own: end it too
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,  # noqa: ASYNC221
+                                      text=True).stdout.split()
+            for pid in children:
+                os.kill(int(pid), signal.SIGKILL)
+            proc.kill()
+            await proc.wait()

@@ -173,6 +173,11 @@ class Storage(abc.ABC):
     async def worker_count(self, sid: str) -> int:
         """Workers of ``sid`` seen within the lease."""
 
+    async def ever_had_worker(self, sid: str) -> bool | None:
+        """Whether any worker of ``sid`` has connected since this store started (so a
+        misspelled id can be told apart from a busy one); None when the store cannot say."""
+        return None
+
     @abc.abstractmethod
     async def stats(self) -> list[SidStats]: ...
 

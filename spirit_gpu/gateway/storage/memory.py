@@ -67,6 +67,7 @@ class _Sid:
     sequence: int = 0
     workers: dict[str, float] = field(default_factory=dict)  # worker -> last seen (monotonic)
     in_flight: set[str] = field(default_factory=set)
+    had_workers: bool = False  # set when stale workers are forgotten
 
 
 class MemoryStorage(Storage):
@@ -247,6 +248,10 @@ class MemoryStorage(Storage):
         s = self._sids.get(sid)
         return self._present(s) if s is not None else 0
 
+    async def ever_had_worker(self, sid: str) -> bool | None:
+        s = self._sids.get(sid)
+        return s is not None and (s.had_workers or bool(s.workers) or bool(s.waiters))
+
     async def stats(self) -> list[SidStats]:
         return [SidStats(sid=sid, queued=s.queued, in_flight=len(s.in_flight),
                          workers=self._present(s)) for sid, s in sorted(self._sids.items())]
@@ -362,6 +367,7 @@ class MemoryStorage(Storage):
             stale = [w for w, t in s.workers.items() if at - t > 3 * self.lease]
             for w in stale:
                 del s.workers[w]
+                s.had_workers = True
         while self._finished and at_ms - self._finished[0][0] > self.retention_ms:
             _, request_id = self._finished.popleft()
             self._entries.pop(request_id, None)
