@@ -99,7 +99,7 @@ def skipped(name: str, why: str, unit: str = "", baseline: str = "", goal: str =
             target: Target | None = None) -> Result:
     """A row that could not be measured: it stays in the table and JSON with its reason."""
     if target is not None and not goal:
-        goal = f"{_SIGNS[target[0]]} {target[1]:g}"
+        goal = f"{_SIGNS[target[0]]} {target[1]:g}{'×' if baseline else ' ' + unit}".strip()
     return Result(name, None, unit, baseline, None, None, goal, f"skipped: {why}",
                   target[0] if target else None, target[1] if target else None)
 
@@ -137,6 +137,11 @@ def machine() -> dict[str, Any]:
     wrk = shutil.which("wrk")
     info["wrk"] = wrk or "missing"
     info["hostname"] = platform.node()
+    venv = Path(os.environ.get("LITELLM_VENV", HERE / ".venv-litellm"))
+    dists = sorted(venv.glob("lib/python*/site-packages/litellm-*.dist-info"))
+    info["litellm"] = dists[-1].name.split("-")[1] if dists else "missing"
+    nginx = shutil.which("nginx") or Path("/usr/sbin/nginx").exists()
+    info["nginx"] = "yes" if nginx else "missing"
     return info
 
 
