@@ -139,7 +139,7 @@ def machine() -> dict[str, Any]:
     info["hostname"] = platform.node()
     venv = Path(os.environ.get("LITELLM_VENV", HERE / ".venv-litellm"))
     dists = sorted(venv.glob("lib/python*/site-packages/litellm-*.dist-info"))
-    info["litellm"] = dists[-1].name.split("-")[1] if dists else "missing"
+    info["litellm"] = dists[-1].name[len("litellm-"):-len(".dist-info")] if dists else "missing"
     nginx = shutil.which("nginx") or Path("/usr/sbin/nginx").exists()
     info["nginx"] = "yes" if nginx else "missing"
     return info
