@@ -1,7 +1,8 @@
 """Draw the saved runs' goals as one PNG: how far each ratio is from its goal.
 
-``python benchmarks/plot.py [RUN.json ...] [--out docs/performance.png]``
-(default: every run under benchmarks/results/). Each goal becomes a
+``python benchmarks/plot.py [RUN.json ...] [--out docs/performance.png] [--markdown]``
+(default: every run under benchmarks/results/; ``--markdown`` also prints the
+latest run as a Markdown table, as docs/performance.md shows it). Each goal becomes a
 headroom: measured / goal for a "≥" goal, goal / measured for a "≤" goal, so
 1 is the goal line and above it the goal is met. Left: the latest run, one
 bar per goal (skipped ones named, with their reason). Right: every saved run
@@ -106,18 +107,46 @@ def draw(runs: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def _cell(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}"
+
+
+def markdown(run: dict[str, Any]) -> str:
+    m = run.get("machine", {})
+    lines = [f"Run {run['date']}, commit {str(run['commit'])[:10]}"
+             f"{' (uncommitted changes)' if run.get('dirty') else ''}, {run.get('mode', '')}, "
+             f"{m.get('cpus', '?')} × {m.get('processor', '?')}, Python {m.get('python', '?')}.",
+             "", "| name | value | baseline | baseline value | ratio | goal | met |",
+             "|---|---|---|---|---|---|---|"]
+    for r in run["results"]:
+        met = r.get("met")
+        shown = met if isinstance(met, str) else {True: "yes", False: "**no**", None: ""}[met]
+        ratio = "" if r.get("ratio") is None else f"{r['ratio']:.2f}×"
+        lines.append(f"| {r['name']} | {_cell(r['value'])} {r['unit']} | {r['baseline']} | "
+                     f"{_cell(r['baseline_value']) if r['baseline'] else ''} | {ratio} | "
+                     f"{r['goal']} | {shown} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", type=Path, help="run JSON files (default: results/)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="PNG to write")
+    ap.add_argument("--markdown", action="store_true",
+                    help="also print the latest run as a Markdown table")
     ns = ap.parse_args(argv)
     paths = ns.runs or sorted(RESULTS.glob("*.json"))
     if not paths:
         print(f"no runs in {RESULTS}: run benchmarks/run.py first", file=sys.stderr)
         return 1
-    draw(load(paths), ns.out)
+    runs = load(paths)
+    draw(runs, ns.out)
     print(f"wrote {ns.out} ({len(paths)} runs)")
+    if ns.markdown:
+        print(markdown(runs[-1]))
     return 0
 
 
