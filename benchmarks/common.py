@@ -87,7 +87,7 @@ def result(name: str, value: float | None, unit: str, baseline: str = "",
         op, goal_value = target
         goal_on = "ratio" if ratio is not None else "value"
         if goal == "report":
-            goal = f"{_SIGNS[op]} {goal_value:g}{'×' if goal_on == 'ratio' else ' ' + unit}"
+            goal = f"{_SIGNS[op]} {goal_value:g}{'×' if goal_on == 'ratio' else ' ' + unit}".strip()
         check = lambda s: _OPS[op](s, goal_value)  # noqa: E731
     if check is not None:
         met = bool(subject is not None and check(subject))

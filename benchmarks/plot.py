@@ -40,9 +40,15 @@ def headroom(row: dict[str, Any]) -> float | None:
     return max(1 / CAP, min(CAP, h))
 
 
+_SIGNS = {"<=": "≤", "<": "<", ">=": "≥", ">": ">", "==": "="}
+
+
 def key(row: dict[str, Any]) -> str:
+    """One goal across runs: the row's name, its baseline and the goal itself."""
     base = f" vs {row['baseline']}" if row.get("baseline") else ""
-    return f"{row['name']}{base} ({row['goal']})"
+    unit = "×" if row.get("goal_on") == "ratio" or (row.get("goal_on") is None
+                                                   and row.get("baseline")) else ""
+    return f"{row['name']}{base} ({_SIGNS.get(row['goal_op'], '?')} {row['goal_value']:g}{unit})"
 
 
 def load(paths: list[Path]) -> list[dict[str, Any]]:
@@ -63,13 +69,14 @@ def draw(runs: list[dict[str, Any]], out: Path) -> None:
     goals = [r for r in latest["results"] if r.get("goal_op") is not None]
     labels = [key(r) for r in goals]
     fig_h = max(4.0, 0.32 * len(goals) + 1.5)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(18, fig_h),
+    fig, (left, right) = plt.subplots(1, 2, figsize=(20, fig_h), layout="constrained",
                                       gridspec_kw={"width_ratios": [3, 2]})
     for i, row in enumerate(goals):
         h = headroom(row)
         if h is None:
             why = row["met"] if isinstance(row.get("met"), str) else "no figure"
-            left.text(1 / CAP * 1.1, i, why[:90], va="center", fontsize=7, color="grey")
+            left.text(1 / CAP * 1.1, i, why[:90], va="center", fontsize=7, color="grey",
+                      bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
             continue
         left.barh(i, h, left=0, color="tab:green" if h >= 1 else "tab:red")
         measured = row["ratio"] if row.get("goal_on") == "ratio" else row["value"]
@@ -101,7 +108,6 @@ def draw(runs: list[dict[str, Any]], out: Path) -> None:
                      fontsize=6, rotation=45, ha="right")
     right.set_ylabel("headroom over the goal")
     right.set_title(f"all saved runs ({len(runs)}), one line per goal", fontsize=9)
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -124,7 +130,8 @@ def markdown(run: dict[str, Any]) -> str:
         met = r.get("met")
         shown = met if isinstance(met, str) else {True: "yes", False: "**no**", None: ""}[met]
         ratio = "" if r.get("ratio") is None else f"{r['ratio']:.2f}×"
-        lines.append(f"| {r['name']} | {_cell(r['value'])} {r['unit']} | {r['baseline']} | "
+        value = f"{_cell(r['value'])} {r['unit']}".strip()
+        lines.append(f"| {r['name']} | {value} | {r['baseline']} | "
                      f"{_cell(r['baseline_value']) if r['baseline'] else ''} | {ratio} | "
                      f"{r['goal']} | {shown} |")
     return "\n".join(lines)
