@@ -85,9 +85,14 @@ def result(name: str, value: float | None, unit: str, baseline: str = "",
     op = goal_value = goal_on = None
     if target is not None:
         op, goal_value = target
-        goal_on = "ratio" if ratio is not None else "value"
+        # a row that names a baseline is judged on the ratio, never on its bare value
+        goal_on = "ratio" if ratio is not None or baseline else "value"
         if goal == "report":
             goal = f"{_SIGNS[op]} {goal_value:g}{'×' if goal_on == 'ratio' else ' ' + unit}".strip()
+        if goal_on == "ratio" and ratio is None:
+            return Result(name, _round(value), unit, baseline, _round(baseline_value), None, goal,
+                          f"skipped: no ratio (baseline value {baseline_value})", op, goal_value,
+                          goal_on)
         check = lambda s: _OPS[op](s, goal_value)  # noqa: E731
     if check is not None:
         met = bool(subject is not None and check(subject))
@@ -248,6 +253,20 @@ def wait_ok(url: str, body: bytes, headers: dict[str, str] | None = None, within
         time.sleep(0.05)
     tail = log_tail(proc) if proc is not None else ""
     raise RuntimeError(f"{url} not ready within {within:g} s (last: {last}) {tail}")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (from /proc)."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(x) for x in (task / "children").read_text().split()]
+    return total
 
 
 # ---- wrk ---------------------------------------------------------------------------

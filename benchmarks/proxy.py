@@ -9,6 +9,10 @@ proxy (apps/aiohttp_proxy.py); and, as the peer people put in front of
 vLLM/ollama for keys and routing, LiteLLM's proxy (litellm_peer.py: its own
 venv, master key, nothing external).
 
+Each target's processes' CPU time per request (from /proc, over its own wrk
+runs) is reported next to the rates: it moves far less with load from
+elsewhere on a shared machine than requests/s do.
+
 The wrk runs go round-robin over the targets (run 1 of each, then run 2, ...)
 and the time-to-first-chunk requests alternate between direct and proxied, so
 that a machine whose speed drifts during the benchmark (a shared VM) moves
@@ -32,16 +36,19 @@ import litellm_peer  # noqa: E402
 from common import (  # noqa: E402
     APPS,
     PY,
+    Load,
     Result,
     free_port,
     main_for,
     median,
+    median_load,
     result,
     servers,
     skipped,
     spawn,
+    tree_cpu_seconds,
     wait_ok,
-    wrk_round_robin,
+    wrk,
 )
 from e2e_sync import KEY, start_gateway  # noqa: E402
 
@@ -110,6 +117,8 @@ def run(quick: bool) -> list[Result]:
     runs, dur, n_ttfc = (3, 2.0, 100) if quick else (5, 5.0, 300)
     rps: dict[str, dict[str, float]] = {}
     notes: dict[str, str] = {}
+    pids: dict[str, list[int]] = {}  # the processes that serve each target
+    cpu_us: dict[str, dict[str, float]] = {}  # CPU µs per request, per target and kind
     with servers() as procs, tempfile.TemporaryDirectory() as tmp:
         llm_port = free_port()
         procs.append(spawn([PY, str(APPS / "fake_llm_server.py"), str(llm_port)], "fake_llm"))
@@ -119,6 +128,7 @@ def run(quick: bool) -> list[Result]:
 
         port = free_port()
         procs.append(spawn([PY, str(APPS / "aiohttp_proxy.py"), str(port), llm], "aiohttp_proxy"))
+        pids["aiohttp 1-hop proxy"] = [procs[-1].pid]
         targets["aiohttp 1-hop proxy"] = (f"http://127.0.0.1:{port}", {})
         wait_ok(targets["aiohttp 1-hop proxy"][0] + PLAIN[0], PLAIN[1], within=30, proc=procs[-1])
 
@@ -131,6 +141,7 @@ def run(quick: bool) -> list[Result]:
             conf = Path(tmp) / "nginx.conf"
             conf.write_text(NGINX_CONF.format(dir=tmp, upstream=llm_port, port=port))
             procs.append(spawn([nginx, "-c", str(conf), "-p", tmp], "nginx"))
+            pids["nginx 1-hop"] = [procs[-1].pid]
             targets["nginx 1-hop"] = (f"http://127.0.0.1:{port}", {})
             try:
                 wait_ok(targets["nginx 1-hop"][0] + PLAIN[0], PLAIN[1], within=15, proc=procs[-1])
@@ -142,24 +153,39 @@ def run(quick: bool) -> list[Result]:
         if not notes["litellm"]:
             try:
                 targets[LITELLM] = litellm_peer.start(procs, llm, tmp)
+                pids[LITELLM] = [procs[-1].pid]
             except RuntimeError as exc:
                 notes["litellm"] = f"LiteLLM did not start: {str(exc)[:120]}"
 
         gateway = start_gateway(procs, "proxy-gateway")
+        gateway_proc = procs[-1]
         procs.append(spawn([PY, str(APPS / "proxy_worker.py")], "proxy-worker",
                            EASE_AGENT_URL=f"{gateway}/agent/{SID}", PROXY_BASE_URL=llm,
                            EASE_HEARTBEAT_INTERVAL="0.5"))
         targets[OURS] = (gateway, AUTH)
         wait_ok(gateway + PLAIN[0], PLAIN[1], AUTH, within=60, proc=procs[-1])
 
-        loads = wrk_round_robin({(name, kind): (url + path, body, headers, 32)
-                                 for name, (url, headers) in targets.items()
-                                 for kind, (path, body) in (("plain", PLAIN),
-                                                            ("stream", STREAM))}, runs, dur)
+        pids[OURS] = [gateway_proc.pid, procs[-1].pid]
+        kinds = (("plain", PLAIN), ("stream", STREAM))
+        samples: dict[tuple[str, str], list[Load]] = {}
+        cpu: dict[tuple[str, str], float] = {}
+        for _ in range(runs):  # round-robin; each run's CPU time of the target's processes
+            for name, (url, headers) in targets.items():
+                for kind, (path, body) in kinds:
+                    before = sum(tree_cpu_seconds(pid) for pid in pids.get(name, []))
+                    # LiteLLM takes seconds per request at c=32 here: a longer window
+                    load = wrk(url + path, body, headers, 32, dur * (3 if name == LITELLM else 1))
+                    used = sum(tree_cpu_seconds(pid) for pid in pids.get(name, [])) - before
+                    samples.setdefault((name, kind), []).append(load)
+                    cpu[(name, kind)] = cpu.get((name, kind), 0.0) + used
         errors = {name: 0 for name in targets}
-        for (name, kind), load in loads.items():
+        for (name, kind), runs_ in samples.items():
+            load = median_load(runs_)
             rps.setdefault(name, {})[kind] = load.rps
             errors[name] += load.errors
+            served = sum(x.rps for x in runs_) * dur * (3 if name == LITELLM else 1)
+            if name in pids and served:
+                cpu_us.setdefault(name, {})[kind] = cpu[(name, kind)] / served * 1e6
         first = cast(dict[str, float], run_loop(ttfc(
             {name: targets[name] for name in ("direct", OURS, LITELLM) if name in targets},
             n_ttfc)))
@@ -179,12 +205,24 @@ def run(quick: bool) -> list[Result]:
             out.append(skipped(f"proxy {label}", notes.get("nginx", "?"), "req/s",
                                "nginx 1-hop", "report" if nginx_target is None else "",
                                nginx_target))
-        if LITELLM in rps:
+        if LITELLM in rps and rps[LITELLM][kind] > 0:
             out.append(result(f"proxy {label}", ours[kind], "req/s", LITELLM,
-                              rps[LITELLM][kind], target=(">=", 20.0)))
+                              rps[LITELLM][kind], target=(">=", 20.0),
+                              goal=f"≥ 20× (LiteLLM errors {errors[LITELLM]})"))
+        elif LITELLM in rps:
+            out.append(skipped(f"proxy {label}", f"LiteLLM finished no request in its runs "
+                               f"({errors[LITELLM]} errors or timeouts)", "req/s", LITELLM,
+                               target=(">=", 20.0)))
         else:
             out.append(skipped(f"proxy {label}", notes["litellm"], "req/s", LITELLM,
                                target=(">=", 20.0)))
+    for kind, label in (("plain", "non-streamed"), ("stream", "streamed")):
+        mine = cpu_us.get(OURS, {}).get(kind)
+        for peer in ("aiohttp 1-hop proxy", "nginx 1-hop", LITELLM):
+            theirs = cpu_us.get(peer, {}).get(kind)
+            if mine is not None and theirs is not None:
+                out.append(result(f"proxy {label}: CPU per request (gateway + worker)", mine,
+                                  "µs", f"{peer} CPU per request", theirs))
     over = (first[OURS] - first["direct"]) * 1000
     out.append(result("proxy time-to-first-chunk overhead p50", over, "ms",
                       "direct TTFC p50", first["direct"] * 1000,

@@ -80,3 +80,10 @@ def test_plot_draws_saved_runs_and_prints_the_table(tmp_path: Path) -> None:
     table = plot.markdown(plot.load(runs)[-1])
     assert "| ipc | 30 µs | floor | 10 | 3.00× | ≤ 2.5× | **no** |" in table
     assert "skipped: no CUDA device" in table
+
+
+def test_a_row_with_a_baseline_but_no_ratio_is_never_judged_on_its_value() -> None:
+    row = common.result("proxy streamed", 1000.0, "req/s", "LiteLLM proxy", 0.0,
+                        target=(">=", 20.0))
+    assert row.ratio is None and isinstance(row.met, str) and row.met.startswith("skipped")
+    assert plot.headroom(row.to_json()) is None
