@@ -342,6 +342,34 @@ def wrk_rounds(loads: dict[K, tuple[str, bytes, dict[str, str] | None, int]],
     return samples
 
 
+def wrk_rounds_cpu(loads: dict[K, tuple[str, bytes, dict[str, str] | None, int]],
+                   pids: dict[K, list[int]], runs: int, duration: float,
+                   durations: dict[K, float] | None = None
+                   ) -> tuple[dict[K, list[Load]], dict[K, float]]:
+    """``wrk_rounds``, plus the CPU µs per request of each load's own processes.
+
+    ``pids[key]``: the processes (with their descendants) that serve that load
+    alone; their CPU time is read from /proc around each of its runs. CPU per
+    request moves far less than requests/s with load from elsewhere on a
+    shared machine. ``durations`` overrides ``duration`` per key.
+    """
+    samples: dict[K, list[Load]] = {key: [] for key in loads}
+    used: dict[K, float] = {key: 0.0 for key in loads}
+    for _ in range(runs):
+        for key, (url, body, headers, conns) in loads.items():
+            mine = pids.get(key, [])
+            before = sum(tree_cpu_seconds(pid) for pid in mine)
+            dur = (durations or {}).get(key, duration)
+            samples[key].append(wrk(url, body, headers, conns, dur))
+            used[key] += sum(tree_cpu_seconds(pid) for pid in mine) - before
+    cpu_us: dict[K, float] = {}
+    for key in loads:
+        served = sum(x.rps for x in samples[key]) * (durations or {}).get(key, duration)
+        if pids.get(key) and served:
+            cpu_us[key] = used[key] / served * 1e6
+    return samples, cpu_us
+
+
 def wrk_round_robin(loads: dict[K, tuple[str, bytes, dict[str, str] | None, int]],
                     runs: int, duration: float) -> dict[K, Load]:
     """The median ``Load`` of each ``(url, body, headers, conns)`` over ``wrk_rounds``."""

@@ -37,7 +37,7 @@ from common import (  # noqa: E402
     spawn,
     wait_ok,
     wrk,
-    wrk_rounds,
+    wrk_rounds_cpu,
 )
 
 SID = "bench"
@@ -83,14 +83,18 @@ def start_worker(procs: list, gateway: str, transport: str, sid: str = SID,  # n
 
 
 def measure_rounds(targets: dict[str, tuple[str, dict[str, str] | None]],
-                   quick: bool) -> dict[str, tuple[list[Load], list[Load]]]:
-    """(c=1, c=32) loads of every round per target (bare aiohttp: c=32 only)."""
+                   pids: dict[str, list[int]], quick: bool
+                   ) -> tuple[dict[str, tuple[list[Load], list[Load]]], dict[str, float]]:
+    """(c=1, c=32) loads of every round per target (bare aiohttp: c=32 only), and the
+    CPU µs per request at c=32 of each target's processes."""
     runs, dur = (3, 2.0) if quick else (5, 5.0)
-    loads = wrk_rounds({(name, conns): (url, BODY, headers, conns)
-                        for name, (url, headers) in targets.items()
-                        for conns in ((32,) if name == "bare" else (1, 32))}, runs, dur)
-    return {name: (loads.get((name, 1), loads[(name, 32)]), loads[(name, 32)])
-            for name in targets}
+    keys = [(name, conns) for name in targets for conns in ((32,) if name == "bare" else (1, 32))]
+    loads, cpu = wrk_rounds_cpu({(name, conns): (targets[name][0], BODY, targets[name][1], conns)
+                                 for name, conns in keys},
+                                {key: pids[key[0]] for key in keys if key[0] in pids}, runs, dur)
+    return ({name: (loads.get((name, 1), loads[(name, 32)]), loads[(name, 32)])
+             for name in targets},
+            {name: us for (name, conns), us in cpu.items() if conns == 32})
 
 
 def run(quick: bool) -> list[Result]:
@@ -99,6 +103,7 @@ def run(quick: bool) -> list[Result]:
     with servers() as procs:
         port = free_port()
         procs.append(spawn([PY, str(APPS / "http_echo.py"), str(port)], "http_echo"))
+        pids = {"bare": [procs[-1].pid]}
         echo_url = f"http://127.0.0.1:{port}/"
         wait_ok(echo_url, BODY, within=20, proc=procs[-1])
         try:
@@ -119,16 +124,19 @@ def run(quick: bool) -> list[Result]:
             try:
                 wait_ok(rp_url, BODY, within=60, proc=procs[-1])
                 targets["runpod"] = (rp_url, None)
+                pids["runpod"] = [procs[-1].pid]
             except RuntimeError as exc:
                 rp_why = f"runpod server did not start: {str(exc)[:120]}"
 
         # one gateway; each transport's worker serves a serverless id of its own
         gateway = start_gateway(procs)
+        gateway_index = len(procs) - 1
         for transport in ("link", "plain"):
             sid = f"{SID}-{transport}"
-            start_worker(procs, gateway, transport, sid)
+            worker = start_worker(procs, gateway, transport, sid)
+            pids[transport] = [procs[gateway_index].pid, worker.pid]
             targets[transport] = (f"{gateway}/v1/{sid}/sync", AUTH)
-        rounds = measure_rounds(targets, quick)
+        rounds, cpu_us = measure_rounds(targets, pids, quick)
 
     loads = {name: (median_load(c1), median_load(c32)) for name, (c1, c32) in rounds.items()}
     bare = loads["bare"][1]
@@ -172,6 +180,11 @@ def run(quick: bool) -> list[Result]:
                       goal=f"report (p50 {link1.p50_ms:.2f} ms, p99 {link1.p99_ms:.2f} ms)"))
     out.append(result("e2e_sync plain c=32 p50 / p99", plain32.p50_ms, "ms",
                       goal=f"report (p99 {plain32.p99_ms:.2f} ms)"))
+    for name, label in (("runpod", rp_name), ("bare", "bare aiohttp")):
+        if "link" in cpu_us and name in cpu_us:
+            out.append(result("e2e_sync link c=32: CPU per request (gateway + supervisor + "
+                              "child)", cpu_us["link"], "µs", f"{label} CPU per request",
+                              cpu_us[name]))
     errors = sum(x.errors for name in ("link", "plain") for pair in rounds[name] for x in pair)
     out.append(result("e2e_sync failed responses", errors, "", target=("==", 0)))
     return out

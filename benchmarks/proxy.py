@@ -36,7 +36,6 @@ import litellm_peer  # noqa: E402
 from common import (  # noqa: E402
     APPS,
     PY,
-    Load,
     Result,
     free_port,
     main_for,
@@ -46,9 +45,8 @@ from common import (  # noqa: E402
     servers,
     skipped,
     spawn,
-    tree_cpu_seconds,
     wait_ok,
-    wrk,
+    wrk_rounds_cpu,
 )
 from e2e_sync import KEY, start_gateway  # noqa: E402
 
@@ -167,25 +165,20 @@ def run(quick: bool) -> list[Result]:
 
         pids[OURS] = [gateway_proc.pid, procs[-1].pid]
         kinds = (("plain", PLAIN), ("stream", STREAM))
-        samples: dict[tuple[str, str], list[Load]] = {}
-        cpu: dict[tuple[str, str], float] = {}
-        for _ in range(runs):  # round-robin; each run's CPU time of the target's processes
-            for name, (url, headers) in targets.items():
-                for kind, (path, body) in kinds:
-                    before = sum(tree_cpu_seconds(pid) for pid in pids.get(name, []))
-                    # LiteLLM takes seconds per request at c=32 here: a longer window
-                    load = wrk(url + path, body, headers, 32, dur * (3 if name == LITELLM else 1))
-                    used = sum(tree_cpu_seconds(pid) for pid in pids.get(name, [])) - before
-                    samples.setdefault((name, kind), []).append(load)
-                    cpu[(name, kind)] = cpu.get((name, kind), 0.0) + used
+        keys = [(name, kind) for name in targets for kind, _ in kinds]
+        # LiteLLM takes seconds per request at c=32 here: it gets a longer window
+        samples, cpu = wrk_rounds_cpu(
+            {(name, kind): (targets[name][0] + path, body, targets[name][1], 32)
+             for name in targets for kind, (path, body) in kinds},
+            {key: pids[key[0]] for key in keys if key[0] in pids}, runs, dur,
+            {key: dur * 3 for key in keys if key[0] == LITELLM})
         errors = {name: 0 for name in targets}
         for (name, kind), runs_ in samples.items():
             load = median_load(runs_)
             rps.setdefault(name, {})[kind] = load.rps
             errors[name] += load.errors
-            served = sum(x.rps for x in runs_) * dur * (3 if name == LITELLM else 1)
-            if name in pids and served:
-                cpu_us.setdefault(name, {})[kind] = cpu[(name, kind)] / served * 1e6
+        for (name, kind), us in cpu.items():
+            cpu_us.setdefault(name, {})[kind] = us
         first = cast(dict[str, float], run_loop(ttfc(
             {name: targets[name] for name in ("direct", OURS, LITELLM) if name in targets},
             n_ttfc)))
