@@ -49,6 +49,7 @@ from common import (  # noqa: E402
     servers,
     skipped,
     spawn,
+    tree_cpu_seconds,
     wait_ok,
     wrk,
 )
@@ -202,7 +203,9 @@ def streams(quick: bool) -> list[Result]:
         pids = {"gateway": gw_proc.pid, "worker": worker_proc.pid}
         idle = {name: rss_kib(pid) for name, pid in pids.items()}
         gw_port = int(gateway.rsplit(":", 1)[1])
+        cpu0 = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
         ours = cast(dict[str, Any], run_loop(stream_load(gw_port, auth, clients, seconds, pids)))
+        cpu = {name: tree_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
         direct = cast(dict[str, Any], run_loop(stream_load(llm_port, {}, clients, seconds, {})))
     p50, p99 = pct(ours["transits"], 0.5), pct(ours["transits"], 0.99)
     d50, d99 = pct(direct["transits"], 0.5), pct(direct["transits"], 0.99)
@@ -217,6 +220,11 @@ def streams(quick: bool) -> list[Result]:
                "direct p50", d50, goal=f"report (chunks {len(ours['transits'])} of "
                f"{ours['expected']}; direct errors {len(direct['errors'])})"),
     ]
+    chunks = max(1, len(ours["transits"]))
+    for name in pids:
+        out.append(result(f"scale streams: {name} CPU per chunk", cpu[name] / chunks * 1e6, "µs",
+                          goal=f"report ({cpu[name] / ours['seconds']:.2f} CPU-seconds per "
+                          "second)"))
     for name in pids:
         per = (ours["peak"][name] - idle[name]) * 1024 / clients
         out.append(result(f"scale streams: {name} RSS per open stream", per / 1024, "KiB",
