@@ -92,17 +92,19 @@ def draw(runs: list[dict[str, Any]], out: Path) -> None:
                    fontsize=9)
 
     xs = list(range(len(runs)))
+    seen: list[float] = []
     for label in labels:
         ys = []
         for run in runs:
             match = [r for r in run["results"] if r.get("goal_op") and key(r) == label]
             ys.append(headroom(match[0]) if match else None)
         pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+        seen += [y for _, y in pts]
         if pts:
             right.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linewidth=1,
                        markersize=3)
     right.set_yscale("log")
-    right.set_ylim(1 / CAP, CAP)
+    right.set_ylim(min([0.2, *seen]) / 1.2, max([5.0, *seen]) * 1.2)
     right.axhline(1, color="black", linewidth=1)
     right.set_xticks(xs, [f"{r['date'][:16]}\n{str(r['commit'])[:7]}" for r in runs],
                      fontsize=6, rotation=45, ha="right")
