@@ -1,11 +1,15 @@
-"""Shared helpers of the benchmarks: results, processes, ports, wrk, tables.
+"""Shared helpers of the benchmarks: results, processes, ports, wrk, tables, saved runs.
 
 Every server a benchmark starts listens on 127.0.0.1; every wait is bounded.
+A goal is a ``Target``: an operator and a number that the row's ratio (or,
+for a row without a baseline, its value) must satisfy; it is kept in the JSON
+as ``goal_op``/``goal_value`` so ``plot.py`` can draw every run against it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import platform
@@ -29,6 +33,7 @@ K = TypeVar("K")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 APPS = HERE / "apps"
+RESULTS = HERE / "results"
 PY = sys.executable
 LOGS = Path(tempfile.gettempdir()) / "spirit-bench-logs"
 INSTALL_HINT = "run benchmarks/install.sh"
@@ -36,6 +41,14 @@ INSTALL_HINT = "run benchmarks/install.sh"
 
 class Skip(Exception):
     """A benchmark or baseline cannot run here (reported as 'skipped: <why>')."""
+
+
+Target = tuple[str, float]  # ("<=", 2.5): the ratio (or value) must be <= 2.5
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
+    ">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "==": lambda a, b: a == b,
+}
+_SIGNS = {"<=": "≤", "<": "<", ">=": "≥", ">": ">", "==": "="}
 
 
 @dataclass
@@ -48,6 +61,9 @@ class Result:
     ratio: float | None = None
     goal: str = "report"
     met: bool | str | None = None  # True/False, None = report only, "skipped: ..." string
+    goal_op: str | None = None  # with goal_value: the machine-readable goal
+    goal_value: float | None = None
+    goal_on: str | None = None  # "ratio" or "value": what the goal is checked on
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,20 +72,41 @@ class Result:
 def result(name: str, value: float | None, unit: str, baseline: str = "",
            baseline_value: float | None = None, goal: str = "report",
            check: Callable[[float], bool] | None = None,
-           ratio: float | None = None) -> Result:
-    """A row; ``ratio`` defaults to value / baseline_value; ``check(ratio)`` decides 'met'."""
+           ratio: float | None = None, target: Target | None = None) -> Result:
+    """A row; ``ratio`` defaults to value / baseline_value.
+
+    ``target`` (preferred) or ``check`` decides 'met' on the ratio, or on the
+    value when the row has no ratio.
+    """
     if ratio is None and value is not None and baseline_value:
         ratio = value / baseline_value
     met: bool | None = None
+    subject = ratio if ratio is not None else value
+    op = goal_value = goal_on = None
+    if target is not None:
+        op, goal_value = target
+        # a row that names a baseline is judged on the ratio, never on its bare value
+        goal_on = "ratio" if ratio is not None or baseline else "value"
+        if goal == "report":
+            goal = f"{_SIGNS[op]} {goal_value:g}{'×' if goal_on == 'ratio' else ' ' + unit}".strip()
+        if goal_on == "ratio" and ratio is None:
+            return Result(name, _round(value), unit, baseline, _round(baseline_value), None, goal,
+                          f"skipped: no ratio (baseline value {baseline_value})", op, goal_value,
+                          goal_on)
+        check = lambda s: _OPS[op](s, goal_value)  # noqa: E731
     if check is not None:
-        subject = ratio if baseline_value is not None else value
         met = bool(subject is not None and check(subject))
     return Result(name, _round(value), unit, baseline, _round(baseline_value), _round(ratio, 3),
-                  goal, met)
+                  goal, met, op, goal_value, goal_on)
 
 
-def skipped(name: str, why: str, unit: str = "", baseline: str = "", goal: str = "") -> Result:
-    return Result(name, None, unit, baseline, None, None, goal, f"skipped: {why}")
+def skipped(name: str, why: str, unit: str = "", baseline: str = "", goal: str = "",
+            target: Target | None = None) -> Result:
+    """A row that could not be measured: it stays in the table and JSON with its reason."""
+    if target is not None and not goal:
+        goal = f"{_SIGNS[target[0]]} {target[1]:g}{'×' if baseline else ' ' + unit}".strip()
+    return Result(name, None, unit, baseline, None, None, goal, f"skipped: {why}",
+                  target[0] if target else None, target[1] if target else None)
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:
@@ -104,7 +141,26 @@ def machine() -> dict[str, Any]:
                 info["memory_mib"] = int(line.split()[1]) // 1024
     wrk = shutil.which("wrk")
     info["wrk"] = wrk or "missing"
+    info["hostname"] = platform.node()
+    venv = Path(os.environ.get("LITELLM_VENV", HERE / ".venv-litellm"))
+    dists = sorted(venv.glob("lib/python*/site-packages/litellm-*.dist-info"))
+    info["litellm"] = dists[-1].name[len("litellm-"):-len(".dist-info")] if dists else "missing"
+    nginx = shutil.which("nginx") or Path("/usr/sbin/nginx").exists()
+    info["nginx"] = "yes" if nginx else "missing"
     return info
+
+
+def git_commit() -> tuple[str, bool]:
+    """(commit hash or "unknown", whether the tree has uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "spirit_gpu",
+                                     "benchmarks"], cwd=ROOT, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return head or "unknown", dirty
 
 
 # ---- processes -----------------------------------------------------------------------
@@ -199,6 +255,20 @@ def wait_ok(url: str, body: bytes, headers: dict[str, str] | None = None, within
     raise RuntimeError(f"{url} not ready within {within:g} s (last: {last}) {tail}")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (from /proc)."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(x) for x in (task / "children").read_text().split()]
+    return total
+
+
 # ---- wrk ---------------------------------------------------------------------------
 
 _LUA = """wrk.method = "POST"
@@ -257,18 +327,53 @@ def wrk_median(url: str, body: bytes, headers: dict[str, str] | None = None, con
     return median_load([wrk(url, body, headers, conns, duration) for _ in range(runs)])
 
 
-def wrk_round_robin(loads: dict[K, tuple[str, bytes, dict[str, str] | None, int]],
-                    runs: int, duration: float) -> dict[K, Load]:
-    """The median ``Load`` of each ``(url, body, headers, conns)``.
+def wrk_rounds(loads: dict[K, tuple[str, bytes, dict[str, str] | None, int]],
+               runs: int, duration: float) -> dict[K, list[Load]]:
+    """Every round's ``Load`` of each ``(url, body, headers, conns)``.
 
-    Run 1 of every load, then run 2, ...: a machine whose speed drifts (a shared
-    VM) moves ours and the baselines alike.
+    Round 1 runs every load once, then round 2, ...: a machine whose speed
+    drifts (a shared VM) moves ours and the baselines alike, and figures of
+    the same round can be compared with each other.
     """
     samples: dict[K, list[Load]] = {key: [] for key in loads}
     for _ in range(runs):
         for key, (url, body, headers, conns) in loads.items():
             samples[key].append(wrk(url, body, headers, conns, duration))
-    return {key: median_load(values) for key, values in samples.items()}
+    return samples
+
+
+def wrk_rounds_cpu(loads: dict[K, tuple[str, bytes, dict[str, str] | None, int]],
+                   pids: dict[K, list[int]], runs: int, duration: float,
+                   durations: dict[K, float] | None = None
+                   ) -> tuple[dict[K, list[Load]], dict[K, float]]:
+    """``wrk_rounds``, plus the CPU µs per request of each load's own processes.
+
+    ``pids[key]``: the processes (with their descendants) that serve that load
+    alone; their CPU time is read from /proc around each of its runs. CPU per
+    request moves far less than requests/s with load from elsewhere on a
+    shared machine. ``durations`` overrides ``duration`` per key.
+    """
+    samples: dict[K, list[Load]] = {key: [] for key in loads}
+    used: dict[K, float] = {key: 0.0 for key in loads}
+    for _ in range(runs):
+        for key, (url, body, headers, conns) in loads.items():
+            mine = pids.get(key, [])
+            before = sum(tree_cpu_seconds(pid) for pid in mine)
+            dur = (durations or {}).get(key, duration)
+            samples[key].append(wrk(url, body, headers, conns, dur))
+            used[key] += sum(tree_cpu_seconds(pid) for pid in mine) - before
+    cpu_us: dict[K, float] = {}
+    for key in loads:
+        served = sum(x.rps for x in samples[key]) * (durations or {}).get(key, duration)
+        if pids.get(key) and served:
+            cpu_us[key] = used[key] / served * 1e6
+    return samples, cpu_us
+
+
+def wrk_round_robin(loads: dict[K, tuple[str, bytes, dict[str, str] | None, int]],
+                    runs: int, duration: float) -> dict[K, Load]:
+    """The median ``Load`` of each ``(url, body, headers, conns)`` over ``wrk_rounds``."""
+    return {key: median_load(values) for key, values in wrk_rounds(loads, runs, duration).items()}
 
 
 def median_load(loads: list[Load]) -> Load:
@@ -309,9 +414,30 @@ def table(results: list[Result], title: str = "spirit-gpu benchmarks") -> None:
     Console(width=200).print(t)
 
 
-def write_json(path: str, results: list[Result]) -> None:
-    Path(path).write_text(json.dumps({"machine": machine(),
-                                      "results": [r.to_json() for r in results]}, indent=2))
+def run_record(results: list[Result], mode: str = "", seconds: float | None = None
+               ) -> dict[str, Any]:
+    """What a saved run holds: the machine, the commit, the date and every row."""
+    commit, dirty = git_commit()
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": commit, "dirty": dirty, "mode": mode, "seconds": seconds,
+            "machine": machine(), "results": [r.to_json() for r in results]}
+
+
+def write_json(path: str | Path, results: list[Result], mode: str = "",
+               seconds: float | None = None) -> dict[str, Any]:
+    record = run_record(results, mode, seconds)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return record
+
+
+def save_run(results: list[Result], mode: str, seconds: float | None = None) -> Path:
+    """Write the run under benchmarks/results/ as <UTC date and time>-<commit>-<mode>.json."""
+    commit, dirty = git_commit()
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
+    path = RESULTS / f"{stamp}-{commit[:10]}{'-dirty' if dirty else ''}-{mode}.json"
+    write_json(path, results, mode, seconds)
+    return path
 
 
 def main_for(run: Callable[[bool], list[Result]], title: str) -> None:
@@ -325,4 +451,4 @@ def main_for(run: Callable[[bool], list[Result]], title: str) -> None:
     results = run(ns.quick)
     table(results, title)
     if ns.json:
-        write_json(ns.json, results)
+        write_json(ns.json, results, "quick" if ns.quick else "full")

@@ -38,7 +38,7 @@ async def measure(quick: bool) -> list[Result]:
                 r_raw.append(size / MIB / await sequential(raw.roundtrip, body, n))
                 r_pool.append(size / MIB / await sequential(call, body, n))
             out.append(result(f"payload {size // MIB} MiB round trip", median(r_pool), "MiB/s",
-                              "raw pipe echo", median(r_raw), "≥ 0.5×", lambda r: r >= 0.5))
+                              "pipe echo floor", median(r_raw), target=(">=", 0.5)))
     finally:
         await raw.close()
         await close_pool(pool)
