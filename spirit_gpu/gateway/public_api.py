@@ -164,7 +164,7 @@ async def sync_request(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request, cfg.max_body_bytes)
     body = _parse(raw)
     ttl = min(_ttl_ms(body, cfg.sync_timeout, cfg.async_ttl_max), int(cfg.sync_timeout * 1000))
-    if await gw.storage.worker_count(sid) == 0:
+    if not await gw.storage.has_worker(sid):
         raise ApiError(503, await _no_worker_message(gw, sid))
     rec = await gw.submit(NewRequest(sid=sid, mode="sync", body=raw,
                                      webhook=body.webhook or "", ttl_ms=ttl))

@@ -61,7 +61,7 @@ class ProxyAnswer:
 async def forward(request: web.Request, gw: Gateway, sid: str, rid: str,
                   body: object) -> web.StreamResponse | None:
     """Queue the request as a proxy job and stream its answer; None when no worker polls."""
-    if await gw.storage.worker_count(sid) == 0:
+    if not await gw.storage.has_worker(sid):
         return None
     cfg = gw.config
     if body is None:

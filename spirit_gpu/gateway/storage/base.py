@@ -64,8 +64,13 @@ class NewRequest(msgspec.Struct):
     ttl_ms: int
 
 
-class RequestRecord(msgspec.Struct):
-    """One request's whole life. Times are epoch milliseconds."""
+class RequestRecord(msgspec.Struct, gc=False):
+    """One request's whole life. Times are epoch milliseconds.
+
+    Untracked by the cyclic GC (it holds only strings, numbers and bytes, so it
+    cannot be part of a cycle): thousands are kept for the retention time, and a
+    full collection would otherwise scan each of them.
+    """
 
     request_id: str
     sid: str
@@ -98,7 +103,7 @@ class RequestRecord(msgspec.Struct):
         return self.status
 
 
-class ChunkEvent(msgspec.Struct):
+class ChunkEvent(msgspec.Struct, gc=False):
     seq: int
     data: bytes
 
@@ -172,6 +177,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def worker_count(self, sid: str) -> int:
         """Workers of ``sid`` seen within the lease."""
+
+    async def has_worker(self, sid: str) -> bool:
+        """Whether any worker of ``sid`` was seen within the lease (asked on every sync
+        request: a store can answer it without counting them all)."""
+        return await self.worker_count(sid) > 0
 
     async def ever_had_worker(self, sid: str) -> bool | None:
         """Whether any worker of ``sid`` has connected since this store started (so a

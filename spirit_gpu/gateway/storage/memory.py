@@ -35,14 +35,18 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
+    """A request and who waits on it. Slots, and containers made only when used:
+    the cyclic GC scans every retained request on a full collection, so each
+    one should cost it a single object (the record itself is untracked)."""
+
     rec: RequestRecord
     # made only when someone waits: most requests are never watched this way
     done_waiters: list[asyncio.Future[None]] | None = None
     changed: asyncio.Event | None = None
-    chunks: list[ChunkEvent] = field(default_factory=list)
-    seqs: set[int] = field(default_factory=set)
+    chunks: list[ChunkEvent] | None = None  # made by the first chunk
+    seqs: set[int] | None = None
     chunk_bytes: int = 0
     renewed: float = 0.0  # monotonic time of the last sign of life about this request
 
@@ -200,7 +204,7 @@ class MemoryStorage(Storage):
             return
         i = 0
         while True:
-            while i < len(e.chunks):
+            while e.chunks is not None and i < len(e.chunks):
                 yield e.chunks[i]
                 i += 1
             if e.rec.terminal:
@@ -247,6 +251,15 @@ class MemoryStorage(Storage):
     async def worker_count(self, sid: str) -> int:
         s = self._sids.get(sid)
         return self._present(s) if s is not None else 0
+
+    async def has_worker(self, sid: str) -> bool:
+        s = self._sids.get(sid)
+        if s is None:
+            return False
+        if any(not fut.done() for fut, _ in s.waiters):
+            return True
+        at = time.monotonic()
+        return any(at - t <= self.lease for t in s.workers.values())
 
     async def ever_had_worker(self, sid: str) -> bool | None:
         s = self._sids.get(sid)
@@ -326,6 +339,8 @@ class MemoryStorage(Storage):
             return False
         e.renewed = time.monotonic()
         cost = len(data) + CHUNK_OVERHEAD
+        if e.seqs is None or e.chunks is None:
+            e.seqs, e.chunks = set(), []
         if seq in e.seqs or e.chunk_bytes + cost > self.max_chunk_bytes:
             return False
         e.seqs.add(seq)
