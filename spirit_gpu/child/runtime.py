@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -209,6 +210,10 @@ def serve(channel: Channel, config: dict[str, Any]) -> NoReturn:
     check_start = config.get("check_start")
     if options["mode"] == "proxy":
         SyncRuntime(channel, None, "proxy", None, check_start, options, cfg.agent_url).serve()
+    # What the script built at import (a model's modules and tensors' wrappers, often
+    # millions of objects) lives as long as the process: keep the cyclic GC from
+    # scanning it again on every full collection, which would stall each job.
+    gc.freeze()
     handler = config["handler"]
     kind = handlers.handler_kind(handler)
     runtime_cls = AsyncRuntime if kind in handlers.ASYNC_KINDS else SyncRuntime

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 from collections.abc import Callable
 
@@ -56,6 +57,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event,
     guard.install(app)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
+    gc.freeze()  # modules and the app live on: full collections need not rescan them
     server: asyncio.Server | None = None
     try:
         server = await guard.listen(runner, config.host, config.port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Mapping
 
@@ -68,6 +69,7 @@ class Supervisor:
             if self.stop.is_set():
                 return 0
             self.cfg = pool.cfg  # resolved once, with the script's start() keys
+            gc.freeze()  # what start-up built lives on: full collections need not rescan it
             return await self._serve_mode(pool)
         finally:
             await pool.close()

@@ -1,13 +1,15 @@
 """A handler process script for tests/child: start() keys come from APP_* env vars."""
 
 import asyncio
+import gc
 import os
 
 from spirit_gpu import start
 
 
 def handler(request, env):
-    return {"agent_url": env.agent_url, "request_id": env.request_id, "pid": os.getpid()}
+    return {"agent_url": env.agent_url, "request_id": env.request_id, "pid": os.getpid(),
+            "frozen": gc.get_freeze_count()}
 
 
 async def slow(request, env):
