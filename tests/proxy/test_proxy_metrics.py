@@ -34,3 +34,20 @@ def test_exposition() -> None:
         'spirit_gateway_proxy_response_start_seconds_sum{sid="a"} 500.004',
     ):
         assert line in text.splitlines(), line
+
+
+def test_serverless_ids_past_the_limit_share_one_label() -> None:
+    # any API key holder can name new serverless ids in the Auth header
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry, max_sids=2)
+    for sid in ("a", "b", "c", "d"):
+        metrics.begin(sid)
+        metrics.end(sid, "503")
+    lines = generate_latest(registry).decode().splitlines()
+    requests = [line for line in lines if line.startswith("spirit_gateway_proxy_requests_total{")]
+    assert sorted(requests) == [
+        'spirit_gateway_proxy_requests_total{code="503",sid="_other"} 2.0',
+        'spirit_gateway_proxy_requests_total{code="503",sid="a"} 1.0',
+        'spirit_gateway_proxy_requests_total{code="503",sid="b"} 1.0',
+    ]
+    assert 'spirit_gateway_proxy_in_flight{sid="_other"} 0.0' in lines

@@ -13,7 +13,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from spirit_gpu.gateway.metric_counts import Histograms, Labels, count, counter_family
+from spirit_gpu.gateway.metric_counts import (
+    Histograms,
+    Labels,
+    SidLabels,
+    count,
+    counter_family,
+)
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             30.0, 60.0, 180.0)
@@ -26,21 +32,24 @@ _START = ("spirit_gateway_proxy_response_start_seconds",
 class ProxyMetrics(Collector):
     """Answers by code (``cut_*`` for a stream ended early), in flight, time to response head."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, max_sids: int = 1000) -> None:
+        self.sid_label = SidLabels(max_sids)  # any key holder can name new ids: bounded
         self.answers: dict[Labels, int] = {}
         self.in_flight: dict[str, int] = {}
         self._starts = Histograms(_BUCKETS)
         (registry if registry is not None else CollectorRegistry()).register(self)
 
     def begin(self, sid: str) -> None:
-        self.in_flight[sid] = self.in_flight.get(sid, 0) + 1
+        label = self.sid_label(sid)
+        self.in_flight[label] = self.in_flight.get(label, 0) + 1
 
     def end(self, sid: str, code: str) -> None:
-        self.in_flight[sid] -= 1
-        count(self.answers, (sid, code))
+        label = self.sid_label(sid)
+        self.in_flight[label] -= 1
+        count(self.answers, (label, code))
 
     def response_started(self, sid: str, seconds: float) -> None:
-        self._starts.observe((sid,), seconds)
+        self._starts.observe((self.sid_label(sid),), seconds)
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(*_REQUESTS, labels=["sid", "code"])

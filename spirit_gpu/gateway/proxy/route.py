@@ -398,6 +398,7 @@ ROUTER_KEY: web.AppKey[ProxyRouter] = web.AppKey("spirit_proxy_router", ProxyRou
 def install(app: web.Application, config: GatewayConfig) -> None:
     """Mount the proxy route, the registration extension and the feature announcement."""
     gateway = app.get(GATEWAY_KEY)
-    router = ProxyRouter(config, ProxyMetrics(gateway.metrics.registry if gateway else None))
+    router = ProxyRouter(config, ProxyMetrics(gateway.metrics.registry if gateway else None,
+                                              config.metrics_max_sids))
     app[ROUTER_KEY] = router
     router.install(app)
