@@ -60,6 +60,12 @@ class WorkerConfig(EnvSettings):
                                        "Seconds between concurrency_modifier calls")
     crash_backoff_max: float = _opt(30.0, "SPIRIT_CRASH_BACKOFF_MAX",
                                     "Longest wait before restarting a crash-looping child")
+    max_frame_mb: float = _opt(64.0, "SPIRIT_MAX_FRAME_MB",
+                               "Largest supervisor<->handler message in MiB (a request, result "
+                               "or stream chunk); a handler process sending more is killed")
+    max_crashes: int = _opt(5, "SPIRIT_MAX_CRASHES",
+                            "Handler process crashes in a row (or CUDA out-of-memory errors) "
+                            "after which the worker stops taking jobs and exits 4; 0 for never")
     webhook_attempts: int = _opt(5, "SPIRIT_WEBHOOK_ATTEMPTS", "Webhook delivery attempts")
     webhook_backoff: float = _opt(0.5, "SPIRIT_WEBHOOK_BACKOFF",
                                   "First webhook retry delay in seconds (doubles)")
@@ -75,6 +81,11 @@ class WorkerConfig(EnvSettings):
     start_deadline: float = _opt(600.0, "SPIRIT_START_DEADLINE",
                                  "Proxy mode: seconds for check_start to return True")
 
+    @property
+    def max_frame(self) -> int:
+        """``max_frame_mb`` in bytes."""
+        return max(1024, int(self.max_frame_mb * (1 << 20)))
+
     @classmethod
     def from_sources(cls, start_options: Mapping[str, Any] | None = None,
                      environ: Mapping[str, str] | None = None,
@@ -83,6 +94,11 @@ class WorkerConfig(EnvSettings):
         environ = os.environ if environ is None else environ
         return (cls().apply(start_options or {}, "start").apply(cls.env_values(environ), "env")
                 .apply(flags or {}, "flag"))
+
+
+def secret_env_names() -> frozenset[str]:
+    """The env vars of SECRET_FIELDS: a handler process's environment never has them."""
+    return frozenset(f.metadata["env"] for f in fields(WorkerConfig) if f.name in SECRET_FIELDS)
 
 
 def child_environ(flags: Mapping[str, Any]) -> dict[str, str]:

@@ -12,7 +12,7 @@ from spirit_gpu.log import logger
 from spirit_gpu.retry import Backoff, RetryPolicy
 from spirit_gpu.supervisor import webhook
 from spirit_gpu.supervisor.jobs import Job, metric, now_ms, ttl_expired
-from spirit_gpu.supervisor.pool_api import JobPool
+from spirit_gpu.supervisor.pool_api import EXIT_UNHEALTHY, JobPool
 from spirit_gpu.supervisor.transports.base import AgentUnavailable, Transport
 
 STREAMING_KINDS = (GENERATOR, ASYNC_GENERATOR)
@@ -59,6 +59,7 @@ class Worker:
         self._slots_seen = 0
         self.jobs: set[asyncio.Task[None]] = set()
         self.exit_code = 0
+        self._stop: asyncio.Event | None = None
         # a multiplexed transport hands over many jobs per pull: one puller is enough;
         # the plain protocol pulls one job per request, one request per free slot
         self.batched = transport.capabilities.batched_pulls
@@ -66,6 +67,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set (or the agent says it is unhealthy)."""
+        self._stop = stop
         self.pool.listeners.append(self._pool_changed)
         pullers: list[asyncio.Task[None]] = []
         heartbeat = asyncio.ensure_future(self._heartbeats())
@@ -92,6 +94,12 @@ class Worker:
         return self.exit_code
 
     def _pool_changed(self) -> None:
+        if self.pool.unhealthy and self._stop is not None and not self._stop.is_set():
+            # stop pulling; what is held still gets its result, then exit non-zero
+            logger.error(f"worker unhealthy, exiting with status {EXIT_UNHEALTHY} once the "
+                         f"running jobs are reported: {self.pool.unhealthy}")
+            self.exit_code = EXIT_UNHEALTHY
+            self._stop.set()
         self.kick.set()
         if self.pool.slots != self._slots_seen:
             self._resize.set()
