@@ -70,6 +70,13 @@ class WorkerConfig(EnvSettings):
     webhook_backoff: float = _opt(0.5, "SPIRIT_WEBHOOK_BACKOFF",
                                   "First webhook retry delay in seconds (doubles)")
     webhook_timeout: float = _opt(10.0, "SPIRIT_WEBHOOK_TIMEOUT", "Seconds per webhook attempt")
+    webhook_concurrency: int = _opt(16, "SPIRIT_WEBHOOK_CONCURRENCY",
+                                    "Webhook deliveries under way at once (in the background)")
+    webhook_queue: int = _opt(1000, "SPIRIT_WEBHOOK_QUEUE",
+                              "Webhook deliveries that may wait; past it a delivery fails at once")
+    webhook_allow: list[str] = _opt([], "SPIRIT_WEBHOOK_ALLOW",
+                                    "Only send webhooks to these hosts, *.suffixes, IPs or CIDR "
+                                    "networks (comma-separated; empty: any but the refused ones)")
     pull_backoff_max: float = _opt(1.0, "SPIRIT_PULL_BACKOFF_MAX",
                                    "Longest wait between pulls when the queue is empty")
     in_process: bool = _opt(False, "SPIRIT_IN_PROCESS",
@@ -105,7 +112,8 @@ def child_environ(flags: Mapping[str, Any]) -> dict[str, str]:
     """The supervisor's flags as the env vars a handler process reads (secrets left out),
     so that it resolves the same config as the supervisor."""
     env = {f.name: f.metadata["env"] for f in fields(WorkerConfig)}
-    return {env[name]: str(value) for name, value in flags.items()
+    return {env[name]: ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            for name, value in flags.items()
             if name in env and name not in SECRET_FIELDS and value is not None}
 
 
