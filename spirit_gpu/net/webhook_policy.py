@@ -26,6 +26,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -164,17 +165,21 @@ class WebhookPolicy:
         if why:
             return why
         host, port = url.host or "", url.port or (443 if url.scheme == "https" else 80)
+        if self._name_allowed(host):
+            # the operator named it: not resolved here; the connection's resolver
+            # (PolicyResolver) still refuses forbidden addresses and own listeners
+            return ""
         addresses = await resolve(host, port)
-        if self.allow and not self._name_allowed(host) and not (
-                addresses and all(any(ip in net for net in self._networks
-                                      if net.version == ip.version) for ip in addresses)):
-            return f"webhook host {host} is not in the allow-list (SPIRIT_WEBHOOK_ALLOW)"
         own = await self.own_addresses()
         relay = self._relay(url)
         for ip in addresses:
             why = self.address_refusal(ip, port, own, relay)
             if why:
                 return why
+        if self.allow and not (addresses and all(
+                any(ip in net for net in self._networks if net.version == ip.version)
+                for ip in addresses)):
+            return f"webhook host {host} is not in the allow-list (SPIRIT_WEBHOOK_ALLOW)"
         return ""
 
 
@@ -199,22 +204,28 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
 
 class PolicyResolver(AbstractResolver):
     """aiohttp's resolver, refusing addresses the policy never allows (checked on what
-    the connection really uses: a DNS answer that changed since the check is caught)."""
+    the connection really uses: a DNS answer that changed since the check is caught).
 
-    def __init__(self, policy: WebhookPolicy) -> None:
+    ``policy`` is read at each resolution (a gateway learns its listeners as it goes).
+    ``own``: refuse our own listeners here too (the gateway: no path is ever allowed
+    on them); a worker's relay path is allowed on its agent, so it checks before.
+    """
+
+    def __init__(self, policy: Callable[[], WebhookPolicy], own: bool = False) -> None:
         self.policy = policy
+        self.own = own
         self._inner = DefaultResolver()
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
+        policy = self.policy()
+        own = await policy.own_addresses() if self.own else []
         for result in results:
             ip = _addr(str(result["host"]))
             if ip is None:
                 continue
-            # own listeners are checked with the path beforehand; here the addresses
-            # no webhook may ever reach
-            why = self.policy.address_refusal(ip, port, [])
+            why = policy.address_refusal(ip, port, own)
             if why:
                 raise WebhookRefused(why)
         return results

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
+import msgspec
 from yarl import URL
 
 from spirit_gpu.config import WorkerConfig
@@ -65,10 +66,10 @@ async def deliver(session: aiohttp.ClientSession, cfg: WorkerConfig, webhook: st
         try:
             async with session.post(url, data=body, timeout=timeout,
                                     headers={"Content-Type": "application/json"}) as resp:
-                await resp.read()
+                answer = await resp.read()
                 if resp.status == 200:
                     return ""
-                error = f"webhook answered {resp.status}"
+                error = f"webhook answered {resp.status}{_why(answer)}"
                 if resp.status < 500:
                     break
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -77,6 +78,15 @@ async def deliver(session: aiohttp.ClientSession, cfg: WorkerConfig, webhook: st
             logger.warn(f"{error}; retrying in {retry.delay(attempt):g} s (attempt {attempt} "
                         f"of {retry.attempts})", request_id=request_id)
     return _failed(error, tries, request_id)
+
+
+def _why(answer: bytes) -> str:
+    """The ``{"error": ...}`` of an answer (the gateway's relay says why), shortened."""
+    try:
+        error = msgspec.json.decode(answer[:2048]).get("error")
+    except (msgspec.DecodeError, AttributeError):
+        return ""
+    return f" ({str(error)[:300]})" if error else ""
 
 
 def _failed(error: str, tries: int, request_id: str) -> str:
@@ -115,7 +125,7 @@ class WebhookSender:
         if self._session is None:
             # its own session: its resolver applies the policy to every address it
             # connects to (a DNS name that turns into a forbidden address is refused)
-            connector = aiohttp.TCPConnector(limit=0, resolver=PolicyResolver(self.policy))
+            connector = aiohttp.TCPConnector(limit=0, resolver=PolicyResolver(lambda: self.policy))
             self._session = aiohttp.ClientSession(connector=connector,
                                                   cookie_jar=aiohttp.DummyCookieJar())
         return self._session
