@@ -326,6 +326,11 @@ class Pool:
         """Run one job in a handler process; never raises for the job's own failures."""
         if self.unhealthy:
             return _failed(503, f"worker unhealthy: {self.unhealthy}")
+        size = len(job.body) + len(job.webhook) + len(job.request_id) + len(job.mode) + 64
+        if size > self.cfg.max_frame:  # the handler process would refuse the frame
+            return _failed(413, f"request too large: {len(job.body)} bytes, the limit between "
+                                f"supervisor and handler is {self.cfg.max_frame} bytes "
+                                "(SPIRIT_MAX_FRAME_MB)")
         run = _Run(next(self._job_ids), job, on_chunk, self._loop)
         self.runs[run.job_id] = run
         self.pending.append(run)

@@ -22,7 +22,9 @@ def handler(request, env):
     spec = request["input"]
     if spec.get("frame") == "huge":
         # a 4 GB length prefix, then a body that keeps coming
-        _raw(struct.pack(">I", 0xFFFFFFFF) + b"\x00" * (4 << 20))
+        _raw(struct.pack(">I", 0xFFFFFFFF))
+        for _ in range(32):
+            _raw(b"\x00" * (1 << 20))
         time.sleep(60)
     if spec.get("frame") == "garbage":
         _raw(struct.pack(">I", 5) + b"\xc1" * 5)  # 0xc1 is never valid MessagePack

@@ -48,18 +48,21 @@ async def test_a_malformed_frame_kills_only_that_process(agent: FakeAgent,
 
 async def test_a_frame_over_the_limit_is_refused_before_it_is_buffered(
         agent: FakeAgent, worker_factory) -> None:
-    agent.enqueue("huge", {"input": {"frame": "huge"}})
-    # liveness would end it after 30 s; the limit must end it long before
+    agent.enqueue("warm", {"input": {}})
     w = worker_factory(APP, worker_env(agent, SPIRIT_MAX_FRAME_MB="1"))
+    await agent.wait_for(lambda: "warm" in agent.acks, 20)
+    before = rss_kib(w.proc.pid)
+    # a 4 GB length prefix, then 32 MiB of its "body"; liveness would end it after
+    # 30 s, the limit must end it long before, without buffering the body
+    agent.enqueue("huge", {"input": {"frame": "huge"}})
     await agent.wait_for(lambda: "huge" in agent.acks, 15)
     code, body = result(agent, "huge")
     assert code == 500
-    assert "over the 1048576-byte limit" in body["error"], body
-    before = rss_kib(w.proc.pid)
+    assert "sent a frame of 4294967295 bytes, over the 1048576-byte limit" in body["error"], body
+    assert rss_kib(w.proc.pid) - before < 16 * 1024  # peak memory: not the 32 MiB sent
     agent.enqueue("after", {"input": {}})
     await agent.wait_for(lambda: "after" in agent.acks, 20)
     assert result(agent, "after")[0] == 200
-    assert rss_kib(w.proc.pid) - before < 3 * 1024  # the 4 MiB it was sent were dropped
 
 
 async def test_a_result_over_the_limit_fails_its_job_not_the_process(
@@ -137,3 +140,15 @@ async def test_cuda_out_of_memory_counts_toward_unhealthy(agent: FakeAgent,
         code, body = result(agent, f"oom{i}")
         assert code == 500 and "CUDA out of memory" in body["error"]
     assert "CUDA out of memory" in w.output
+
+
+async def test_a_request_over_the_frame_limit_fails_413_before_the_pipe(
+        agent: FakeAgent, worker_factory) -> None:
+    agent.enqueue("big", {"input": {"pad": "x" * (2 << 20)}})
+    agent.enqueue("small", {"input": {}})
+    w = worker_factory(APP, worker_env(agent, SPIRIT_MAX_FRAME_MB="1"))
+    await agent.wait_for(lambda: {"big", "small"} <= set(agent.acks), 20)
+    code, body = result(agent, "big")
+    assert code == 413 and "request too large" in body["error"], body
+    assert result(agent, "small")[0] == 200
+    assert "exited" not in w.output and "crash" not in w.output
