@@ -60,10 +60,23 @@ class WorkerConfig(EnvSettings):
                                        "Seconds between concurrency_modifier calls")
     crash_backoff_max: float = _opt(30.0, "SPIRIT_CRASH_BACKOFF_MAX",
                                     "Longest wait before restarting a crash-looping child")
+    max_frame_mb: float = _opt(64.0, "SPIRIT_MAX_FRAME_MB",
+                               "Largest supervisor<->handler message in MiB (a request, result "
+                               "or stream chunk); a handler process sending more is killed")
+    max_crashes: int = _opt(5, "SPIRIT_MAX_CRASHES",
+                            "Handler process crashes in a row (or CUDA out-of-memory errors) "
+                            "after which the worker stops taking jobs and exits 4; 0 for never")
     webhook_attempts: int = _opt(5, "SPIRIT_WEBHOOK_ATTEMPTS", "Webhook delivery attempts")
     webhook_backoff: float = _opt(0.5, "SPIRIT_WEBHOOK_BACKOFF",
                                   "First webhook retry delay in seconds (doubles)")
     webhook_timeout: float = _opt(10.0, "SPIRIT_WEBHOOK_TIMEOUT", "Seconds per webhook attempt")
+    webhook_concurrency: int = _opt(16, "SPIRIT_WEBHOOK_CONCURRENCY",
+                                    "Webhook deliveries under way at once (in the background)")
+    webhook_queue: int = _opt(1000, "SPIRIT_WEBHOOK_QUEUE",
+                              "Webhook deliveries that may wait; past it a delivery fails at once")
+    webhook_allow: list[str] = _opt([], "SPIRIT_WEBHOOK_ALLOW",
+                                    "Only send webhooks to these hosts, *.suffixes, IPs or CIDR "
+                                    "networks (comma-separated; empty: any but the refused ones)")
     pull_backoff_max: float = _opt(1.0, "SPIRIT_PULL_BACKOFF_MAX",
                                    "Longest wait between pulls when the queue is empty")
     in_process: bool = _opt(False, "SPIRIT_IN_PROCESS",
@@ -75,6 +88,11 @@ class WorkerConfig(EnvSettings):
     start_deadline: float = _opt(600.0, "SPIRIT_START_DEADLINE",
                                  "Proxy mode: seconds for check_start to return True")
 
+    @property
+    def max_frame(self) -> int:
+        """``max_frame_mb`` in bytes."""
+        return max(1024, int(self.max_frame_mb * (1 << 20)))
+
     @classmethod
     def from_sources(cls, start_options: Mapping[str, Any] | None = None,
                      environ: Mapping[str, str] | None = None,
@@ -85,11 +103,17 @@ class WorkerConfig(EnvSettings):
                 .apply(flags or {}, "flag"))
 
 
+def secret_env_names() -> frozenset[str]:
+    """The env vars of SECRET_FIELDS: a handler process's environment never has them."""
+    return frozenset(f.metadata["env"] for f in fields(WorkerConfig) if f.name in SECRET_FIELDS)
+
+
 def child_environ(flags: Mapping[str, Any]) -> dict[str, str]:
     """The supervisor's flags as the env vars a handler process reads (secrets left out),
     so that it resolves the same config as the supervisor."""
     env = {f.name: f.metadata["env"] for f in fields(WorkerConfig)}
-    return {env[name]: str(value) for name, value in flags.items()
+    return {env[name]: ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            for name, value in flags.items()
             if name in env and name not in SECRET_FIELDS and value is not None}
 
 

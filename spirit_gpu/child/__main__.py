@@ -35,7 +35,8 @@ def main() -> None:
     _die_with_parent()
     if os.getppid() == 1:  # the supervisor died before the death signal was armed
         os._exit(0)
-    chan = channel_mod.Channel(read_fd, write_fd)
+    max_frame = int(os.environ.pop("SPIRIT_CHILD_MAX_FRAME", "") or ipc.DEFAULT_MAX_FRAME)
+    chan = channel_mod.Channel(read_fd, write_fd, max_frame)
     channel_mod.CHANNEL = chan
     chan.start_beats(float(os.environ.pop("SPIRIT_BEAT_INTERVAL", "") or 1.0))
     script = os.path.abspath(sys.argv[1])

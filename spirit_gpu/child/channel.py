@@ -13,6 +13,7 @@ import sys
 import threading
 from typing import NoReturn
 
+from spirit_gpu.handlers import error_body
 from spirit_gpu.protocol import ipc
 
 CHANNEL: Channel | None = None  # set by the child bootstrap before the script runs
@@ -21,12 +22,30 @@ CHANNEL: Channel | None = None  # set by the child bootstrap before the script r
 READ_SIZE = 1 << 20
 
 
+def _too_large(msg: ipc.Message, size: int, limit: int) -> ipc.Message:
+    """What goes instead of a frame over the limit: the supervisor would kill a
+    process sending it, so a too-large result fails its job and nothing more."""
+    why = (f"{type(msg).__name__.lower()} too large: {size} bytes, the limit between "
+           f"supervisor and handler is {limit} bytes (SPIRIT_MAX_FRAME_MB)")
+    if isinstance(msg, ipc.Done):
+        return ipc.Done(msg.job, 500, error_body(why), why, msg.recycle)
+    if isinstance(msg, ipc.Chunk):
+        return ipc.Chunk(msg.job, msg.seq, error_body(why))
+    if isinstance(msg, ipc.Fatal):
+        return ipc.Fatal(msg.message[:limit // 2])
+    if isinstance(msg, ipc.StartChecked):
+        return ipc.StartChecked(msg.ok, msg.error[:limit // 2])
+    return ipc.Fatal(why)
+
+
 class Channel:
-    def __init__(self, read_fd: int, write_fd: int) -> None:
+    def __init__(self, read_fd: int, write_fd: int,
+                 max_frame: int = ipc.DEFAULT_MAX_FRAME) -> None:
         self.read_fd = read_fd
         self._wfd = write_fd
         self._wlock = threading.Lock()
-        self._frames = ipc.FrameBuffer()
+        self.max_frame = max_frame
+        self._frames = ipc.FrameBuffer(max_frame)
         self._rbuf = bytearray(READ_SIZE)
         self._rview = memoryview(self._rbuf)
         self.beat_interval = 1.0
@@ -34,7 +53,14 @@ class Channel:
 
 
     def send(self, msg: ipc.Message) -> None:
-        self.write(ipc.encode(msg))
+        self.write(self.frame(msg))
+
+    def frame(self, msg: ipc.Message) -> bytes:
+        """``msg`` encoded, or a stand-in saying it was too large (``_too_large``)."""
+        data = ipc.encode(msg)
+        if len(data) - 4 > self.max_frame:
+            data = ipc.encode(_too_large(msg, len(data) - 4, self.max_frame))
+        return data
 
     def write(self, data: bytes) -> None:
         with self._wlock:
@@ -54,7 +80,7 @@ class Channel:
                 n = 0
             if not n:
                 _supervisor_gone()
-            messages = self._frames.feed(self._rview[:n])
+            messages = self._feed(n)
             if messages:
                 return messages
 
@@ -68,7 +94,14 @@ class Channel:
             n = 0
         if not n:
             _supervisor_gone()
-        return self._frames.feed(self._rview[:n])
+        return self._feed(n)
+
+    def _feed(self, n: int) -> list[ipc.Message]:
+        try:
+            return self._frames.feed(self._rview[:n])
+        except ipc.FrameError as exc:  # only a broken supervisor sends one
+            print(f"spirit_gpu handler process: the supervisor sent a {exc}", file=sys.stderr)
+            _exit(2)
 
     def set_beat_interval(self, interval: float) -> None:
         """start()'s ping_interval: the beat thread switches to it at once."""

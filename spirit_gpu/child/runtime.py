@@ -119,7 +119,7 @@ class AsyncRuntime(_Base):
             self.channel.send(msg)
             return
         # nothing else running (and not inside the reader): nothing to batch with
-        out.send(ipc.encode(msg), not self.tasks and not self._reading)
+        out.send(self.channel.frame(msg), not self.tasks and not self._reading)
 
     def _flush(self) -> None:
         if self._out is not None:

@@ -75,8 +75,8 @@ async def post_metric(request: web.Request) -> web.StreamResponse:
     body = _decode(_metric, await read_body(request, SMALL_BODY))
     if body.status == "executing":
         await gw.report_started(sid, request.match_info["request_id"])
-    elif body.status == "failed":
-        await gw.report_failed(sid, request.match_info["request_id"], body.message)
+    elif body.status in ("succeed", "failed"):
+        await gw.report_final(sid, request.match_info["request_id"], body.status, body.message)
     return json_response({})
 
 

@@ -66,6 +66,10 @@ class GatewayConfig(EnvSettings):
                                 "(lowered to fit the open-file limit)")
     link_max_credits: int = _opt(256, "SPIRIT_LINK_MAX_CREDITS",
                                  "Most jobs one worker link may be owed (its credits are capped)")
+    webhook_allow: list[str] = _opt([], "SPIRIT_WEBHOOK_ALLOW",
+                                    "Only accept and send webhooks to these hosts, *.suffixes, "
+                                    "IPs or CIDR networks (comma-separated; empty: any but the "
+                                    "refused ones)")
     metrics_max_sids: int = _opt(1000, "SPIRIT_METRICS_MAX_SIDS",
                                  "Serverless ids with their own /metrics label; later ones "
                                  "are counted under sid=\"_other\"")

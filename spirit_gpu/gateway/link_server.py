@@ -19,18 +19,24 @@ from spirit_gpu.gateway.auth import require_worker
 from spirit_gpu.gateway.httpio import serverless_id
 from spirit_gpu.gateway.service import FEATURES, GATEWAY_KEY, Gateway
 from spirit_gpu.gateway.storage.base import RequestRecord
+from spirit_gpu.gateway.webhooks import RELAY_PATH
 from spirit_gpu.log import logger
 from spirit_gpu.net.batch_writer import BatchWriter, ws_sink
 from spirit_gpu.protocol import link as lp
-from spirit_gpu.protocol.agent import WORKER_ID_HEADER
+from spirit_gpu.protocol.agent import API_PREFIX, WORKER_ID_HEADER
 
 PATH = "/agent/{sid}/apis/v1/link"
 LINK_PREFIX = "link:"  # worker names of link workers, as storage records them
 MAX_REFUSED = 1000  # frames about other workers' requests before the link is closed
 
 
-def dispatch_frame(rec: RequestRecord) -> lp.Dispatch:
-    return lp.Dispatch(request_id=rec.request_id, mode=rec.mode, webhook=rec.webhook,
+def dispatch_frame(rec: RequestRecord, agent_base: str = "") -> lp.Dispatch:
+    """With ``agent_base`` (how the worker reaches this agent API), a webhook becomes the
+    gateway's relay, as on the plain protocol (webhooks.py): the first end wins."""
+    webhook = rec.webhook
+    if webhook and agent_base:
+        webhook = f"{agent_base}/{RELAY_PATH}/{rec.request_id}"
+    return lp.Dispatch(request_id=rec.request_id, mode=rec.mode, webhook=webhook,
                        enqueue_at=rec.enqueued_at, create_at=rec.created_at,
                        ttl_ms=rec.ttl_ms, body=rec.body)
 
@@ -39,8 +45,9 @@ class LinkSession:
     """One connected worker."""
 
     def __init__(self, gw: Gateway, sid: str, worker: str, ws: web.WebSocketResponse,
-                 batches: bool = False, anonymous: bool = True) -> None:
+                 batches: bool = False, anonymous: bool = True, agent_base: str = "") -> None:
         self.gw = gw
+        self.agent_base = agent_base  # the relay's base for dispatched webhooks
         self.batches = batches  # the worker reads Batch messages
         self.sid = sid
         self.worker = worker
@@ -114,7 +121,7 @@ class LinkSession:
             for r in taken:
                 self.held.add(r.request_id)
                 self.gw.links[r.request_id] = self.push_cancel
-                self.writer.send(dispatch_frame(r))
+                self.writer.send(dispatch_frame(r, self.agent_base))
             self.writer.flush()  # written now, with anything else queued this turn
             await self.writer.wait_drained()  # a link that pushes back holds dispatching
 
@@ -143,9 +150,11 @@ class LinkSession:
                 # capped: one worker granting millions must not take the whole queue
                 self.credits = min(max(0, self.credits + n), gw.config.link_max_credits)
                 self.credit_changed.set()
-            case lp.Metric(request_id=request_id, status=status):
+            case lp.Metric(request_id=request_id, status=status, message=message):
                 if status == "executing" and await self._holds(request_id, "metric"):
                     await gw.report_started(sid, request_id)
+                elif status in ("succeed", "failed") and await self._holds(request_id, "metric"):
+                    await gw.report_final(sid, request_id, status, message)
             case lp.Result(request_id=request_id, status_code=code, message=message, data=data):
                 if await self._holds(request_id, "result"):
                     await gw.report_result(sid, request_id, code, message, data)
@@ -234,7 +243,9 @@ async def link(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(reason="the link is a WebSocket: send an Upgrade request")
     await ws.prepare(request)
     batches = request.headers.get(lp.BATCH_HEADER) == "1"
-    await LinkSession(gw, sid, worker, ws, batches, anonymous=not named).run()
+    agent_base = f"{request.url.origin()}/agent/{sid}{API_PREFIX}"
+    await LinkSession(gw, sid, worker, ws, batches, anonymous=not named,
+                      agent_base=agent_base).run()
     return ws
 
 

@@ -98,13 +98,19 @@ def _ttl_ms(body: ClientBody, default_s: float, max_s: float) -> int:
     return ttl
 
 
-def _check_webhook(url: str) -> None:
+async def _check_webhook(request: web.Request, gw: Gateway, url: str) -> None:
+    """The webhook policy (net/webhook_policy.py), at the door: 400 with its reason."""
     try:
         parsed = URL(url)
     except ValueError as exc:
         raise ApiError(400, f"invalid request arguments: webhook: {exc}") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ApiError(400, "invalid request arguments: webhook must be an http(s) URL")
+    if request.transport is not None:  # the listener this request came in on is ours
+        gw.webhooks.listener(request.transport.get_extra_info("sockname"))
+    refused = await gw.webhooks.refusal(url)
+    if refused:
+        raise ApiError(400, f"invalid request arguments: {refused}")
 
 
 def status_view(rec: RequestRecord) -> dict[str, Any]:
@@ -164,6 +170,8 @@ async def sync_request(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request, cfg.max_body_bytes)
     body = _parse(raw)
     ttl = min(_ttl_ms(body, cfg.sync_timeout, cfg.async_ttl_max), int(cfg.sync_timeout * 1000))
+    if body.webhook:
+        await _check_webhook(request, gw, body.webhook)
     if not await gw.storage.has_worker(sid):
         raise ApiError(503, await _no_worker_message(gw, sid))
     rec = await gw.submit(NewRequest(sid=sid, mode="sync", body=raw,
@@ -197,7 +205,7 @@ async def async_request(request: web.Request) -> web.StreamResponse:
     ttl = _ttl_ms(body, cfg.async_ttl_default, cfg.async_ttl_max)
     if not body.webhook:
         raise ApiError(400, "webhook is empty for async request")
-    _check_webhook(body.webhook)
+    await _check_webhook(request, gw, body.webhook)
     rec = await gw.submit(NewRequest(sid=sid, mode="async", body=raw, webhook=body.webhook,
                                      ttl_ms=ttl))
     resp = json_response({"id": rec.request_id, "sequence": rec.sequence})

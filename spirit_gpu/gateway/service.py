@@ -21,7 +21,7 @@ from spirit_gpu.gateway.storage.base import (
     RequestRecord,
     Storage,
 )
-from spirit_gpu.gateway.webhooks import RELAY_PATH, GatewayWebhooks, deliver
+from spirit_gpu.gateway.webhooks import RELAY_PATH, GatewayWebhooks
 from spirit_gpu.log import logger
 from spirit_gpu.protocol import agent
 from spirit_gpu.protocol.agent import Envelope
@@ -83,7 +83,8 @@ class Gateway:
         self.storage = storage
         self.metrics = metrics
         self.links: dict[str, CancelPusher] = {}  # request id -> its link's cancel pusher
-        self.webhooks = GatewayWebhooks()
+        self.webhooks = GatewayWebhooks(config)
+        self.webhooks.on_failure = self._webhook_failed
         # request id -> the proxy-route client waiting for its queued job's answer
         # (proxy/queued.py holds what goes in)
         self.proxy_answers: dict[str, asyncio.Future[Any]] = {}
@@ -101,6 +102,10 @@ class Gateway:
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.storage.close()
         await self.webhooks.close()
+
+    async def _webhook_failed(self, rec: RequestRecord, failure: str) -> None:
+        message = f"{rec.message}; {failure}" if rec.message else failure
+        await self.storage.annotate(rec.sid, rec.request_id, message)
 
     def _on_finish(self, rec: RequestRecord) -> None:
         self.metrics.on_finish(rec)
@@ -183,8 +188,22 @@ class Gateway:
             return 200, f"dropped: the gateway ended the request first ({rec.status})"
         if not rec.webhook:
             return 200, "no webhook"
-        return await deliver(self.webhooks.session(), rec.webhook, request_id,
-                             rec.status_code, rec.result if rec.result is not None else data)
+        return await self.webhooks.deliver(rec.webhook, request_id, rec.status_code,
+                                           rec.result if rec.result is not None else data)
+
+    async def report_final(self, sid: str, request_id: str, status: str, message: str) -> None:
+        """A worker's final metric (``succeed`` | ``failed``). Before a result it ends the
+        request (``report_failed``); after its own result, a different message (its
+        webhook's final failure, say) becomes the status message, the status unchanged.
+        Nothing a worker says changes a request the gateway ended."""
+        if status == "failed":
+            await self.report_failed(sid, request_id, message)
+        if not message:
+            return
+        rec = await self.storage.get(sid, request_id)
+        if (rec is not None and rec.terminal and not rec.ended_by_gateway
+                and rec.message != message):
+            await self.storage.annotate(sid, request_id, message)
 
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("spirit_gateway", Gateway)

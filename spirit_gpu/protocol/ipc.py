@@ -15,7 +15,12 @@ from typing import Any
 
 import msgspec
 
-MAX_FRAME = 1 << 31  # a 4-byte length cannot say more; 20 MB bodies fit easily
+MAX_FRAME = (1 << 32) - 1  # what a 4-byte length can say: the wire's own bound
+# What either end accepts unless told otherwise (WorkerConfig.max_frame_mb): a
+# larger frame is refused before its body is buffered, so a process that writes
+# a 4 GB length prefix costs nothing. A little above the gateway's default
+# request and result limits.
+DEFAULT_MAX_FRAME = 64 << 20
 # Frames one loop turn produces go out in one write, but no more than this many
 # per write (both ends): the other side starts on the first ones meanwhile.
 FLUSH_EVERY = 16
@@ -124,37 +129,66 @@ def encode(msg: Message) -> bytes:
     return bytes(buf)
 
 
+class FrameError(ValueError):
+    """A frame this end must not accept: longer than its limit, or not a message.
+    The stream cannot be trusted after it: the peer is to be cut off."""
+
+
 def decode(payload: bytes | memoryview) -> Message:
     return _decoder.decode(payload)
 
 
+def _decode_frame(payload: bytes | memoryview) -> Message:
+    try:
+        return _decoder.decode(payload)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise FrameError(f"malformed frame: {exc}") from None
+
+
+def _check_size(size: int, max_frame: int) -> None:
+    if size > max_frame:
+        raise FrameError(f"frame of {size} bytes, over the {max_frame}-byte limit")
+
+
 class FrameBuffer:
-    """Reassembles frames from arbitrary chunks of a byte stream."""
+    """Reassembles frames from arbitrary chunks of a byte stream.
 
-    __slots__ = ("_buf",)
+    ``feed`` raises ``FrameError`` on a frame longer than ``max_frame`` (as soon as
+    its length prefix arrives: nothing past the limit is ever buffered) or one that
+    does not decode; the buffer is emptied then.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buf", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._buf = bytearray()
+        self.max_frame = max_frame
 
     def feed(self, data: bytes | memoryview) -> list[Message]:
         buf = self._buf
-        if buf:
-            buf += data
-            return self._parse(buf, buf)
-        # nothing held back: parse the caller's bytes directly, keep only a tail
-        return self._parse(data, buf)
+        try:
+            if buf:
+                buf += data
+                return self._parse(buf, buf, self.max_frame)
+            # nothing held back: parse the caller's bytes directly, keep only a tail
+            return self._parse(data, buf, self.max_frame)
+        except FrameError:
+            self._buf = bytearray()
+            raise
 
     @staticmethod
-    def _parse(source: bytes | bytearray | memoryview, buf: bytearray) -> list[Message]:
+    def _parse(source: bytes | bytearray | memoryview, buf: bytearray,
+               max_frame: int) -> list[Message]:
         out: list[Message] = []
         pos = 0
         end = len(source)
         with memoryview(source) as view:  # released before the buffer is resized
             while end - pos >= 4:
                 (size,) = _LEN.unpack_from(view, pos)
+                _check_size(size, max_frame)
                 if end - pos - 4 < size:
                     break
-                out.append(_decoder.decode(view[pos + 4:pos + 4 + size]))
+                out.append(_decode_frame(view[pos + 4:pos + 4 + size]))
                 pos += 4 + size
             if source is not buf:
                 if pos < end:
@@ -176,16 +210,17 @@ def _read_exact(fd: int, n: int) -> bytes | None:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def read_message(fd: int) -> Message | None:
-    """Blocking read of one message; None at end of stream."""
+def read_message(fd: int, max_frame: int = DEFAULT_MAX_FRAME) -> Message | None:
+    """Blocking read of one message; None at end of stream; ``FrameError`` as ``feed``."""
     head = _read_exact(fd, 4)
     if head is None:
         return None
     (size,) = _LEN.unpack(head)
+    _check_size(size, max_frame)
     body = _read_exact(fd, size) if size else b""
     if body is None:
         return None
-    return _decoder.decode(body)
+    return _decode_frame(body)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

@@ -33,12 +33,21 @@ def _join(frames: list[bytes]) -> bytes:
 
 
 class _Reader(asyncio.Protocol):
-    def __init__(self, child: ChildProcess) -> None:
+    def __init__(self, child: ChildProcess, max_frame: int) -> None:
         self.child = child
-        self.frames = ipc.FrameBuffer()
+        self.frames = ipc.FrameBuffer(max_frame)
+        self.broken = False
 
     def data_received(self, data: bytes) -> None:
-        for msg in self.frames.feed(data):
+        if self.broken:  # after a bad frame nothing more from it is believed
+            return
+        try:
+            messages = self.frames.feed(data)
+        except ipc.FrameError as exc:
+            self.broken = True
+            self.child.protocol_failed(f"sent a {exc}")
+            return
+        for msg in messages:
             self.child.on_message(self.child, msg)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -74,12 +83,13 @@ class ChildProcess:
         self.was_ready = False
         self.kill_reason = ""
         self.killed_on_purpose = False  # for a job's cancel or timeout: not a crash
+        self.protocol_error = ""  # e.g. "sent a malformed frame: ...": it was killed for it
         # frames one loop turn queues go out in one write, at most FLUSH_EVERY at a time
         self._out: BatchWriter[bytes] = BatchWriter(_join, self._write,
                                                     max_batch=ipc.FLUSH_EVERY)
 
     async def spawn(self, script: str, args: list[str], env: dict[str, str],
-                    beat_interval: float) -> None:
+                    beat_interval: float, max_frame: int = ipc.DEFAULT_MAX_FRAME) -> None:
         down_r, down_w = os.pipe()
         up_r, up_w = os.pipe()
         for fd in (down_w, up_w):
@@ -88,7 +98,8 @@ class ChildProcess:
             except OSError:
                 pass
         child_env = dict(env, SPIRIT_CHILD_FDS=f"{down_r},{up_w}",
-                         SPIRIT_BEAT_INTERVAL=str(beat_interval))
+                         SPIRIT_BEAT_INTERVAL=str(beat_interval),
+                         SPIRIT_CHILD_MAX_FRAME=str(max_frame))
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "spirit_gpu.child", script, *args,
@@ -101,7 +112,7 @@ class ChildProcess:
         self.pid = self.proc.pid
         loop = self._loop
         self._reader, _ = await loop.connect_read_pipe(
-            lambda: _Reader(self), os.fdopen(up_r, "rb", buffering=0))
+            lambda: _Reader(self, max_frame), os.fdopen(up_r, "rb", buffering=0))
         self._writer, _ = await loop.connect_write_pipe(
             asyncio.Protocol, os.fdopen(down_w, "wb", buffering=0))
 
@@ -118,17 +129,37 @@ class ChildProcess:
         if writer is not None and not writer.is_closing():
             writer.write(data)  # a pipe transport buffers: never waits here
 
+    def protocol_failed(self, what: str) -> None:
+        """It broke the pipe protocol (a frame over the limit, or one that does not
+        decode): the stream cannot be trusted any more, so it is killed."""
+        if not self.protocol_error:
+            self.protocol_error = what
+        self.kill(what)
+
     def kill(self, reason: str = "", on_purpose: bool = False) -> None:
-        """SIGKILL; ``on_purpose``: the supervisor ends it for a job's sake (cancel,
-        timeout), so its exit is expected, not a crash."""
+        """SIGKILL to its whole process group (anything its handler forked too);
+        ``on_purpose``: the supervisor ends it for a job's sake (cancel, timeout), so
+        its exit is expected, not a crash."""
         if reason and not self.kill_reason:
             self.kill_reason = reason
             self.killed_on_purpose = on_purpose
         if self.proc is not None and self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
+            self.kill_group()
+
+    def kill_group(self) -> None:
+        """SIGKILL its process group. It leads a session of its own (spawned with
+        start_new_session), so the group's id is its pid; once it is reaped this
+        still reaches what it forked (Linux reuses no pid while its group lives)."""
+        if not self.pid:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            if self.proc is not None and self.proc.returncode is None:
+                try:
+                    self.proc.kill()
+                except ProcessLookupError:
+                    pass
 
     def stop(self) -> None:
         """Ask for a clean exit after the running jobs."""
@@ -139,6 +170,7 @@ class ChildProcess:
     async def wait(self) -> int:
         assert self.proc is not None
         code = await self.proc.wait()
+        self.kill_group()  # a grandchild its handler forked must not outlive it
         try:  # the last frames (e.g. a Done sent before a clean exit) may still be in the pipe
             await asyncio.wait_for(self.eof.wait(), 0.5)
         except TimeoutError:

@@ -42,6 +42,7 @@ class InProcessPool:
         self.changed = asyncio.Event()
         self.listeners: list[Callable[[], None]] = []
         self.closing = False
+        self.unhealthy = ""  # in-process handlers never give up
         self._hurried = False
         self._ids = itertools.count(1)
 

@@ -10,10 +10,10 @@ from spirit_gpu.config import WorkerConfig
 from spirit_gpu.handlers import ASYNC_GENERATOR, GENERATOR, Outcome, error_body
 from spirit_gpu.log import logger
 from spirit_gpu.retry import Backoff, RetryPolicy
-from spirit_gpu.supervisor import webhook
 from spirit_gpu.supervisor.jobs import Job, metric, now_ms, ttl_expired
-from spirit_gpu.supervisor.pool_api import JobPool
+from spirit_gpu.supervisor.pool_api import EXIT_UNHEALTHY, JobPool
 from spirit_gpu.supervisor.transports.base import AgentUnavailable, Transport
+from spirit_gpu.supervisor.webhook import WebhookSender
 
 STREAMING_KINDS = (GENERATOR, ASYNC_GENERATOR)
 # an unreachable agent: wait longer each time, at most 5 s
@@ -59,6 +59,8 @@ class Worker:
         self._slots_seen = 0
         self.jobs: set[asyncio.Task[None]] = set()
         self.exit_code = 0
+        self.webhooks = WebhookSender(cfg)  # in the background: a slow webhook holds no slot
+        self._stop: asyncio.Event | None = None
         # a multiplexed transport hands over many jobs per pull: one puller is enough;
         # the plain protocol pulls one job per request, one request per free slot
         self.batched = transport.capabilities.batched_pulls
@@ -66,6 +68,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set (or the agent says it is unhealthy)."""
+        self._stop = stop
         self.pool.listeners.append(self._pool_changed)
         pullers: list[asyncio.Task[None]] = []
         heartbeat = asyncio.ensure_future(self._heartbeats())
@@ -87,11 +90,18 @@ class Worker:
             await self.pool.drain(self.cfg.grace_period)
             if self.jobs:  # their results are still being reported
                 await asyncio.gather(*self.jobs, return_exceptions=True)
+            await self.webhooks.close(self.cfg.grace_period)
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
         return self.exit_code
 
     def _pool_changed(self) -> None:
+        if self.pool.unhealthy and self._stop is not None and not self._stop.is_set():
+            # stop pulling; what is held still gets its result, then exit non-zero
+            logger.error(f"worker unhealthy, exiting with status {EXIT_UNHEALTHY} once the "
+                         f"running jobs are reported: {self.pool.unhealthy}")
+            self.exit_code = EXIT_UNHEALTHY
+            self._stop.set()
         self.kick.set()
         if self.pool.slots != self._slots_seen:
             self._resize.set()
@@ -172,14 +182,24 @@ class Worker:
         await self._report(job, outcome)
 
     async def _report(self, job: Job, outcome: Outcome) -> None:
+        """The result at once; with a webhook, the final metric and the ack follow its
+        delivery, in the background (the job's slot is free meanwhile), so that the
+        status message can say the delivery failed."""
         finished = now_ms()
         await self.transport.result(job, outcome.status_code, outcome.message, outcome.body)
+        if not job.webhook:
+            await self._finish(job, outcome, finished, "")
+            return
+
+        async def delivered(failure: str) -> None:
+            await self._finish(job, outcome, finished, failure)
+        await self.webhooks.submit(job.webhook, job.request_id, outcome.status_code,
+                                   outcome.body, delivered)
+
+    async def _finish(self, job: Job, outcome: Outcome, finished: int, failure: str) -> None:
         message = outcome.message
-        if job.webhook:
-            failure = await webhook.deliver(self.session, self.cfg, job.webhook, job.request_id,
-                                            outcome.status_code, outcome.body)
-            if failure:
-                message = f"{message}; {failure}" if message else failure
+        if failure:
+            message = f"{message}; {failure}" if message else failure
         status = "succeed" if 200 <= outcome.status_code < 300 else "failed"
         await self.transport.metric(job, metric(job, status, message, finished))
         await self.transport.ack(job)

@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from spirit_gpu.config import WorkerConfig
+from spirit_gpu.config import WorkerConfig, secret_env_names
 from spirit_gpu.handlers import ASYNC_KINDS, Outcome, error_body
 from spirit_gpu.log import logger
 from spirit_gpu.protocol import ipc
@@ -22,6 +22,15 @@ ChunkSink = Callable[[int, bytes], None]
 # start() keys (the first Hello's options) -> the worker's final config
 Resolve = Callable[[Mapping[str, object]], WorkerConfig]
 ChildFactory = Callable[[int, Callable[[ChildProcess, ipc.Message], None]], ChildProcess]
+
+
+# a job failing with one of these leaves the GPU in a state only a new machine fixes
+# as reliably: it counts like a crash toward max_crashes
+OUT_OF_MEMORY_MARKS = ("CUDA out of memory", "OutOfMemoryError")
+
+
+def out_of_memory(message: str) -> bool:
+    return any(mark in message for mark in OUT_OF_MEMORY_MARKS)
 
 
 def crash_retry(cfg: WorkerConfig) -> RetryPolicy:
@@ -88,6 +97,9 @@ class Pool:
         self.listeners: list[Callable[[], None]] = []
         self.closing = False
         self.crash_streak = 0
+        # why this worker should be replaced ("" while healthy): max_crashes crashes
+        # (or CUDA out-of-memory errors) in a row; the job loop stops pulling then
+        self.unhealthy = ""
         self._next_spawn = 0.0
         self._spawn_timer: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
@@ -96,7 +108,10 @@ class Pool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._check: asyncio.Future[tuple[bool, str]] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
-        self._env = {k: v for k, v in os.environ.items() if k != "SPIRIT_SUPERVISED"}
+        # the worker token (and any other secret) stays with the supervisor: handler
+        # code never needs it, and a handler's dependency must not be able to read it
+        hidden = secret_env_names() | {"SPIRIT_SUPERVISED"}
+        self._env = {k: v for k, v in os.environ.items() if k not in hidden}
         self._env.update(child_env or {})
         self._hurried = False
 
@@ -113,7 +128,7 @@ class Pool:
 
     @property
     def slots(self) -> int:
-        if not self.ever_ready or self.closing:
+        if not self.ever_ready or self.closing or self.unhealthy:
             return 0
         if self.is_async:
             return self.allowed
@@ -152,7 +167,8 @@ class Pool:
 
     async def _run_child(self, child: ChildProcess) -> None:
         try:
-            await child.spawn(self.script, self.args, self._env, self.cfg.ping_interval)
+            await child.spawn(self.script, self.args, self._env, self.cfg.ping_interval,
+                              self.cfg.max_frame)
         except OSError as exc:
             logger.error(f"could not start a handler process: {exc}")
             child.state = "dead"
@@ -221,7 +237,10 @@ class Pool:
         run = child.jobs.pop(msg.job, None)
         child.jobs_done += 1
         child.idle_since = now
-        self.crash_streak = 0
+        if msg.status_code >= 500 and out_of_memory(msg.message):
+            self._count_failure(f"CUDA out of memory: {msg.message}")
+        else:
+            self.crash_streak = 0
         if run is not None:
             self.runs.pop(run.job_id, None)
             if run.reason is not None:  # e.g. cancelled for timeout: report why
@@ -245,13 +264,14 @@ class Pool:
         self.children.pop(child.cid, None)
         # "killed by SIGKILL (out of memory...)" only when we did not kill it ourselves
         what = ("was stopped by the supervisor" if child.killed_on_purpose
-                else describe_exit(code))
+                else child.protocol_error or describe_exit(code))
         for run in list(child.jobs.values()):
             self.runs.pop(run.job_id, None)
             if run.reason is not None:
                 run.finish(_failed(*run.reason))
             else:
-                why = f" ({child.kill_reason})" if child.kill_reason else ""
+                why = (f" ({child.kill_reason})" if child.kill_reason
+                       and not child.protocol_error else "")
                 run.finish(_failed(500, f"handler process {child.pid} {what}{why} while "
                                         "running this request"))
         child.jobs.clear()
@@ -271,13 +291,30 @@ class Pool:
         self._scale()
         self._notify()
 
-    def _crashed(self, child: ChildProcess, what: str, was_ready: bool) -> None:
+    def _count_failure(self, what: str) -> None:
+        """A crash or an out-of-memory error: after max_crashes in a row, give up."""
         self.crash_streak += 1
+        limit = self.cfg.max_crashes
+        if limit and self.crash_streak >= limit and not self.unhealthy:
+            self.unhealthy = (f"{self.crash_streak} handler failures in a row "
+                              f"(SPIRIT_MAX_CRASHES={limit}), the last: {what}")
+            logger.error(f"worker unhealthy: {self.unhealthy}; taking no more jobs")
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """Jobs queued here (none started) fail now; running ones finish or fail."""
+        for run in list(self.pending):
+            self._stop_run(run, 503, f"worker unhealthy: {self.unhealthy}")
+        self._notify()
+
+    def _crashed(self, child: ChildProcess, what: str, was_ready: bool) -> None:
+        reason = (f" ({child.kill_reason})" if child.kill_reason and not child.protocol_error
+                  else "")
+        self._count_failure(f"handler process {child.pid} {what}{reason}")
         delay = 0.0 if self.crash_streak <= 1 else crash_retry(self.cfg).delay(
             self.crash_streak - 1)
         self._next_spawn = self._clock() + delay
         state = "" if was_ready else " before becoming ready"
-        reason = f" ({child.kill_reason})" if child.kill_reason else ""
         backoff = (f"; {self.crash_streak} crashes in a row, backing off {delay:.1f} s"
                    if delay else "")
         logger.error(f"handler process {child.pid} {what}{reason}{state}; "
@@ -287,6 +324,13 @@ class Pool:
 
     async def run(self, job: Job, on_chunk: ChunkSink | None = None) -> Outcome:
         """Run one job in a handler process; never raises for the job's own failures."""
+        if self.unhealthy:
+            return _failed(503, f"worker unhealthy: {self.unhealthy}")
+        size = len(job.body) + len(job.webhook) + len(job.request_id) + len(job.mode) + 64
+        if size > self.cfg.max_frame:  # the handler process would refuse the frame
+            return _failed(413, f"request too large: {len(job.body)} bytes, the limit between "
+                                f"supervisor and handler is {self.cfg.max_frame} bytes "
+                                "(SPIRIT_MAX_FRAME_MB)")
         run = _Run(next(self._job_ids), job, on_chunk, self._loop)
         self.runs[run.job_id] = run
         self.pending.append(run)

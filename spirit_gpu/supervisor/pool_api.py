@@ -13,6 +13,10 @@ from spirit_gpu.config import WorkerConfig
 from spirit_gpu.handlers import EmitChunk, Outcome
 from spirit_gpu.supervisor.jobs import Job
 
+# the supervisor's exit status when its pool gave up (max_crashes failures in a
+# row): a platform should replace the machine rather than restart the process alone
+EXIT_UNHEALTHY = 4
+
 
 class JobPool(Protocol):
     cfg: WorkerConfig
@@ -20,6 +24,7 @@ class JobPool(Protocol):
     options: dict[str, object]
     changed: asyncio.Event
     listeners: list[Callable[[], None]]
+    unhealthy: str  # "" while healthy, else why the worker should be replaced
 
     @property
     def slots(self) -> int: ...

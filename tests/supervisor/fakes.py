@@ -76,6 +76,7 @@ class FakeChild:
         self.was_ready = False
         self.kill_reason = ""
         self.killed_on_purpose = False
+        self.protocol_error = ""
         self.eof = asyncio.Event()
         self.sent: list[ipc.Message] = []
         self.spawned_at = 0.0
@@ -85,7 +86,7 @@ class FakeChild:
 
     # --- what the pool calls ----------------------------------------------------
     async def spawn(self, script: str, args: list[str], env: dict[str, str],
-                    beat_interval: float) -> None:
+                    beat_interval: float, max_frame: int = ipc.DEFAULT_MAX_FRAME) -> None:
         self.spawned_at = self._loop.time()
         self.beat_interval = beat_interval
         if self.behaviour.auto_hello:

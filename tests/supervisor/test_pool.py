@@ -241,3 +241,41 @@ def test_hurry_ends_running_jobs_now_with_503() -> None:
         assert pool.cfg.grace_period == BASE.grace_period  # nothing was mutated
         assert children[0].killed_on_purpose
     run(main)
+
+
+def test_max_crashes_in_a_row_make_the_pool_unhealthy_and_fail_what_waits() -> None:
+    async def main() -> None:
+        cfg = WorkerConfig(**{**BASE.__dict__, "max_crashes": 3})
+        pool, children = await started(cfg)
+        for _ in range(2):
+            alive(children)[0].exit(-9)
+            await until(lambda: alive(children) and alive(children)[0].state == "ready")
+        assert pool.unhealthy == "" and pool.slots == 1
+        # a job waiting for the next process when the third crash comes
+        first = asyncio.ensure_future(pool.run(job(1)))
+        await until(lambda: alive(children)[0].jobs)
+        waiting = asyncio.ensure_future(pool.run(job(2)))
+        alive(children)[0].exit(-9)
+        assert (await first).status_code == 500
+        outcome = await waiting
+        assert outcome.status_code == 503 and "worker unhealthy" in outcome.message
+        assert "3 handler failures in a row" in pool.unhealthy and pool.slots == 0
+        assert (await pool.run(job(3))).status_code == 503  # nothing new is taken
+        await pool.close()
+    run(main)
+
+
+def test_cuda_out_of_memory_counts_like_a_crash() -> None:
+    async def main() -> None:
+        cfg = WorkerConfig(**{**BASE.__dict__, "max_crashes": 2})
+        pool, children = await started(cfg)
+        for n in range(2):
+            result = asyncio.ensure_future(pool.run(job(n)))
+            await until(lambda: alive(children)[0].jobs)
+            child = alive(children)[0]
+            child.tell(ipc.Done(child.runs()[-1].job, 500, b"{}",
+                                "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"))
+            assert (await result).status_code == 500
+        assert "CUDA out of memory" in pool.unhealthy
+        await pool.close()
+    run(main)

@@ -83,7 +83,8 @@ async def test_dead_webhook_failure_is_recorded_in_the_status(agent: FakeAgent, 
     await agent.wait_for(lambda: {"w2", "w3"} <= set(agent.acks))
     assert len(hook.calls) == 3
     assert agent.results["w2"]["statusCode"] == 200  # the result itself is still reported
-    assert "webhook delivery failed: webhook answered 500" in agent.metrics["w2"][-1]["message"]
+    assert ("webhook delivery failed after 3 tries: webhook answered 500"
+            in agent.metrics["w2"][-1]["message"])
     assert "webhook unreachable" in agent.metrics["w3"][-1]["message"]
 
 

@@ -214,6 +214,12 @@ class Storage(abc.ABC):
                      result: bytes | None) -> bool:
         """The worker's result. False when unknown or already terminal."""
 
+    async def annotate(self, sid: str, request_id: str, message: str) -> bool:
+        """A finished request's status message becomes ``message`` (a webhook's final
+        failure); its status, code and result stay. False when unknown or not finished.
+        A storage that cannot change a finished record keeps this default."""
+        return False
+
     @abc.abstractmethod
     async def ack(self, sid: str, request_id: str) -> None: ...
 

@@ -330,6 +330,13 @@ class MemoryStorage(Storage):
             return False
         return self._end(e, status_code, message, result, by_gateway=False)
 
+    async def annotate(self, sid: str, request_id: str, message: str) -> bool:
+        e = self._entry(sid, request_id)
+        if e is None or not e.rec.terminal:
+            return False
+        e.rec.message = message
+        return True
+
     async def ack(self, sid: str, request_id: str) -> None:
         return None  # nothing to release in memory (JetStream: ack the message)
 

@@ -1,0 +1,235 @@
+"""Where a webhook may go: the one policy the gateway and the worker both apply.
+
+A webhook URL comes from a client; whoever POSTs to it does so with its own
+network position. So, by default:
+
+* never to one of our own listeners: the gateway's own host:port (a webhook to
+  ``/agent/<sid>/apis/v1/proxy/register`` once registered a rogue worker), and
+  never to an agent path (``/agent/<sid>/apis/...``) on any host; a worker
+  refuses its agent's host:port except for the gateway's webhook relay path;
+* never to link-local, metadata, multicast or unspecified addresses
+  (169.254.0.0/16 with 169.254.169.254, fe80::/10, fd00:ec2::254,
+  100.100.100.200, 0.0.0.0/8, 224.0.0.0/4, ff00::/8, ...);
+* other loopback ports and private addresses stay allowed (local development).
+
+``allow`` (``--webhook-allow`` / ``SPIRIT_WEBHOOK_ALLOW``, comma-separated host
+names, ``*.example.com`` suffixes, IP addresses or CIDR networks) restricts
+targets to those; an allow-listed network is the one way to reach a link-local
+address. A host name is resolved and every address it gives is checked;
+``PolicyResolver`` checks again the addresses a connection is made to, so a
+name that resolves to something else on the second look gains nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+REFUSED_NETWORKS: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in (
+    "169.254.0.0/16",      # IPv4 link-local, cloud metadata (169.254.169.254)
+    "100.100.100.200/32",  # Alibaba Cloud metadata
+    "0.0.0.0/8",           # "this network": reaches local listeners on Linux
+    "224.0.0.0/4",         # multicast
+    "255.255.255.255/32",  # broadcast
+    "fe80::/10",           # IPv6 link-local
+    "fd00:ec2::254/128",   # AWS metadata over IPv6
+    "ff00::/8",            # IPv6 multicast
+    "::/128",              # unspecified
+))
+# /agent/<sid>/apis/...: the gateway's worker-facing API, whatever host serves it
+AGENT_PATH = re.compile(r"^/agent/[^/]*/apis(/|$)")
+
+
+class WebhookRefused(OSError):
+    """The policy refuses this target (raised by ``PolicyResolver``)."""
+
+
+def _addr(text: str) -> IPAddress | None:
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped if mapped is not None else ip
+
+
+def is_local(ip: IPAddress) -> bool:
+    """An address of this machine: loopback, or one a socket can bind to."""
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((str(ip), 0))
+        return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class WebhookPolicy:
+    """``own``: (host, port) of our listeners; ``relay_prefix``: the one path allowed on
+    them (a worker's agent: the gateway's webhook relay); ``allow``: the allow-list."""
+
+    allow: tuple[str, ...] = ()
+    own: tuple[tuple[str, int], ...] = ()
+    relay_prefix: str = ""
+    _networks: tuple[IPNetwork, ...] = field(default=(), init=False, repr=False)
+    _names: tuple[str, ...] = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        networks: list[IPNetwork] = []
+        names: list[str] = []
+        for entry in self.allow:
+            entry = entry.strip().lower()
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                names.append(entry.rstrip("."))
+        object.__setattr__(self, "_networks", tuple(networks))
+        object.__setattr__(self, "_names", tuple(names))
+
+    @classmethod
+    def for_gateway(cls, host: str, port: int, allow: list[str] | tuple[str, ...] = ()
+                    ) -> WebhookPolicy:
+        return cls(allow=tuple(allow), own=((host, port),))
+
+    @classmethod
+    def for_worker(cls, agent_url: str, allow: list[str] | tuple[str, ...] = ()
+                   ) -> WebhookPolicy:
+        try:
+            agent = URL(agent_url)
+            own = ((agent.host or "", agent.port or 80),) if agent.host else ()
+            prefix = agent.path.rstrip("/") + "/apis/v1/webhook/"
+        except ValueError:
+            own, prefix = (), ""
+        return cls(allow=tuple(allow), own=own, relay_prefix=prefix)
+
+    # ---- checks ----------------------------------------------------------------------
+
+    def syntax_refusal(self, url: URL) -> str:
+        """What can be said without resolving: scheme, host, agent paths, allow-list names."""
+        if url.scheme not in ("http", "https") or not url.host:
+            return "webhook must be an http(s) URL with a host"
+        if AGENT_PATH.match(url.path) and not self._relay(url):
+            return "webhook must not point at an agent API path (/agent/<sid>/apis/...)"
+        return ""
+
+    def _relay(self, url: URL) -> bool:
+        return bool(self.relay_prefix) and url.path.startswith(self.relay_prefix)
+
+    def address_refusal(self, ip: IPAddress, port: int, own_addresses: list[tuple[IPAddress, int]],
+                        relay: bool = False) -> str:
+        allowed_net = any(ip in net for net in self._networks if net.version == ip.version)
+        if not allowed_net and any(ip in net for net in REFUSED_NETWORKS
+                                   if net.version == ip.version):
+            return (f"webhook address {ip} is link-local, metadata, multicast or unspecified "
+                    "(allow it with SPIRIT_WEBHOOK_ALLOW)")
+        if not relay:
+            for own_ip, own_port in own_addresses:
+                if port == own_port and (ip == own_ip or (is_local(own_ip) and is_local(ip))):
+                    return f"webhook must not point at this gateway's own listener ({ip}:{port})"
+        return ""
+
+    def _name_allowed(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        return any(host == n or (n.startswith("*.") and host.endswith(n[1:]))
+                   for n in self._names)
+
+    async def own_addresses(self) -> list[tuple[IPAddress, int]]:
+        out: list[tuple[IPAddress, int]] = []
+        for host, port in self.own:
+            out.extend((ip, port) for ip in await resolve(host, port))
+        return out
+
+    async def refusal(self, url: URL | str) -> str:
+        """"" if a webhook may go to ``url``, else why not (one line for the client)."""
+        try:
+            url = URL(url) if isinstance(url, str) else url
+        except ValueError as exc:
+            return f"webhook is not a valid URL: {exc}"
+        why = self.syntax_refusal(url)
+        if why:
+            return why
+        host, port = url.host or "", url.port or (443 if url.scheme == "https" else 80)
+        if self._name_allowed(host):
+            # the operator named it: not resolved here; the connection's resolver
+            # (PolicyResolver) still refuses forbidden addresses and own listeners
+            return ""
+        addresses = await resolve(host, port)
+        own = await self.own_addresses()
+        relay = self._relay(url)
+        for ip in addresses:
+            why = self.address_refusal(ip, port, own, relay)
+            if why:
+                return why
+        if self.allow and not (addresses and all(
+                any(ip in net for net in self._networks if net.version == ip.version)
+                for ip in addresses)):
+            return f"webhook host {host} is not in the allow-list (SPIRIT_WEBHOOK_ALLOW)"
+        return ""
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """The addresses ``host`` stands for ([] when it does not resolve: the connection
+    attempt then fails on its own)."""
+    literal = _addr(host.strip("[]"))
+    if literal is not None:
+        return [literal]
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    out: list[IPAddress] = []
+    for *_, sockaddr in infos:
+        ip = _addr(str(sockaddr[0]))
+        if ip is not None and ip not in out:
+            out.append(ip)
+    return out
+
+
+class PolicyResolver(AbstractResolver):
+    """aiohttp's resolver, refusing addresses the policy never allows (checked on what
+    the connection really uses: a DNS answer that changed since the check is caught).
+
+    ``policy`` is read at each resolution (a gateway learns its listeners as it goes).
+    ``own``: refuse our own listeners here too (the gateway: no path is ever allowed
+    on them); a worker's relay path is allowed on its agent, so it checks before.
+    """
+
+    def __init__(self, policy: Callable[[], WebhookPolicy], own: bool = False) -> None:
+        self.policy = policy
+        self.own = own
+        self._inner = DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        policy = self.policy()
+        own = await policy.own_addresses() if self.own else []
+        for result in results:
+            ip = _addr(str(result["host"]))
+            if ip is None:
+                continue
+            why = policy.address_refusal(ip, port, own)
+            if why:
+                raise WebhookRefused(why)
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
