@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from spirit_gpu.gateway import (
     agent_api,
@@ -14,31 +15,59 @@ from spirit_gpu.gateway import (
     stream_route,
 )
 from spirit_gpu.gateway.config import CONFIG_KEY, GatewayConfig
-from spirit_gpu.gateway.httpio import error_middleware
+from spirit_gpu.gateway.httpio import error_middleware, error_response
 from spirit_gpu.gateway.metrics import GatewayMetrics
 from spirit_gpu.gateway.proxy import route as proxy_route
 from spirit_gpu.gateway.service import GATEWAY_KEY, Gateway
-from spirit_gpu.gateway.storage.base import Storage
+from spirit_gpu.gateway.storage.base import Storage, StorageRefused, StorageUnavailable
 from spirit_gpu.gateway.storage.memory import MemoryStorage
 
 
 def default_storage(config: GatewayConfig) -> Storage:
+    """The store ``config.store`` names: memory, or NATS JetStream (the ``nats`` extra)."""
+    if config.store.strip() not in ("", "memory"):
+        from spirit_gpu.extras import require
+
+        require("nats", "--store nats://...")
+        from spirit_gpu.gateway.storage.nats import NatsStorage
+        from spirit_gpu.gateway.storage.nats.server import parse_urls
+
+        return NatsStorage(parse_urls(config.store), lease_seconds=config.lease_seconds,
+                           retention_seconds=config.result_retention,
+                           max_deliveries=config.max_deliveries,
+                           ttl_max_seconds=config.async_ttl_max,
+                           replicas=config.store_replicas)
     return MemoryStorage(lease_seconds=config.lease_seconds,
                          retention_seconds=config.result_retention,
                          max_deliveries=config.max_deliveries,
                          max_chunk_bytes=config.max_result_bytes_sync)
 
 
+@web.middleware
+async def storage_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The store did not answer (NATS restarting): 500 with why; the client may retry."""
+    try:
+        return await handler(request)
+    except StorageUnavailable as exc:
+        return error_response(500, f"failed to handle message: {exc}")
+
+
 def create_app(config: GatewayConfig, storage: Storage | None = None) -> web.Application:
     """The gateway app. ``app[CONFIG_KEY]`` is the config, ``app[GATEWAY_KEY]`` the core."""
     # Bodies are read (and bounded) by the handlers themselves, as they stream in.
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024**3)
+    app = web.Application(middlewares=[error_middleware, storage_errors],
+                          client_max_size=1024**3)
     app[CONFIG_KEY] = config
     gateway = Gateway(config, storage or default_storage(config), GatewayMetrics())
     app[GATEWAY_KEY] = gateway
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        await gateway.start()
+        try:
+            await gateway.start()
+        except StorageRefused as exc:
+            from spirit_gpu.gateway.server import ConfigRefused  # (server imports this module)
+
+            raise ConfigRefused(str(exc)) from None
         yield
         await gateway.close()
 

@@ -109,12 +109,23 @@ class SidStats(msgspec.Struct):
 
 
 FinishHook = Callable[[RequestRecord], None]
+CancelHook = Callable[[list[str]], None]
+
+
+class StorageRefused(Exception):
+    """The store cannot start (unreachable, or lacking a feature); one line says why."""
+
+
+class StorageUnavailable(Exception):
+    """The store did not answer in time (e.g. NATS restarting); the client may retry."""
 
 
 class Storage(abc.ABC):
     """All gateway state. Implementations must be safe for many concurrent callers."""
 
     on_finish: FinishHook | None = None  # called once per request, when it turns terminal
+    # called with running requests cancelled through another replica (their link may be here)
+    on_remote_cancel: CancelHook | None = None
 
     async def start(self) -> None:
         """Open connections, start background work."""
