@@ -509,7 +509,10 @@ class NatsStorage(Storage):
             await asyncio.sleep(max(0.0, min(deadline - loop.time(), 1.0)))
             return None
 
-    async def _claim(self, sid: str, worker: str, msg: Msg) -> Doc | None:
+    async def _claim(self, sid: str, worker: str | None, msg: Msg) -> Doc | None:
+        """Hand ``msg`` to ``worker`` unless its record says otherwise (ended, past its
+        TTL, lost while running, delivered too often). ``worker`` None: a sweep's probe,
+        which settles lost deliveries and puts everything else back."""
         job = decode(msg.data)
         meta = msg.metadata
         job.sequence = meta.sequence.stream
@@ -534,6 +537,15 @@ class NatsStorage(Storage):
                                    f"{self.lease:g} s {what} (the worker crashed, was killed "
                                    "or lost its connection)", None, True, doc, last) is None:
                     continue
+                return None
+            if worker is None:
+                if doc.delivered:  # its lease ran out before it started: queued again
+                    doc.delivered = False
+                    doc.holder = ""
+                    doc.ack = ""
+                    if not await self._write(doc, last):
+                        continue
+                await self._reply(msg.reply, b"-NAK")
                 return None
             doc.delivered = True
             doc.holder = worker
@@ -633,10 +645,26 @@ class NatsStorage(Storage):
                 if d is not None and d.terminal and d.ended_by_gateway and d.delivered]
 
     async def sweep(self) -> None:
-        """Leases, TTLs and retention are kept by the server (ack-wait, message TTL);
-        queued requests past their TTL end when next read or taken. Here: forget
-        workers long gone."""
+        """Leases and retention are kept by the server (ack-wait redelivery, message
+        TTL); queued requests past their TTL end when next read or taken. A delivery
+        whose lease ran out goes to the next pull; when no worker of the sid is
+        alive or pulling, the sweep pulls it itself, so a job lost mid-run fails
+        without waiting for a worker to come."""
         at = self._now()
         for workers in self._seen.values():
             for w in [w for w, t in workers.items() if at - t > 3000 * self.lease]:
                 del workers[w]
+        for sid in list(self._consumers):
+            if self._present(sid):
+                continue
+            try:
+                info = await self.js.consumer_info(names.JOBS, names.consumer(sid))
+                if not info.num_ack_pending or info.num_waiting:
+                    continue
+                for _ in range(32):
+                    msg = await self._next(sid, 0)
+                    if msg is None:
+                        break
+                    await self._claim(sid, None, msg)
+            except (*_OUTAGE, StorageUnavailable) as exc:
+                logger.warn(f"NATS store: sweep of {sid} failed: {exc!r}")
