@@ -98,7 +98,7 @@ async def submit_async(session: aiohttp.ClientSession, url: str, sid: str, body:
             if resp.status == 200:
                 tally.accepted.append((await resp.json())["id"])
                 return
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         pass
     tally.refused += 1
 

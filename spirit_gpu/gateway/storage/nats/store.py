@@ -53,6 +53,7 @@ _CAS_TRIES = 50
 _WRONG_LAST = (10071, 10164)  # JetStream: wrong last sequence (compare-and-set lost)
 _RECHECK = 1.0  # a sync waiter re-reads its record this often (lost wake-ups, outages)
 _STREAM_POLL = 0.2
+_PATIENCE = 10.0  # seconds a submit retries through an outage before answering 500
 _SEQ_HEADER = "Spirit-Seq"
 _NO_MESSAGE = ("404", "408", "409")
 _cancel_note = msgspec.json.Encoder()
@@ -254,17 +255,29 @@ class NatsStorage(Storage):
             await self._blob_put(doc.body_blob, req.body)
             job = msgspec.structs.replace(doc, body=b"")
         payload = encode(job)
-        for attempt in range(3):  # Nats-Msg-Id: a retried publish is not queued twice
-            try:
-                ack = await self.js.publish(names.jobs(req.sid), payload,
-                                            headers={Header.MSG_ID.value: rid})
-                break
-            except (TimeoutError, nats.errors.TimeoutError):
-                if attempt == 2:
-                    raise
+        # Nats-Msg-Id: publishing again (a retry through an election or a reconnect)
+        # does not queue it twice
+        ack = await self._patiently(lambda: self.js.publish(
+            names.jobs(req.sid), payload, headers={Header.MSG_ID.value: rid}))
         doc.sequence = ack.seq
-        await self._write(doc, 0)  # False: a worker took it already and wrote the record
+        # False: a worker took it already and wrote the record
+        await self._patiently(lambda: self._write(doc, 0))
         return doc
+
+    async def _patiently(self, call: Callable[[], Coroutine[Any, Any, R]]) -> R:
+        """Retry an idempotent call through a short outage (a leader election, a
+        reconnect) for up to ``_PATIENCE`` s, then let the error out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _PATIENCE
+        pause = 0.05
+        while True:
+            try:
+                return await call()
+            except _OUTAGE:
+                if loop.time() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     @_guarded
     async def get(self, sid: str, request_id: str) -> RequestRecord | None:
