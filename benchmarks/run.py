@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Result, Skip, machine, skipped, table, write_json  # noqa: E402
 
-BENCHMARKS = ["ipc", "payload", "e2e_sync", "e2e_async", "proxy", "crash", "footprint"]
+BENCHMARKS = ["ipc", "payload", "e2e_sync", "e2e_async", "e2e_nats", "proxy", "crash", "footprint"]
 
 
 def main(argv: list[str] | None = None) -> int:
