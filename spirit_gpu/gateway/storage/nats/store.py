@@ -53,6 +53,7 @@ _CAS_TRIES = 50
 _WRONG_LAST = (10071, 10164)  # JetStream: wrong last sequence (compare-and-set lost)
 _RECHECK = 1.0  # a sync waiter re-reads its record this often (lost wake-ups, outages)
 _STREAM_POLL = 0.2
+_KNOWN_MAX = 100_000
 _PATIENCE = 10.0  # seconds a submit retries through an outage before answering 500
 _SEQ_HEADER = "Spirit-Seq"
 _NO_MESSAGE = ("404", "408", "409")
@@ -103,6 +104,12 @@ class NatsStorage(Storage):
         self._seen: dict[str, dict[str, float]] = {}  # sid -> worker -> last seen (ms)
         self._touched: dict[tuple[str, str], float] = {}
         self._subs: list[Subscription] = []
+        # the last record this replica wrote, and its revision: the base of its next
+        # compare-and-set (one round trip instead of read + write; a stale base just
+        # fails the compare and is read again)
+        self._known: dict[str, tuple[Doc, int]] = {}
+        self._claims: dict[str, asyncio.Task[None]] = {}  # take's record writes in flight
+        self._early: dict[str, asyncio.Future[Doc]] = {}  # sync submits' wake-ups
 
     def _now(self) -> int:
         return int(self.clock() * 1000)
@@ -149,6 +156,25 @@ class NatsStorage(Storage):
                 await self._nc.close()
 
     # --- records -------------------------------------------------------------------
+    async def _base(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
+        """What to compare-and-set against: this replica's last write, else a read."""
+        await self._settled(request_id)
+        known = self._known.pop(request_id, None)
+        if known is not None:
+            return msgspec.structs.replace(known[0]), known[1]
+        return await self._load(sid, request_id)
+
+    async def _settled(self, request_id: str) -> None:
+        """Wait for this replica's record write of a delivery (read your own writes)."""
+        claim = self._claims.get(request_id)
+        if claim is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(claim)
+
+    async def _read(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
+        await self._settled(request_id)
+        return await self._load(sid, request_id)
+
     async def _load(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
         try:
             m = await self.js.get_msg(names.REQ, subject=names.record(sid, request_id),
@@ -167,12 +193,19 @@ class NatsStorage(Storage):
         if doc.body:
             doc = msgspec.structs.replace(doc, body=b"")
         try:
-            await self.js.publish(names.record(doc.sid, doc.request_id), encode(doc),
-                                  headers=hdrs)
+            ack = await self.js.publish(names.record(doc.sid, doc.request_id), encode(doc),
+                                        headers=hdrs)
         except APIError as exc:
+            self._known.pop(doc.request_id, None)
             if exc.err_code in _WRONG_LAST:
                 return False
             raise
+        if doc.terminal:
+            self._known.pop(doc.request_id, None)
+        else:
+            if len(self._known) > _KNOWN_MAX:
+                self._known.clear()
+            self._known[doc.request_id] = (doc, ack.seq)
         return True
 
     async def _blob_put(self, name: str, data: bytes) -> None:
@@ -199,7 +232,7 @@ class NatsStorage(Storage):
             result = None
         for _ in range(_CAS_TRIES):
             if doc is None:
-                doc, last = await self._load(sid, request_id)
+                doc, last = await self._base(sid, request_id)
                 if doc is None:
                     return None
             if doc.terminal:
@@ -255,6 +288,19 @@ class NatsStorage(Storage):
             await self._blob_put(doc.body_blob, req.body)
             job = msgspec.structs.replace(doc, body=b"")
         payload = encode(job)
+        if req.mode == "sync":  # the client waits next: be ready for the wake-up now
+            fut: asyncio.Future[Doc] = asyncio.get_running_loop().create_future()
+            self._early[rid] = fut
+            self._waiting.setdefault(rid, []).append(fut)
+        try:
+            return await self._publish_job(req, doc, payload)
+        except BaseException:
+            if self._early.pop(rid, None) is not None:
+                self._waiting.pop(rid, None)
+            raise
+
+    async def _publish_job(self, req: NewRequest, doc: Doc, payload: bytes) -> Doc:
+        rid = doc.request_id
         # Nats-Msg-Id: publishing again (a retry through an election or a reconnect)
         # does not queue it twice
         ack = await self._patiently(lambda: self.js.publish(
@@ -281,7 +327,7 @@ class NatsStorage(Storage):
 
     @_guarded
     async def get(self, sid: str, request_id: str) -> RequestRecord | None:
-        doc, last = await self._load(sid, request_id)
+        doc, last = await self._read(sid, request_id)
         if doc is None:
             return None
         if self._expired(doc) and not doc.delivered:
@@ -295,12 +341,17 @@ class NatsStorage(Storage):
     async def wait_done(self, sid: str, request_id: str, wait: float) -> RequestRecord | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        early = self._early.pop(request_id, None)  # registered by submit: no first read
+        fut: asyncio.Future[Doc] = early or loop.create_future()
         futs = self._waiting.setdefault(request_id, [])
-        fut: asyncio.Future[Doc] = loop.create_future()
-        futs.append(fut)
+        if early is None:
+            futs.append(fut)
         try:
-            rec = await self.get(sid, request_id)
-            while rec is not None and not rec.terminal:
+            if early is None:
+                rec = await self.get(sid, request_id)
+                if rec is None or rec.terminal:
+                    return rec
+            while True:
                 left = deadline - loop.time()
                 if left <= 0:
                     return None
@@ -308,9 +359,11 @@ class NatsStorage(Storage):
                 if fut.done():
                     return await self._resolved(fut.result())
                 rec = await self.get(sid, request_id)
-            return rec
+                if rec is None or rec.terminal:
+                    return rec
         finally:
-            futs.remove(fut)
+            if fut in futs:
+                futs.remove(fut)
             if not futs:
                 self._waiting.pop(request_id, None)
 
@@ -376,7 +429,7 @@ class NatsStorage(Storage):
     async def cancel(self, sid: str, request_id: str, sequence: int | None,
                      code: int = CANCELLED_CODE, message: str = "cancelled") -> CancelOutcome:
         for _ in range(_CAS_TRIES):
-            doc, last = await self._load(sid, request_id)
+            doc, last = await self._base(sid, request_id)
             if doc is None:
                 return CancelOutcome.NOT_FOUND
             if sequence is not None and sequence != doc.sequence:
@@ -513,7 +566,11 @@ class NatsStorage(Storage):
                 msg = await self._next(sid, deadline - loop.time())
                 if msg is None:
                     return None
-                rec = await self._claim(sid, worker, msg)
+                rec = self._hand_over(sid, worker, msg)
+                if rec is None:
+                    rec = await self._claim(sid, worker, msg)
+                elif rec.body_blob:
+                    rec.body = await self._blob_get(rec.body_blob)
                 if rec is not None:
                     return rec
         except _OUTAGE as exc:
@@ -521,6 +578,57 @@ class NatsStorage(Storage):
             logger.warn(f"NATS store: take for {sid} failed: {exc!r}")
             await asyncio.sleep(max(0.0, min(deadline - loop.time(), 1.0)))
             return None
+
+    def _hand_over(self, sid: str, worker: str, msg: Msg) -> Doc | None:
+        """A first delivery within its TTL goes out at once; its record is written
+        meanwhile (what acts on it next here waits for that write). A cancel that
+        came first is found by that write, and the worker told to stop."""
+        job = decode(msg.data)
+        meta = msg.metadata
+        if meta.num_delivered != 1 or self._expired(job):
+            return None
+        job.sequence = meta.sequence.stream
+        job.delivered = True
+        job.holder = worker
+        job.deliveries = 1
+        job.ack = msg.reply
+        rid = job.request_id
+        task = asyncio.create_task(self._claim_write(sid, msgspec.structs.replace(job, body=b"")))
+        self._claims[rid] = task
+
+        def forget(t: asyncio.Task[None]) -> None:
+            if self._claims.get(rid) is t:
+                del self._claims[rid]
+        task.add_done_callback(forget)
+        return job
+
+    async def _claim_write(self, sid: str, claimed: Doc) -> None:
+        rid = claimed.request_id
+        try:
+            for _ in range(_CAS_TRIES):
+                known = self._known.pop(rid, None)
+                if known is not None:
+                    doc: Doc | None = msgspec.structs.replace(known[0])
+                    last = known[1]
+                else:
+                    doc, last = await self._load(sid, rid)
+                if doc is None:
+                    doc, last = msgspec.structs.replace(claimed), 0
+                elif doc.terminal:  # cancelled just before: the worker stops it
+                    await self._reply(claimed.ack, b"+ACK" if not doc.ended_by_gateway
+                                      else b"+TERM")
+                    if doc.ended_by_gateway and self.on_remote_cancel is not None:
+                        self.on_remote_cancel([rid])
+                    return
+                else:
+                    doc.delivered = True
+                    doc.holder = claimed.holder
+                    doc.deliveries += 1
+                    doc.ack = claimed.ack
+                if await self._write(doc, last):
+                    return
+        except _OUTAGE as exc:  # the lease brings it back if the worker never reports
+            logger.warn(f"NATS store: recording the delivery of {rid} failed: {exc!r}")
 
     async def _claim(self, sid: str, worker: str | None, msg: Msg) -> Doc | None:
         """Hand ``msg`` to ``worker`` unless its record says otherwise (ended, past its
@@ -531,7 +639,7 @@ class NatsStorage(Storage):
         job.sequence = meta.sequence.stream
         rid = job.request_id
         for _ in range(_CAS_TRIES):
-            doc, last = await self._load(sid, rid)
+            doc, last = await self._base(sid, rid)
             if doc is None:
                 doc = msgspec.structs.replace(job, body=b"")
             if doc.terminal:
@@ -574,7 +682,7 @@ class NatsStorage(Storage):
     @_guarded
     async def give_back(self, sid: str, request_id: str) -> None:
         for _ in range(_CAS_TRIES):
-            doc, last = await self._load(sid, request_id)
+            doc, last = await self._base(sid, request_id)
             if doc is None or doc.terminal or not doc.delivered or doc.started_at:
                 return
             ack = doc.ack
@@ -599,7 +707,7 @@ class NatsStorage(Storage):
     @_guarded
     async def mark_started(self, sid: str, request_id: str) -> bool:
         for _ in range(_CAS_TRIES):
-            doc, last = await self._load(sid, request_id)
+            doc, last = await self._base(sid, request_id)
             if doc is None or doc.terminal:
                 return False
             if not doc.started_at:
@@ -623,7 +731,7 @@ class NatsStorage(Storage):
 
     @_guarded
     async def add_chunk(self, sid: str, request_id: str, seq: int, data: bytes) -> bool:
-        doc, _ = await self._load(sid, request_id)
+        doc, _ = await self._read(sid, request_id)
         if doc is None or doc.terminal:
             return False
         hdrs = {Header.MSG_ID.value: f"{request_id}.{seq}", _SEQ_HEADER: str(seq)}
@@ -639,13 +747,14 @@ class NatsStorage(Storage):
     @_guarded
     async def heartbeat(self, sid: str, worker: str, request_ids: list[str]) -> list[str]:
         await self.touch_worker(sid, worker)
-        docs = await asyncio.gather(*(self._load(sid, r) for r in request_ids))
+        docs = await asyncio.gather(*(self._read(sid, r) for r in request_ids))
         cancel = []
         for doc, _ in docs:
             if doc is None:
                 continue
             if doc.terminal:
-                if doc.ended_by_gateway and doc.delivered:
+                # (a worker asking about it holds it, even if the record missed that)
+                if doc.ended_by_gateway:
                     cancel.append(doc.request_id)
             else:
                 await self._reply(doc.ack, b"+WPI")
@@ -653,9 +762,9 @@ class NatsStorage(Storage):
 
     @_guarded
     async def cancels_for(self, sid: str, request_ids: list[str]) -> list[str]:
-        docs = await asyncio.gather(*(self._load(sid, r) for r in request_ids))
+        docs = await asyncio.gather(*(self._read(sid, r) for r in request_ids))
         return [d.request_id for d, _ in docs
-                if d is not None and d.terminal and d.ended_by_gateway and d.delivered]
+                if d is not None and d.terminal and d.ended_by_gateway]
 
     async def sweep(self) -> None:
         """Leases and retention are kept by the server (ack-wait redelivery, message
