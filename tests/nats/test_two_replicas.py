@@ -79,7 +79,10 @@ async def test_result_and_stream_through_the_other_replica(
     _, env = await worker.pull(wait_ms=2000)
     assert env is not None and env["headers"]["Ease-Request-Id"] == rid
     await worker.executing(rid)
-    assert (await a.status("s", rid))["status"] == "executing"
+
+    async def executing() -> bool:  # (written behind by replica b: a sees it shortly)
+        return (await a.status("s", rid))["status"] == "executing"
+    await poll(executing, 5, "executing seen through replica a")
     events: list[bytes] = []
 
     async def read_sse() -> None:

@@ -16,7 +16,9 @@ import contextlib
 import functools
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import msgspec
@@ -54,6 +56,9 @@ _WRONG_LAST = (10071, 10164)  # JetStream: wrong last sequence (compare-and-set 
 _RECHECK = 1.0  # a sync waiter re-reads its record this often (lost wake-ups, outages)
 _STREAM_POLL = 0.2
 _KNOWN_MAX = 100_000
+_WRITE_BEHIND = 0.1  # seconds a delivery or start waits to be written with what follows
+_PREFETCH = 16  # deliveries fetched at once for a link filling a batch
+_PREFETCH_HOLD = 0.05  # seconds unclaimed prefetched deliveries wait before going back
 _PATIENCE = 10.0  # seconds a submit retries through an outage before answering 500
 _SEQ_HEADER = "Spirit-Seq"
 _NO_MESSAGE = ("404", "408", "409")
@@ -80,6 +85,28 @@ def _guarded(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[A
             raise StorageUnavailable(f"NATS did not answer: {exc!r}") from exc
 
     return wrapper
+
+
+@dataclass(eq=False)
+class _Held:
+    """A delivery and/or start noted here and not written yet."""
+
+    sid: str
+    claim: Doc | None = None  # the delivered job (holder, ack subject, sequence)
+    started_at: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+    def apply(self, doc: Doc) -> None:
+        if self.claim is not None:
+            doc.delivered = True
+            doc.holder = self.claim.holder
+            doc.ack = self.claim.ack
+            doc.deliveries += 1
+            doc.sequence = doc.sequence or self.claim.sequence
+        if self.started_at:
+            doc.delivered = True
+            doc.started_at = doc.started_at or self.started_at
+            doc.status = EXECUTING
 
 
 class NatsStorage(Storage):
@@ -110,6 +137,9 @@ class NatsStorage(Storage):
         self._known: dict[str, tuple[Doc, int]] = {}
         self._claims: dict[str, asyncio.Task[None]] = {}  # take's record writes in flight
         self._early: dict[str, asyncio.Future[Doc]] = {}  # sync submits' wake-ups
+        self._prefetched: dict[str, deque[tuple[float, Msg]]] = {}
+        self._held: dict[str, _Held] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _now(self) -> int:
         return int(self.clock() * 1000)
@@ -156,13 +186,20 @@ class NatsStorage(Storage):
                 await self._nc.close()
 
     # --- records -------------------------------------------------------------------
-    async def _base(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
-        """What to compare-and-set against: this replica's last write, else a read."""
-        await self._settled(request_id)
+    async def _base(self, sid: str, request_id: str, settle: bool = True,
+                    overlay: bool = True) -> tuple[Doc | None, int]:
+        """What to compare-and-set against: this replica's last write, else a read,
+        with what is held here to be written behind. ``settle``: first wait for this
+        replica's writes in flight (not from one of them)."""
+        if settle:
+            await self._settled(request_id)
         known = self._known.pop(request_id, None)
         if known is not None:
-            return msgspec.structs.replace(known[0]), known[1]
-        return await self._load(sid, request_id)
+            doc: Doc | None = msgspec.structs.replace(known[0])
+            last = known[1]
+        else:
+            doc, last = await self._load(sid, request_id)
+        return (self._overlay(request_id, doc) if overlay else doc), last
 
     async def _settled(self, request_id: str) -> None:
         """Wait for this replica's record write of a delivery (read your own writes)."""
@@ -173,7 +210,8 @@ class NatsStorage(Storage):
 
     async def _read(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
         await self._settled(request_id)
-        return await self._load(sid, request_id)
+        doc, last = await self._load(sid, request_id)
+        return self._overlay(request_id, doc), last
 
     async def _load(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
         try:
@@ -202,6 +240,7 @@ class NatsStorage(Storage):
             raise
         if doc.terminal:
             self._known.pop(doc.request_id, None)
+            self._drop_held(doc.request_id)  # (the terminal record was written over it)
         else:
             if len(self._known) > _KNOWN_MAX:
                 self._known.clear()
@@ -236,6 +275,9 @@ class NatsStorage(Storage):
                 if doc is None:
                     return None
             if doc.terminal:
+                held = self._drop_held(request_id)
+                if held is not None and held.claim is not None:  # release our delivery
+                    await self._reply(held.claim.ack, b"+ACK")
                 return None
             doc.status = status_for_code(status_code)
             doc.status_code = status_code
@@ -254,7 +296,9 @@ class NatsStorage(Storage):
         elif not doc.delivered and doc.sequence:
             with contextlib.suppress(*_OUTAGE):
                 await self.js.delete_msg(names.JOBS, doc.sequence)
-        if doc.waiter:
+        if doc.waiter == self.replica:
+            self._wake(doc)
+        elif doc.waiter:
             await self.nc.publish(names.done(doc.waiter), encode(doc))
         if self.on_finish is not None:
             self.on_finish(doc)
@@ -306,9 +350,18 @@ class NatsStorage(Storage):
         ack = await self._patiently(lambda: self.js.publish(
             names.jobs(req.sid), payload, headers={Header.MSG_ID.value: rid}))
         doc.sequence = ack.seq
-        # False: a worker took it already and wrote the record
-        await self._patiently(lambda: self._write(doc, 0))
+        # The queued message holds the whole record: from here the request is safe,
+        # and a take that finds no record writes it from the message. The record is
+        # written meanwhile; what reads or writes it here next waits for that.
+        self._in_background(rid, self._record_write(doc))
         return doc
+
+    async def _record_write(self, doc: Doc) -> None:
+        try:
+            # False: a worker took it already and wrote the record
+            await self._patiently(lambda: self._write(msgspec.structs.replace(doc), 0))
+        except _OUTAGE as exc:
+            logger.warn(f"NATS store: writing the record of {doc.request_id} failed: {exc!r}")
 
     async def _patiently(self, call: Callable[[], Coroutine[Any, Any, R]]) -> R:
         """Retry an idempotent call through a short outage (a leader election, a
@@ -372,6 +425,9 @@ class NatsStorage(Storage):
             doc = decode(msg.data)
         except msgspec.DecodeError:
             return
+        self._wake(doc)
+
+    def _wake(self, doc: Doc) -> None:
         for fut in self._waiting.get(doc.request_id, ()):
             if not fut.done():
                 fut.set_result(doc)
@@ -529,10 +585,21 @@ class NatsStorage(Storage):
 
     async def _next(self, sid: str, wait: float) -> Msg | None:
         """One delivery from the sid's consumer: a pull request of our own, so a
-        waiter that gives up leaves nothing behind in a shared buffer."""
+        waiter that gives up leaves nothing behind in a shared buffer. A caller that
+        will not wait (a link filling a batch) gets up to ``_PREFETCH`` at once; the
+        rest wait here for the next take, and go back to the queue if none comes
+        soon."""
+        stash = self._prefetched.get(sid)
+        while stash:
+            at, msg = stash.popleft()
+            if time.monotonic() - at < _PREFETCH_HOLD:
+                return msg
+            await self._reply(msg.reply or "", b"-NAK")
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS}.{names.consumer(sid)}"
+        batch = 1
         if wait <= 0.01:
-            req: dict[str, Any] = {"batch": 1, "no_wait": True}
+            batch = _PREFETCH
+            req: dict[str, Any] = {"batch": batch, "no_wait": True}
             timeout = 5.0
         else:
             req = {"batch": 1, "expires": int(wait * 1e9)}
@@ -540,21 +607,44 @@ class NatsStorage(Storage):
         # (a pull's deliveries carry their stream subject, not the inbox: no muxed request)
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
-        msg: Msg | None = None
+        got: list[Msg] = []
         try:
             await self.nc.publish(subject, msgspec.json.encode(req), reply=inbox)
-            msg = await sub.next_msg(timeout=timeout)
+            while len(got) < batch:
+                msg = await sub.next_msg(timeout=timeout if not got else 5.0)
+                if (msg.headers or {}).get(Header.STATUS.value) in _NO_MESSAGE \
+                        or not msg.reply:
+                    break
+                got.append(msg)
+        except BaseException:
+            for msg in got:
+                await self._reply(msg.reply or "", b"-NAK")
+            got = []
+            raise
         finally:
             await sub.unsubscribe()
-            if msg is None:  # gave up (cancelled): hand back what came meanwhile
+            if not got:  # gave up (cancelled): hand back what came meanwhile
                 while not sub._pending_queue.empty():
                     late = sub._pending_queue.get_nowait()
-                    if late.reply:
+                    if late.reply and not late.headers:
                         await self.nc.publish(late.reply, b"-NAK")
-        status = (msg.headers or {}).get(Header.STATUS.value)
-        if status in _NO_MESSAGE or not msg.reply:
+        if not got:
             return None
-        return msg
+        if len(got) > 1:
+            now = time.monotonic()
+            self._prefetched.setdefault(sid, deque()).extend((now, m) for m in got[1:])
+            asyncio.get_running_loop().call_later(_PREFETCH_HOLD, self._hand_back_stale, sid)
+        return got[0]
+
+    def _hand_back_stale(self, sid: str) -> None:
+        stash = self._prefetched.get(sid)
+        now = time.monotonic()
+        while stash and now - stash[0][0] >= _PREFETCH_HOLD:
+            _, msg = stash.popleft()
+            if msg.reply:
+                task = asyncio.create_task(self._reply(msg.reply, b"-NAK"))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def take(self, sid: str, worker: str, wait: float) -> RequestRecord | None:
         loop = asyncio.get_running_loop()
@@ -593,42 +683,82 @@ class NatsStorage(Storage):
         job.deliveries = 1
         job.ack = msg.reply
         rid = job.request_id
-        task = asyncio.create_task(self._claim_write(sid, msgspec.structs.replace(job, body=b"")))
+        self._hold(sid, rid).claim = msgspec.structs.replace(job, body=b"", deliveries=0)
+        return job
+
+    def _in_background(self, rid: str, write: Coroutine[Any, Any, None]) -> None:
+        """Run a record write after this replica's earlier ones for ``rid``; what reads
+        or writes ``rid`` here next waits for it (``_settled``)."""
+        before = self._claims.get(rid)
+
+        async def chained() -> None:
+            if before is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(before)
+            await write
+
+        task = asyncio.create_task(chained())
         self._claims[rid] = task
 
         def forget(t: asyncio.Task[None]) -> None:
             if self._claims.get(rid) is t:
                 del self._claims[rid]
         task.add_done_callback(forget)
-        return job
 
-    async def _claim_write(self, sid: str, claimed: Doc) -> None:
-        rid = claimed.request_id
+    # --- write-behind of deliveries and starts ----------------------------------------
+    def _hold(self, sid: str, request_id: str) -> _Held:
+        """Note a delivery or a start, written ``_WRITE_BEHIND`` s later in one write:
+        a job that ends sooner is written once, by its result. Until then reads and
+        writes here see it (``_overlay``)."""
+        held = self._held.get(request_id)
+        if held is None:
+            held = self._held[request_id] = _Held(sid)
+            held.timer = asyncio.get_running_loop().call_later(
+                _WRITE_BEHIND, self._flush_held, request_id)
+        return held
+
+    def _flush_held(self, request_id: str) -> None:
+        held = self._held.pop(request_id, None)
+        if held is not None:
+            self._in_background(request_id, self._held_write(request_id, held))
+
+    def _drop_held(self, request_id: str) -> _Held | None:
+        held = self._held.pop(request_id, None)
+        if held is not None and held.timer is not None:
+            held.timer.cancel()
+        return held
+
+    def _overlay(self, request_id: str, doc: Doc | None) -> Doc | None:
+        held = self._held.get(request_id)
+        if held is None or (doc is not None and doc.terminal):
+            return doc
+        if doc is None:
+            if held.claim is None:
+                return None
+            doc = msgspec.structs.replace(held.claim)
+        held.apply(doc)
+        return doc
+
+    async def _held_write(self, request_id: str, held: _Held) -> None:
         try:
             for _ in range(_CAS_TRIES):
-                known = self._known.pop(rid, None)
-                if known is not None:
-                    doc: Doc | None = msgspec.structs.replace(known[0])
-                    last = known[1]
-                else:
-                    doc, last = await self._load(sid, rid)
+                doc, last = await self._base(held.sid, request_id, settle=False, overlay=False)
                 if doc is None:
-                    doc, last = msgspec.structs.replace(claimed), 0
-                elif doc.terminal:  # cancelled just before: the worker stops it
-                    await self._reply(claimed.ack, b"+ACK" if not doc.ended_by_gateway
-                                      else b"+TERM")
-                    if doc.ended_by_gateway and self.on_remote_cancel is not None:
-                        self.on_remote_cancel([rid])
+                    if held.claim is None:
+                        return
+                    doc, last = msgspec.structs.replace(held.claim), 0
+                if doc.terminal:  # ended before it was written (cancelled): stop the worker
+                    if held.claim is not None:
+                        await self._reply(held.claim.ack, b"+TERM" if doc.ended_by_gateway
+                                          else b"+ACK")
+                        if doc.ended_by_gateway and self.on_remote_cancel is not None:
+                            self.on_remote_cancel([request_id])
                     return
-                else:
-                    doc.delivered = True
-                    doc.holder = claimed.holder
-                    doc.deliveries += 1
-                    doc.ack = claimed.ack
+                held.apply(doc)
                 if await self._write(doc, last):
                     return
         except _OUTAGE as exc:  # the lease brings it back if the worker never reports
-            logger.warn(f"NATS store: recording the delivery of {rid} failed: {exc!r}")
+            logger.warn(f"NATS store: recording the delivery of {request_id} failed: {exc!r}")
 
     async def _claim(self, sid: str, worker: str | None, msg: Msg) -> Doc | None:
         """Hand ``msg`` to ``worker`` unless its record says otherwise (ended, past its
@@ -681,6 +811,11 @@ class NatsStorage(Storage):
 
     @_guarded
     async def give_back(self, sid: str, request_id: str) -> None:
+        held = self._held.get(request_id)
+        if held is not None and held.claim is not None and not held.started_at:
+            self._drop_held(request_id)  # never written: hand the delivery back, that is all
+            await self._reply(held.claim.ack, b"-NAK")
+            return
         for _ in range(_CAS_TRIES):
             doc, last = await self._base(sid, request_id)
             if doc is None or doc.terminal or not doc.delivered or doc.started_at:
@@ -706,18 +841,10 @@ class NatsStorage(Storage):
 
     @_guarded
     async def mark_started(self, sid: str, request_id: str) -> bool:
-        for _ in range(_CAS_TRIES):
-            doc, last = await self._base(sid, request_id)
-            if doc is None or doc.terminal:
-                return False
-            if not doc.started_at:
-                doc.started_at = self._now()
-            doc.delivered = True
-            doc.status = EXECUTING
-            if await self._write(doc, last):
-                await self._reply(doc.ack, b"+WPI")
-                return True
-        raise StorageUnavailable(f"record of {request_id} kept changing")
+        """Written behind (``_hold``): True means "noted", not "it was still running"."""
+        held = self._hold(sid, request_id)
+        held.started_at = held.started_at or self._now()
+        return True
 
     @_guarded
     async def finish(self, sid: str, request_id: str, status_code: int, message: str,
