@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -21,6 +23,9 @@ from spirit_gpu.gateway.proxy import route as proxy_route
 from spirit_gpu.gateway.service import GATEWAY_KEY, Gateway
 from spirit_gpu.gateway.storage.base import Storage, StorageRefused, StorageUnavailable
 from spirit_gpu.gateway.storage.memory import MemoryStorage
+
+if TYPE_CHECKING:
+    from spirit_gpu.gateway.storage.nats.proxy_share import ProxyShare
 
 
 def default_storage(config: GatewayConfig) -> Storage:
@@ -61,9 +66,19 @@ def create_app(config: GatewayConfig, storage: Storage | None = None) -> web.App
     gateway = Gateway(config, storage or default_storage(config), GatewayMetrics())
     app[GATEWAY_KEY] = gateway
 
+    public_api.install(app)
+    stream_route.install(app)
+    agent_api.install(app)
+    link_server.install(app)
+    ops_routes.install(app)
+    proxy_route.install(app, config)
+    share = _proxy_share(gateway.storage, app)
+
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         try:
             await gateway.start()
+            if share is not None:
+                await share.start()
         except StorageRefused as exc:
             from spirit_gpu.gateway.server import ConfigRefused  # (server imports this module)
 
@@ -71,11 +86,17 @@ def create_app(config: GatewayConfig, storage: Storage | None = None) -> web.App
         yield
         await gateway.close()
 
-    app.cleanup_ctx.append(lifecycle)
-    public_api.install(app)
-    stream_route.install(app)
-    agent_api.install(app)
-    link_server.install(app)
-    ops_routes.install(app)
-    proxy_route.install(app, config)
+    app.cleanup_ctx.insert(0, lifecycle)
     return app
+
+
+def _proxy_share(storage: Storage, app: web.Application) -> ProxyShare | None:
+    """With the NATS store, the replicas share their proxy registries."""
+    if "spirit_gpu.gateway.storage.nats.store" not in sys.modules:
+        return None  # (never imported: not the NATS store)
+    from spirit_gpu.gateway.storage.nats import NatsStorage
+    from spirit_gpu.gateway.storage.nats.proxy_share import ProxyShare  # noqa: F811
+
+    if not isinstance(storage, NatsStorage):
+        return None
+    return ProxyShare(storage, app[proxy_route.ROUTER_KEY].registry)

@@ -183,7 +183,8 @@ class NatsStorage(Storage):
             with contextlib.suppress(*_OUTAGE):
                 await asyncio.wait_for(self._nc.drain(), 5.0)
             if not self._nc.is_closed:
-                await self._nc.close()
+                with contextlib.suppress(*_OUTAGE):
+                    await self._nc.close()
 
     # --- records -------------------------------------------------------------------
     async def _base(self, sid: str, request_id: str, settle: bool = True,
