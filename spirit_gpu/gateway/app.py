@@ -37,7 +37,11 @@ def default_storage(config: GatewayConfig) -> Storage:
         from spirit_gpu.gateway.storage.nats import NatsStorage
         from spirit_gpu.gateway.storage.nats.server import parse_urls
 
-        return NatsStorage(parse_urls(config.store), lease_seconds=config.lease_seconds,
+        try:
+            urls = parse_urls(config.store)
+        except StorageRefused as exc:
+            raise _refused(exc) from None
+        return NatsStorage(urls, lease_seconds=config.lease_seconds,
                            retention_seconds=config.result_retention,
                            max_deliveries=config.max_deliveries,
                            ttl_max_seconds=config.async_ttl_max,
@@ -46,6 +50,13 @@ def default_storage(config: GatewayConfig) -> Storage:
                          retention_seconds=config.result_retention,
                          max_deliveries=config.max_deliveries,
                          max_chunk_bytes=config.max_result_bytes_sync)
+
+
+def _refused(exc: StorageRefused) -> Exception:
+    """The CLI's one-line refusal (``ConfigRefused``) for a store that cannot start."""
+    from spirit_gpu.gateway.server import ConfigRefused  # (server imports this module)
+
+    return ConfigRefused(str(exc))
 
 
 @web.middleware
@@ -80,9 +91,7 @@ def create_app(config: GatewayConfig, storage: Storage | None = None) -> web.App
             if share is not None:
                 await share.start()
         except StorageRefused as exc:
-            from spirit_gpu.gateway.server import ConfigRefused  # (server imports this module)
-
-            raise ConfigRefused(str(exc)) from None
+            raise _refused(exc) from None
         yield
         await gateway.close()
 

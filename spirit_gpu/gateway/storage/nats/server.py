@@ -3,6 +3,9 @@ declaring the streams (idempotent: every replica does it at start)."""
 
 from __future__ import annotations
 
+import asyncio
+from urllib.parse import urlsplit
+
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -18,6 +21,7 @@ from nats.js.object_store import ObjectStore
 
 from spirit_gpu.gateway.storage.base import StorageRefused
 from spirit_gpu.gateway.storage.nats import names
+from spirit_gpu.log import logger
 
 MIN_VERSION = (2, 11)
 
@@ -39,12 +43,40 @@ def _version(text: str) -> tuple[int, int]:
         return (0, 0)
 
 
+async def _reachable(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlsplit(url)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def _quiet(exc: Exception) -> None:
+    logger.warn(f"NATS: {exc!r}")
+
+
+async def _disconnected() -> None:
+    logger.warn("NATS: disconnected; reconnecting (requests wait or fail meanwhile)")
+
+
+async def _reconnected() -> None:
+    logger.info("NATS: reconnected")
+
+
 async def connect(urls: list[str], name: str) -> Client:
+    """Connect, then reconnect forever; refuse at once when no server answers at start
+    (the client itself would retry an unreachable first server forever)."""
+    if not any(await asyncio.gather(*(_reachable(u) for u in urls))):
+        raise StorageRefused(f"cannot reach NATS at {','.join(urls)}: nothing listens there")
     try:
         return await nats.connect(servers=urls, name=name, connect_timeout=3,
                                   allow_reconnect=True, max_reconnect_attempts=-1,
                                   reconnect_time_wait=0.5, ping_interval=5,
-                                  max_outstanding_pings=3)
+                                  max_outstanding_pings=3, error_cb=_quiet,
+                                  disconnected_cb=_disconnected, reconnected_cb=_reconnected)
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the one line below
         raise StorageRefused(f"cannot reach NATS at {','.join(urls)}: {exc!r}") from exc
 
