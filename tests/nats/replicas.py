@@ -4,6 +4,7 @@ supervisors, and a load that counts what became of every request."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from tests.conftest import ROOT, free_port
 from tests.gateway.conftest import APPS, AUTH, KEY, TOKEN
 
 TERMINAL = {"succeed", "failed", "cancelled"}
+# scripts/nats-long.sh runs the failure tests with SPIRIT_NATS_SCALE=10 (10x the load)
+SCALE = max(1, int(os.environ.get("SPIRIT_NATS_SCALE", "1")))
 
 
 class Replica:

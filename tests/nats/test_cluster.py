@@ -18,7 +18,15 @@ import pytest
 from spirit_gpu.gateway.storage.nats import names
 from tests.conftest import free_port
 from tests.gateway.conftest import Webhooks
-from tests.nats.replicas import DOUBLE, Replica, Tally, settle, submit_async, worker_env
+from tests.nats.replicas import (
+    DOUBLE,
+    SCALE,
+    Replica,
+    Tally,
+    settle,
+    submit_async,
+    worker_env,
+)
 from tests.nats.test_failures import replicas, session, wait_worker
 from tests.nats_server import NatsServer
 
@@ -68,27 +76,28 @@ async def test_stream_leader_killed_while_jobs_flow(
     await wait_worker(session, b, "c", worker)
     leader = await stream_leader(urls)
     tally = Tally()
-    for i in range(60):
+    for i in range(60 * SCALE):
         # a client retries what was refused (500 while the stream elects a leader)
         for _ in range(20):
             before = len(tally.accepted)
             await submit_async(session, (a, b)[i % 2].url, "c", {"x": i}, webhooks.url, tally)
             if len(tally.accepted) > before:
                 break
-        if i == 20:
+        if i == 20 * SCALE:
             next(n for n in cluster if n.name == leader).kill()
-    await settle(session, a.url, "c", tally, within=40)
+    await settle(session, a.url, "c", tally, within=40 * SCALE)
     await asyncio.sleep(0.5)
     tally.hooks = Counter(q.get("requestID", "") for q, _ in webhooks.received)
     print(f"cluster, leader {leader} SIGKILLed:", tally.report())
-    assert len(tally.accepted) == 60, tally.report()
+    assert len(tally.accepted) == 60 * SCALE, tally.report()
     assert not tally.lost, tally.report()
     assert not tally.duplicated, tally.report()
 
 
 async def make_ready(replicas: Callable[..., Replica], urls: str,
                      session: aiohttp.ClientSession) -> Replica:
-    return await replicas(urls).ready(session, within=30)
+    # a lease longer than the election: deliveries the new leader replays are known as such
+    return await replicas(urls, lease=5.0).ready(session, within=30)
 
 
 @pytest.fixture(autouse=True)

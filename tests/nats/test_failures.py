@@ -18,7 +18,15 @@ import pytest
 
 from tests.conftest import Worker
 from tests.gateway.conftest import AUTH, Webhooks, poll
-from tests.nats.replicas import DOUBLE, Replica, Tally, settle, submit_async, worker_env
+from tests.nats.replicas import (
+    DOUBLE,
+    SCALE,
+    Replica,
+    Tally,
+    settle,
+    submit_async,
+    worker_env,
+)
 from tests.nats_server import TempNats
 
 
@@ -73,12 +81,12 @@ async def test_replica_sigkilled_under_load(nats: TempNats, replicas: Callable[.
     await wait_worker(session, a, "k", wa)
     await wait_worker(session, b, "k", wb)
     tally = Tally()
-    for i in range(120):
-        target = a if i % 2 == 0 and i < 60 else b
+    for i in range(120 * SCALE):
+        target = a if i % 2 == 0 and i < 60 * SCALE else b
         await submit_async(session, target.url, "k", {"x": i, "sleep": 0.02}, webhooks.url, tally)
-        if i == 60:
+        if i == 60 * SCALE:
             a.kill()  # mid-load: its queued jobs stay in NATS; its worker's jobs move on
-    await settle(session, b.url, "k", tally, within=30)
+    await settle(session, b.url, "k", tally, within=30 * SCALE)
     await asyncio.sleep(0.5)  # late webhooks would show duplicates
     tally.hooks = hook_counts(webhooks)
     print("replica SIGKILL:", tally.report())
@@ -94,7 +102,7 @@ async def test_all_replicas_restarted_lose_nothing(nats: TempNats,
                                                    webhooks: Webhooks) -> None:
     first = [await replicas(nats.url).ready(session) for _ in range(2)]
     tally = Tally()
-    for i in range(40):
+    for i in range(40 * SCALE):
         await submit_async(session, first[i % 2].url, "r", {"x": i}, webhooks.url, tally)
     for r in first:
         r.kill()
@@ -102,10 +110,10 @@ async def test_all_replicas_restarted_lose_nothing(nats: TempNats,
     code = 0
     async with session.get(f"{second[0].url}/v1/r/status", headers=AUTH) as resp:
         code, queued = resp.status, await resp.json()
-    assert (code, queued) == (200, {"queueingCount": 40})
+    assert (code, queued) == (200, {"queueingCount": 40 * SCALE})
     worker = worker_factory(DOUBLE, worker_env(second[1], "r", "link"))
     await wait_worker(session, second[1], "r", worker)
-    await settle(session, second[0].url, "r", tally, within=30)
+    await settle(session, second[0].url, "r", tally, within=30 * SCALE)
     tally.hooks = hook_counts(webhooks)
     print("all replicas restarted:", tally.report())
     assert not tally.lost and not tally.duplicated, tally.report()
@@ -128,7 +136,7 @@ async def test_worker_sigkilled_mid_job(nats: TempNats, replicas: Callable[..., 
                                headers=AUTH) as resp:
             return (await resp.json())["status"] == "executing"
     await poll(started, 15, "the long job running")
-    for i in range(10):  # queued behind it
+    for i in range(10 * SCALE):  # queued behind it
         await submit_async(session, b.url, "w", {"x": i}, webhooks.url, tally)
     for pid in doomed.child_pids():
         os.kill(pid, signal.SIGKILL)
@@ -136,7 +144,7 @@ async def test_worker_sigkilled_mid_job(nats: TempNats, replicas: Callable[..., 
     doomed.proc.wait(10)
     rescuer = worker_factory(DOUBLE, worker_env(b, "w", "link"))
     await wait_worker(session, b, "w", rescuer)
-    await settle(session, b.url, "w", tally, within=30)
+    await settle(session, b.url, "w", tally, within=30 * SCALE)
     await asyncio.sleep(0.5)
     tally.hooks = hook_counts(webhooks)
     print("worker SIGKILL:", tally.report())
@@ -180,6 +188,7 @@ async def test_nats_restarted_under_load(nats: TempNats, replicas: Callable[...,
     nats.server.kill()
     await asyncio.sleep(1.0)
     nats.server.start()
+    await asyncio.sleep(SCALE - 1)  # long variant: more load after the restart
     ok_before = answers["200"]
 
     async def recovered() -> bool:

@@ -64,6 +64,7 @@ class Doc(RequestRecord):
     where ``body`` is set)."""
 
     ack: str = ""  # the ack subject of the delivery the worker holds
+    delivered_at: int = 0  # ms, when it was last handed to a worker
     waiter: str = ""  # the replica whose client waits for it (sync)
     result_blob: str = ""  # the result is in the object store under this name
     body_blob: str = ""

@@ -7,7 +7,9 @@ import asyncio
 from urllib.parse import urlsplit
 
 import nats
+import nats.errors
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
@@ -16,7 +18,7 @@ from nats.js.api import (
     RetentionPolicy,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 from nats.js.object_store import ObjectStore
 
 from spirit_gpu.gateway.storage.base import StorageRefused
@@ -89,11 +91,22 @@ async def check(nc: Client, js: JetStreamContext) -> None:
         raise StorageRefused(
             f"NATS server {version.major}.{version.minor}.{version.patch} is too old: the store "
             f"needs 2.11 or newer (per-message TTL for results and retention)")
-    try:
-        await js.account_info()
-    except Exception as exc:  # noqa: BLE001 - JetStream off answers in several ways
-        raise StorageRefused(f"NATS at {nc.connected_url.netloc if nc.connected_url else '?'} "
-                             f"has JetStream off: start nats-server with -js ({exc!r})") from exc
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    where = nc.connected_url.netloc if nc.connected_url else "?"
+    while True:
+        try:
+            await js.account_info()
+            return
+        except (ServiceUnavailableError, NoRespondersError) as exc:
+            if loop.time() - began > 3.0:  # (a cluster still forming answers so briefly)
+                raise StorageRefused(f"NATS at {where} has JetStream off: start nats-server "
+                                     f"with -js ({exc!r})") from exc
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
+            if loop.time() - began > 30.0:
+                raise StorageRefused(f"NATS at {where}: JetStream does not answer (a cluster "
+                                     f"without a quorum?) ({exc!r})") from exc
+        await asyncio.sleep(0.5)
 
 
 async def declare(js: JetStreamContext, *, lease: float, retention: float, ttl_max: float,

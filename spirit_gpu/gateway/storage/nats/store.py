@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import msgspec
@@ -41,6 +41,7 @@ from spirit_gpu.gateway.storage.base import (
     RequestRecord,
     SidStats,
     Storage,
+    StorageRefused,
     StorageUnavailable,
     status_for_code,
 )
@@ -60,8 +61,10 @@ _WRITE_BEHIND = 0.1  # seconds a delivery or start waits to be written with what
 _PREFETCH = 16  # deliveries fetched at once for a link filling a batch
 _PREFETCH_HOLD = 0.05  # seconds unclaimed prefetched deliveries wait before going back
 _PATIENCE = 10.0  # seconds a submit retries through an outage before answering 500
+_DECLARE_PATIENCE = 30.0
+_HOLD_MAX_MS = 120_000  # a delivery not recorded after this long is left to its lease
 _SEQ_HEADER = "Spirit-Seq"
-_NO_MESSAGE = ("404", "408", "409")
+_NO_MESSAGE = ("404", "408")
 _cancel_note = msgspec.json.Encoder()
 
 
@@ -95,10 +98,12 @@ class _Held:
     claim: Doc | None = None  # the delivered job (holder, ack subject, sequence)
     started_at: int = 0
     timer: asyncio.TimerHandle | None = None
+    since: int = field(default_factory=lambda: int(time.time() * 1000))
 
     def apply(self, doc: Doc) -> None:
         if self.claim is not None:
             doc.delivered = True
+            doc.delivered_at = self.claim.delivered_at
             doc.holder = self.claim.holder
             doc.ack = self.claim.ack
             doc.deliveries += 1
@@ -160,9 +165,7 @@ class NatsStorage(Storage):
         try:
             self._js = self.nc.jetstream(timeout=5.0)
             await server.check(self.nc, self.js)
-            self._blobs = await server.declare(
-                self.js, lease=self.lease, retention=self.retention, ttl_max=self.ttl_max,
-                replicas=self.stream_replicas)
+            self._blobs = await self._declare()
             self.blob_at = max(1024, self.nc.max_payload - 64 * 1024)
             self._subs.append(await self.nc.subscribe(names.done(self.replica),
                                                       cb=self._on_done))
@@ -173,6 +176,22 @@ class NatsStorage(Storage):
         except BaseException:
             await self.nc.close()
             raise
+
+    async def _declare(self) -> ObjectStore:
+        """Declare the streams; a cluster still forming (no peers for R3 yet) is waited
+        for up to ``_DECLARE_PATIENCE`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _DECLARE_PATIENCE
+        while True:
+            try:
+                return await server.declare(
+                    self.js, lease=self.lease, retention=self.retention,
+                    ttl_max=self.ttl_max, replicas=self.stream_replicas)
+            except (*_OUTAGE, APIError) as exc:
+                if loop.time() > deadline:
+                    raise StorageRefused(f"NATS streams cannot be created: {exc!r}") from exc
+                logger.warn(f"NATS store: streams not created yet ({exc!r}); retrying")
+                await asyncio.sleep(0.5)
 
     async def close(self) -> None:
         for futs in self._waiting.values():
@@ -304,6 +323,14 @@ class NatsStorage(Storage):
         if self.on_finish is not None:
             self.on_finish(doc)
         return doc
+
+    def _replayed(self, doc: Doc) -> bool:
+        """A delivery sooner than a lease after the last one, or after the start, cannot
+        be a lease running out: the stream replayed it (a leader change)."""
+        if not doc.delivered or not doc.delivered_at:
+            return False
+        since = max(doc.delivered_at, doc.started_at)
+        return self._now() - since < self.lease * 800  # (a lease, less the delivery's trip)
 
     def _expired(self, doc: Doc) -> bool:
         return (not doc.terminal and not doc.started_at
@@ -609,12 +636,14 @@ class NatsStorage(Storage):
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
         got: list[Msg] = []
+        trouble = False
         try:
             await self.nc.publish(subject, msgspec.json.encode(req), reply=inbox)
             while len(got) < batch:
                 msg = await sub.next_msg(timeout=timeout if not got else 5.0)
-                if (msg.headers or {}).get(Header.STATUS.value) in _NO_MESSAGE \
-                        or not msg.reply:
+                status = (msg.headers or {}).get(Header.STATUS.value)
+                if status or not msg.reply:
+                    trouble = status not in _NO_MESSAGE  # e.g. 503: no consumer leader yet
                     break
                 got.append(msg)
         except BaseException:
@@ -627,9 +656,11 @@ class NatsStorage(Storage):
             if not got:  # gave up (cancelled): hand back what came meanwhile
                 while not sub._pending_queue.empty():
                     late = sub._pending_queue.get_nowait()
-                    if late.reply and not late.headers:
+                    if late.reply and Header.STATUS.value not in (late.headers or {}):
                         await self.nc.publish(late.reply, b"-NAK")
         if not got:
+            if trouble and wait > 0.01:  # not a busy loop while the stream elects a leader
+                await asyncio.sleep(min(wait, 0.5))
             return None
         if len(got) > 1:
             now = time.monotonic()
@@ -680,6 +711,7 @@ class NatsStorage(Storage):
             return None
         job.sequence = meta.sequence.stream
         job.delivered = True
+        job.delivered_at = self._now()
         job.holder = worker
         job.deliveries = 1
         job.ack = msg.reply
@@ -758,8 +790,18 @@ class NatsStorage(Storage):
                 held.apply(doc)
                 if await self._write(doc, last):
                     return
-        except _OUTAGE as exc:  # the lease brings it back if the worker never reports
-            logger.warn(f"NATS store: recording the delivery of {request_id} failed: {exc!r}")
+        except _OUTAGE as exc:
+            # NATS is electing or reconnecting: keep it held and try again (a delivery
+            # not recorded would look never started if the stream replays it)
+            if request_id not in self._held and self._now() - held.since < _HOLD_MAX_MS:
+                logger.warn(f"NATS store: recording the delivery of {request_id} failed "
+                            f"({exc!r}); retrying")
+                self._held[request_id] = held
+                held.timer = asyncio.get_running_loop().call_later(
+                    0.5, self._flush_held, request_id)
+            else:
+                logger.warn(f"NATS store: recording the delivery of {request_id} failed: "
+                            f"{exc!r}")
 
     async def _claim(self, sid: str, worker: str | None, msg: Msg) -> Doc | None:
         """Hand ``msg`` to ``worker`` unless its record says otherwise (ended, past its
@@ -769,12 +811,23 @@ class NatsStorage(Storage):
         meta = msg.metadata
         job.sequence = meta.sequence.stream
         rid = job.request_id
+        held = self._held.get(rid)
+        if held is not None and held.claim is not None:
+            # delivered again while held here (a stream leader change replays
+            # deliveries): the worker has it; keep the newest ack subject
+            held.claim.ack = msg.reply or held.claim.ack
+            return None
         for _ in range(_CAS_TRIES):
             doc, last = await self._base(sid, rid)
             if doc is None:
                 doc = msgspec.structs.replace(job, body=b"")
             if doc.terminal:
                 await self._reply(msg.reply, b"+ACK")
+                return None
+            if self._replayed(doc):  # the same, written already (maybe by another replica)
+                doc.ack = msg.reply or doc.ack
+                if not await self._write(doc, last):
+                    continue
                 return None
             if self._expired(doc):
                 doc.ack = msg.reply
@@ -792,6 +845,7 @@ class NatsStorage(Storage):
                 return None
             if worker is None:
                 if doc.delivered:  # its lease ran out before it started: queued again
+                    doc.delivered_at = 0
                     doc.delivered = False
                     doc.holder = ""
                     doc.ack = ""
@@ -800,6 +854,7 @@ class NatsStorage(Storage):
                 await self._reply(msg.reply, b"-NAK")
                 return None
             doc.delivered = True
+            doc.delivered_at = self._now()
             doc.holder = worker
             doc.deliveries += 1
             doc.ack = msg.reply
