@@ -71,10 +71,13 @@ async def storage_errors(request: web.Request, handler: Handler) -> web.StreamRe
 def create_app(config: GatewayConfig, storage: Storage | None = None) -> web.Application:
     """The gateway app. ``app[CONFIG_KEY]`` is the config, ``app[GATEWAY_KEY]`` the core."""
     # Bodies are read (and bounded) by the handlers themselves, as they stream in.
-    app = web.Application(middlewares=[error_middleware, storage_errors],
-                          client_max_size=1024**3)
+    storage = storage or default_storage(config)
+    # (the memory store never raises StorageUnavailable: no middleware for it)
+    middlewares = [error_middleware] if isinstance(storage, MemoryStorage) else \
+        [error_middleware, storage_errors]
+    app = web.Application(middlewares=middlewares, client_max_size=1024**3)
     app[CONFIG_KEY] = config
-    gateway = Gateway(config, storage or default_storage(config), GatewayMetrics())
+    gateway = Gateway(config, storage, GatewayMetrics())
     app[GATEWAY_KEY] = gateway
 
     public_api.install(app)
