@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Result, Skip, machine, save_run, skipped, table, write_json  # noqa: E402
 
-BENCHMARKS = ["ipc", "payload", "e2e_sync", "e2e_async", "proxy", "scale", "crash", "footprint",
-              "gpu"]
+BENCHMARKS = ["ipc", "payload", "e2e_sync", "e2e_async", "e2e_nats", "proxy", "scale", "crash",
+              "footprint", "gpu"]
 
 
 def run_one(name: str, quick: bool) -> list[Result]:

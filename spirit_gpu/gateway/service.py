@@ -89,6 +89,7 @@ class Gateway:
         # (proxy/queued.py holds what goes in)
         self.proxy_answers: dict[str, asyncio.Future[Any]] = {}
         storage.on_finish = self._on_finish
+        storage.on_remote_cancel = self.push_cancels
         self._sweeper: asyncio.Task[None] | None = None
 
     # --- life --------------------------------------------------------------------
@@ -130,6 +131,14 @@ class Gateway:
             if push is not None:
                 push([request_id])
         return outcome
+
+    def push_cancels(self, request_ids: list[str]) -> None:
+        """Running requests cancelled (here or through another replica): tell the links
+        here that hold them."""
+        for request_id in request_ids:
+            push = self.links.get(request_id)
+            if push is not None:
+                push([request_id])
 
     # --- workers --------------------------------------------------------------------
     def long_poll_seconds(self, wait_ms: int) -> float:

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from aiohttp import web
 from spirit_gpu.gateway.app import create_app
 from spirit_gpu.gateway.config import GatewayConfig
 from tests.conftest import free_port
+from tests.nats_server import TempNats
 
 KEY = "test-key"
 TOKEN = "worker-token"
@@ -72,12 +73,30 @@ GatewayFactory = Callable[..., Awaitable[Gw]]
 
 
 @pytest.fixture
-async def gateway_factory() -> AsyncIterator[GatewayFactory]:
+def store(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Which store the gateways of a test use: "memory" unless a module parametrizes
+    it (``pytestmark = BOTH_STORES``); "nats" starts a nats-server of its own."""
+    kind = getattr(request, "param", "memory")
+    if kind == "memory":
+        yield "memory"
+        return
+    server = TempNats()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+BOTH_STORES = pytest.mark.parametrize("store", ["memory", "nats"], indirect=True)
+
+
+@pytest.fixture
+async def gateway_factory(store: str) -> AsyncIterator[GatewayFactory]:
     runners: list[web.AppRunner] = []
     session = aiohttp.ClientSession()
 
     async def make(**overrides: Any) -> Gw:
-        values: dict[str, Any] = {"api_keys": [KEY], "sweep_interval": 0.05}
+        values: dict[str, Any] = {"api_keys": [KEY], "sweep_interval": 0.05, "store": store}
         values.update(overrides)
         config = GatewayConfig(**values)
         app = create_app(config)

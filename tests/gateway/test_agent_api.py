@@ -6,7 +6,9 @@ import asyncio
 import time
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
-from tests.gateway.conftest import AUTH, TOKEN, GatewayFactory, Gw, PlainWorker, poll
+from tests.gateway.conftest import AUTH, BOTH_STORES, TOKEN, GatewayFactory, Gw, PlainWorker, poll
+
+pytestmark = BOTH_STORES
 
 FEATURES = "Spirit-Agent-Features"
 

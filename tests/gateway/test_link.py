@@ -13,7 +13,9 @@ import pytest
 from spirit_gpu.supervisor.jobs import Job, metric
 from spirit_gpu.supervisor.transports.base import AgentUnavailable
 from spirit_gpu.supervisor.transports.link import LinkTransport
-from tests.gateway.conftest import AUTH, TOKEN, GatewayFactory, Gw, poll
+from tests.gateway.conftest import AUTH, BOTH_STORES, TOKEN, GatewayFactory, Gw, poll
+
+pytestmark = BOTH_STORES
 
 HOOK = "http://127.0.0.1:9/h"
 

@@ -9,7 +9,9 @@ import json
 import aiohttp
 
 from spirit_gpu.gateway.public_api import never_connected
-from tests.gateway.conftest import AUTH, GatewayFactory, Gw, PlainWorker, poll
+from tests.gateway.conftest import AUTH, BOTH_STORES, GatewayFactory, Gw, PlainWorker, poll
+
+pytestmark = BOTH_STORES
 
 
 async def test_sync_round_trip_and_status(gw: Gw, echo_worker: PlainWorker) -> None:

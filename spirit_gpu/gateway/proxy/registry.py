@@ -8,6 +8,7 @@ beat. Picking is least in-flight first, ties taken in turn.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from yarl import URL
@@ -39,6 +40,10 @@ class ProxyRegistry:
     lease_seconds: float
     _by_sid: dict[str, dict[str, ProxyWorker]] = field(default_factory=dict)
     _turn: int = 0
+    # told of every register beat and deregistration (the NATS store shares them with
+    # the other replicas: gateway/storage/nats/proxy_share.py)
+    on_register: Callable[[str, ProxyRegistration], None] | None = None
+    on_deregister: Callable[[str, str], None] | None = None
 
     def register(self, sid: str, reg: ProxyRegistration) -> ProxyWorker:
         now = time.monotonic()
@@ -62,6 +67,8 @@ class ProxyRegistry:
         worker.reported_inflight = reg.inflight
         worker.expires_at = now + self.lease_seconds
         self._expire(sid, now)
+        if self.on_register is not None:
+            self.on_register(sid, reg)
         return worker
 
     def get(self, sid: str, worker_id: str) -> ProxyWorker | None:
@@ -75,6 +82,8 @@ class ProxyRegistry:
         worker = self._by_sid.get(sid, {}).pop(worker_id, None)
         if worker is not None:
             logger.info(f"proxy worker {worker_id} of {sid} deregistered")
+        if self.on_deregister is not None:
+            self.on_deregister(sid, worker_id)
         return worker is not None
 
     def drop(self, worker: ProxyWorker, reason: str) -> None:

@@ -1,12 +1,13 @@
 """The storage interface the HTTP layer talks to, and the records crossing it.
 
 Everything the gateway keeps (queues, leases, statuses, results, stream
-chunks, worker presence) lives behind ``Storage``. The memory implementation
-is the embedded default; a NATS JetStream one maps onto it as: ``submit`` ->
-publish to a work-queue stream per serverless id + KV put; ``take`` -> pull
-consumer fetch; ``renew``/``heartbeat`` -> in-progress acks; ``finish`` ->
-KV put with TTL (retention) + ack; ``sweep`` -> mostly server-side (ack-wait
-redelivery, KV TTL), leaving the client side to fail over-delivered jobs.
+chunks, worker presence) lives behind ``Storage``. ``MemoryStorage`` (memory.py)
+is the embedded default; ``NatsStorage`` (nats/) keeps it in NATS JetStream so
+that many replicas share it: ``submit`` -> a message on a work-queue stream per
+serverless id; ``take`` -> a pull from its consumer (the delivery's ack-wait is
+the lease, renewed by ``heartbeat``); statuses and results -> a record per
+request, compare-and-set, kept for the retention by per-message TTL; ``sweep``
+-> mostly server-side. docs/scaling.md says what is kept where.
 
 Every accepted request reaches exactly one terminal state: the first
 ``finish`` wins and later ones are ignored (they return False).
@@ -129,12 +130,23 @@ class SidStats(msgspec.Struct):
 
 
 FinishHook = Callable[[RequestRecord], None]
+CancelHook = Callable[[list[str]], None]
+
+
+class StorageRefused(Exception):
+    """The store cannot start (unreachable, or lacking a feature); one line says why."""
+
+
+class StorageUnavailable(Exception):
+    """The store did not answer in time (e.g. NATS restarting); the client may retry."""
 
 
 class Storage(abc.ABC):
     """All gateway state. Implementations must be safe for many concurrent callers."""
 
     on_finish: FinishHook | None = None  # called once per request, when it turns terminal
+    # called with running requests cancelled through another replica (their link may be here)
+    on_remote_cancel: CancelHook | None = None
 
     async def start(self) -> None:
         """Open connections, start background work."""

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from spirit_gpu.gateway.storage.base import (
@@ -76,7 +76,12 @@ class _Sid:
 
 class MemoryStorage(Storage):
     def __init__(self, lease_seconds: float = 20.0, retention_seconds: float = 1800.0,
-                 max_deliveries: int = 3, max_chunk_bytes: int = 10 * 1024 * 1024) -> None:
+                 max_deliveries: int = 3, max_chunk_bytes: int = 10 * 1024 * 1024,
+                 clock: Callable[[], float] | None = None) -> None:
+        """``clock`` (seconds) replaces both the wall clock (record times) and the
+        monotonic one (leases), so tests can step time instead of sleeping."""
+        self._wall = clock or time.time
+        self._mono = clock or time.monotonic
         self.lease = lease_seconds
         self.retention_ms = int(retention_seconds * 1000)
         self.max_deliveries = max_deliveries
@@ -86,6 +91,9 @@ class MemoryStorage(Storage):
         self._finished: deque[tuple[int, str]] = deque()  # (finished_at, id), for retention
 
     # --- helpers --------------------------------------------------------------
+    def _now_ms(self) -> int:
+        return int(self._wall() * 1000)
+
     def _sid(self, sid: str) -> _Sid:
         s = self._sids.get(sid)
         if s is None:
@@ -110,7 +118,7 @@ class MemoryStorage(Storage):
         rec.status_code = status_code
         rec.message = message
         rec.result = result
-        rec.finished_at = now_ms()
+        rec.finished_at = self._now_ms()
         rec.ended_by_gateway = by_gateway
         self._finished.append((rec.finished_at, rec.request_id))
         e.finished()
@@ -130,7 +138,7 @@ class MemoryStorage(Storage):
         rec.delivered = True
         rec.holder = worker
         rec.deliveries += 1
-        e.renewed = time.monotonic()
+        e.renewed = self._mono()
         s.queued -= 1
         s.in_flight.add(rec.request_id)
         return rec
@@ -148,7 +156,7 @@ class MemoryStorage(Storage):
             s.queue.append(e.rec.request_id)
 
     def _pop(self, s: _Sid, worker: str) -> RequestRecord | None:
-        at = now_ms()
+        at = self._now_ms()
         while s.queue:
             e = self._entries.get(s.queue.popleft())
             if e is None or e.rec.status != QUEUEING or e.rec.delivered:
@@ -163,7 +171,7 @@ class MemoryStorage(Storage):
     async def submit(self, req: NewRequest) -> RequestRecord:
         s = self._sid(req.sid)
         s.sequence += 1
-        at = now_ms()
+        at = self._now_ms()
         rec = RequestRecord(request_id=str(uuid.uuid4()), sid=req.sid, mode=req.mode,
                             sequence=s.sequence, body=req.body, webhook=req.webhook,
                             created_at=at, enqueued_at=at, ttl_ms=req.ttl_ms)
@@ -243,7 +251,7 @@ class MemoryStorage(Storage):
         return s.queued if s is not None else 0
 
     def _present(self, s: _Sid) -> int:
-        at = time.monotonic()
+        at = self._mono()
         alive = {w for w, t in s.workers.items() if at - t <= self.lease}
         alive.update(w for fut, w in s.waiters if not fut.done())
         return len(alive)
@@ -258,7 +266,7 @@ class MemoryStorage(Storage):
             return False
         if any(not fut.done() for fut, _ in s.waiters):
             return True
-        at = time.monotonic()
+        at = self._mono()
         return any(at - t <= self.lease for t in s.workers.values())
 
     async def ever_had_worker(self, sid: str) -> bool | None:
@@ -272,7 +280,7 @@ class MemoryStorage(Storage):
     # --- worker side ---------------------------------------------------------------
     async def take(self, sid: str, worker: str, wait: float) -> RequestRecord | None:
         s = self._sid(sid)
-        s.workers[worker] = time.monotonic()
+        s.workers[worker] = self._mono()
         rec = self._pop(s, worker)
         if rec is not None or wait <= 0:
             return rec
@@ -290,7 +298,7 @@ class MemoryStorage(Storage):
                 fut.cancel()
             if waiter in s.waiters:
                 s.waiters.remove(waiter)
-            s.workers[worker] = time.monotonic()
+            s.workers[worker] = self._mono()
         return fut.result() if not fut.cancelled() else None
 
     async def give_back(self, sid: str, request_id: str) -> None:
@@ -306,21 +314,21 @@ class MemoryStorage(Storage):
         self._offer(s, e, front=True)
 
     async def touch_worker(self, sid: str, worker: str) -> None:
-        self._sid(sid).workers[worker] = time.monotonic()
+        self._sid(sid).workers[worker] = self._mono()
 
     async def mark_started(self, sid: str, request_id: str) -> bool:
         e = self._entry(sid, request_id)
         if e is None or e.rec.terminal:
             return False
         if not e.rec.started_at:
-            e.rec.started_at = now_ms()
+            e.rec.started_at = self._now_ms()
         if not e.rec.delivered:  # a result for a job we thought queued: it runs somewhere
             s = self._sid(sid)
             e.rec.delivered = True
             s.queued -= 1
             s.in_flight.add(request_id)
         e.rec.status = EXECUTING
-        e.renewed = time.monotonic()
+        e.renewed = self._mono()
         return True
 
     async def finish(self, sid: str, request_id: str, status_code: int, message: str,
@@ -344,7 +352,7 @@ class MemoryStorage(Storage):
         e = self._entry(sid, request_id)
         if e is None or e.rec.terminal:
             return False
-        e.renewed = time.monotonic()
+        e.renewed = self._mono()
         cost = len(data) + CHUNK_OVERHEAD
         if e.seqs is None or e.chunks is None:
             e.seqs, e.chunks = set(), []
@@ -357,7 +365,7 @@ class MemoryStorage(Storage):
         return True
 
     async def heartbeat(self, sid: str, worker: str, request_ids: list[str]) -> list[str]:
-        at = time.monotonic()
+        at = self._mono()
         self._sid(sid).workers[worker] = at
         for request_id in request_ids:
             e = self._entry(sid, request_id)
@@ -375,7 +383,7 @@ class MemoryStorage(Storage):
 
     # --- timers --------------------------------------------------------------------
     async def sweep(self) -> None:
-        at_ms, at = now_ms(), time.monotonic()
+        at_ms, at = self._now_ms(), self._mono()
         for s in self._sids.values():
             for request_id in list(s.queue):
                 e = self._entries.get(request_id)

@@ -1,0 +1,147 @@
+"""Connecting to NATS, refusing a server that lacks what the store needs, and
+declaring the streams (idempotent: every replica does it at start)."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.js import JetStreamContext
+from nats.js.api import (
+    ConsumerConfig,
+    DiscardPolicy,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.object_store import ObjectStore
+
+from spirit_gpu.gateway.storage.base import StorageRefused
+from spirit_gpu.gateway.storage.nats import names
+from spirit_gpu.log import logger
+
+MIN_VERSION = (2, 11)
+
+
+def parse_urls(store: str) -> list[str]:
+    """``nats://a:4222,nats://b:4222`` -> the server list."""
+    urls = [u.strip() for u in store.split(",") if u.strip()]
+    if not urls or not all(u.startswith(("nats://", "tls://")) for u in urls):
+        raise StorageRefused(f"--store {store!r}: expected 'memory' or "
+                             "nats://HOST:4222[,nats://HOST2:4222...]")
+    return urls
+
+
+def _version(text: str) -> tuple[int, int]:
+    try:
+        major, minor = text.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
+
+
+async def _reachable(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlsplit(url)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def _quiet(exc: Exception) -> None:
+    logger.warn(f"NATS: {exc!r}")
+
+
+async def _disconnected() -> None:
+    logger.warn("NATS: disconnected; reconnecting (requests wait or fail meanwhile)")
+
+
+async def _reconnected() -> None:
+    logger.info("NATS: reconnected")
+
+
+async def connect(urls: list[str], name: str) -> Client:
+    """Connect, then reconnect forever; refuse at once when no server answers at start
+    (the client itself would retry an unreachable first server forever)."""
+    if not any(await asyncio.gather(*(_reachable(u) for u in urls))):
+        raise StorageRefused(f"cannot reach NATS at {','.join(urls)}: nothing listens there")
+    try:
+        return await nats.connect(servers=urls, name=name, connect_timeout=3,
+                                  allow_reconnect=True, max_reconnect_attempts=-1,
+                                  reconnect_time_wait=0.5, ping_interval=5,
+                                  max_outstanding_pings=3, error_cb=_quiet,
+                                  disconnected_cb=_disconnected, reconnected_cb=_reconnected)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the one line below
+        raise StorageRefused(f"cannot reach NATS at {','.join(urls)}: {exc!r}") from exc
+
+
+async def check(nc: Client, js: JetStreamContext) -> None:
+    """One clear line when the server cannot keep our promises."""
+    version = nc.connected_server_version
+    found = _version(f"{version.major}.{version.minor}")
+    if found < MIN_VERSION:
+        raise StorageRefused(
+            f"NATS server {version.major}.{version.minor}.{version.patch} is too old: the store "
+            f"needs 2.11 or newer (per-message TTL for results and retention)")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    where = nc.connected_url.netloc if nc.connected_url else "?"
+    while True:
+        try:
+            await js.account_info()
+            return
+        except (ServiceUnavailableError, NoRespondersError) as exc:
+            if loop.time() - began > 3.0:  # (a cluster still forming answers so briefly)
+                raise StorageRefused(f"NATS at {where} has JetStream off: start nats-server "
+                                     f"with -js ({exc!r})") from exc
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
+            if loop.time() - began > 30.0:
+                raise StorageRefused(f"NATS at {where}: JetStream does not answer (a cluster "
+                                     f"without a quorum?) ({exc!r})") from exc
+        await asyncio.sleep(0.5)
+
+
+async def declare(js: JetStreamContext, *, lease: float, retention: float, ttl_max: float,
+                  replicas: int) -> ObjectStore:
+    """Create or update the streams; returns the blob bucket."""
+    keep = ttl_max + retention + 3600
+    await _stream(js, StreamConfig(
+        name=names.JOBS, subjects=["spirit.jobs.>"], retention=RetentionPolicy.WORK_QUEUE,
+        duplicate_window=120.0, num_replicas=replicas, allow_direct=True,
+        max_age=keep))
+    await _stream(js, StreamConfig(
+        name=names.REQ, subjects=["spirit.req.>"], max_msgs_per_subject=1,
+        allow_msg_ttl=True, allow_direct=True, num_replicas=replicas, max_age=keep,
+        discard=DiscardPolicy.OLD))
+    await _stream(js, StreamConfig(
+        name=names.CHUNKS, subjects=["spirit.chunks.>"], duplicate_window=120.0,
+        allow_direct=True, num_replicas=replicas, max_age=keep))
+    await _stream(js, StreamConfig(
+        name=names.WORKERS, subjects=["spirit.workers.>"], max_msgs_per_subject=1,
+        num_replicas=replicas, max_age=max(3 * lease, 1.0)))
+    return await js.create_object_store(names.BLOBS, config=ObjectStoreConfig(
+        bucket=names.BLOBS, ttl=keep, replicas=replicas))
+
+
+async def _stream(js: JetStreamContext, config: StreamConfig) -> None:
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    await js.update_stream(config)
+
+
+async def ensure_consumer(js: JetStreamContext, sid: str, lease: float) -> None:
+    await js.add_consumer(names.JOBS, ConsumerConfig(
+        durable_name=names.consumer(sid), filter_subject=names.jobs(sid),
+        ack_wait=lease, max_deliver=-1, max_ack_pending=-1, max_waiting=4096))

@@ -1,0 +1,975 @@
+"""NatsStorage: the Storage interface on NATS JetStream, shared by every replica.
+
+Nothing a request needs lives only in one replica's memory: its queue message,
+its record (status, result), its chunks and its lease are in JetStream, and
+any replica can act on them (the ack subject of a delivery works from any
+connection). What is per replica is only who waits: a sync request's client
+is woken through ``spirit.done.<replica>`` (with a periodic re-read as the
+fallback), an SSE stream reads the chunk subject, and a cancel of a running
+request is broadcast so the replica holding the worker's link can tell it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy, Header
+from nats.js.errors import APIError, NotFoundError
+from nats.js.object_store import ObjectStore
+
+from spirit_gpu.gateway.storage.base import (
+    CANCELLED_CODE,
+    EXECUTING,
+    CancelOutcome,
+    ChunkEvent,
+    EndEvent,
+    NewRequest,
+    RequestRecord,
+    SidStats,
+    Storage,
+    StorageRefused,
+    StorageUnavailable,
+    status_for_code,
+)
+from spirit_gpu.gateway.storage.nats import names, server
+from spirit_gpu.gateway.storage.nats.names import Doc, decode, encode
+from spirit_gpu.log import logger
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_CAS_TRIES = 50
+_WRONG_LAST = (10071, 10164)  # JetStream: wrong last sequence (compare-and-set lost)
+_RECHECK = 1.0  # a sync waiter re-reads its record this often (lost wake-ups, outages)
+_STREAM_POLL = 0.2
+_KNOWN_MAX = 100_000
+_WRITE_BEHIND = 0.1  # seconds a delivery or start waits to be written with what follows
+_PREFETCH = 16  # deliveries fetched at once for a link filling a batch
+_PREFETCH_HOLD = 0.05  # seconds unclaimed prefetched deliveries wait before going back
+_PATIENCE = 10.0  # seconds a submit retries through an outage before answering 500
+_DECLARE_PATIENCE = 30.0
+_HOLD_MAX_MS = 120_000  # a delivery not recorded after this long is left to its lease
+_SEQ_HEADER = "Spirit-Seq"
+_NO_MESSAGE = ("404", "408")
+_cancel_note = msgspec.json.Encoder()
+
+
+class _CancelNote(msgspec.Struct):
+    origin: str
+    ids: list[str]
+
+
+_cancel_decode = msgspec.json.Decoder(_CancelNote).decode
+_OUTAGE = (nats.errors.Error, TimeoutError, OSError)
+
+
+def _guarded(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """NATS trouble (restarting, unreachable) surfaces as StorageUnavailable."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except _OUTAGE as exc:
+            raise StorageUnavailable(f"NATS did not answer: {exc!r}") from exc
+
+    return wrapper
+
+
+@dataclass(eq=False)
+class _Held:
+    """A delivery and/or start noted here and not written yet."""
+
+    sid: str
+    claim: Doc | None = None  # the delivered job (holder, ack subject, sequence)
+    started_at: int = 0
+    timer: asyncio.TimerHandle | None = None
+    since: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    def apply(self, doc: Doc) -> None:
+        if self.claim is not None:
+            doc.delivered = True
+            doc.delivered_at = self.claim.delivered_at
+            doc.holder = self.claim.holder
+            doc.ack = self.claim.ack
+            doc.deliveries += 1
+            doc.sequence = doc.sequence or self.claim.sequence
+        if self.started_at:
+            doc.delivered = True
+            doc.started_at = doc.started_at or self.started_at
+            doc.status = EXECUTING
+
+
+class NatsStorage(Storage):
+    def __init__(self, urls: list[str], lease_seconds: float = 20.0,
+                 retention_seconds: float = 1800.0, max_deliveries: int = 3,
+                 ttl_max_seconds: float = 86400.0, replicas: int = 1,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.urls = urls
+        self.lease = lease_seconds
+        self.retention = retention_seconds
+        self.max_deliveries = max_deliveries
+        self.ttl_max = ttl_max_seconds
+        self.stream_replicas = replicas
+        self.clock = clock
+        self.replica = uuid.uuid4().hex[:12]
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._blobs: ObjectStore | None = None
+        self.blob_at = 900 * 1024
+        self._consumers: set[str] = set()
+        self._waiting: dict[str, list[asyncio.Future[Doc]]] = {}
+        self._seen: dict[str, dict[str, float]] = {}  # sid -> worker -> last seen (ms)
+        self._touched: dict[tuple[str, str], float] = {}
+        self._subs: list[Subscription] = []
+        # the last record this replica wrote, and its revision: the base of its next
+        # compare-and-set (one round trip instead of read + write; a stale base just
+        # fails the compare and is read again)
+        self._known: dict[str, tuple[Doc, int]] = {}
+        self._claims: dict[str, asyncio.Task[None]] = {}  # take's record writes in flight
+        self._early: dict[str, asyncio.Future[Doc]] = {}  # sync submits' wake-ups
+        self._prefetched: dict[str, deque[tuple[float, Msg]]] = {}
+        self._held: dict[str, _Held] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _now(self) -> int:
+        return int(self.clock() * 1000)
+
+    @property
+    def nc(self) -> Client:
+        assert self._nc is not None, "NatsStorage.start() first"
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "NatsStorage.start() first"
+        return self._js
+
+    # --- life --------------------------------------------------------------------
+    async def start(self) -> None:
+        self._nc = await server.connect(self.urls, f"spirit-gateway-{self.replica}")
+        try:
+            self._js = self.nc.jetstream(timeout=5.0)
+            await server.check(self.nc, self.js)
+            self._blobs = await self._declare()
+            self.blob_at = max(1024, self.nc.max_payload - 64 * 1024)
+            self._subs.append(await self.nc.subscribe(names.done(self.replica),
+                                                      cb=self._on_done))
+            self._subs.append(await self.nc.subscribe(names.CANCEL_SUBJECT, cb=self._on_cancel))
+            self._subs.append(await self.js.subscribe(
+                "spirit.workers.>", cb=self._on_presence, ordered_consumer=True,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT))
+        except BaseException:
+            await self.nc.close()
+            raise
+
+    async def _declare(self) -> ObjectStore:
+        """Declare the streams; a cluster still forming (no peers for R3 yet) is waited
+        for up to ``_DECLARE_PATIENCE`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _DECLARE_PATIENCE
+        while True:
+            try:
+                return await server.declare(
+                    self.js, lease=self.lease, retention=self.retention,
+                    ttl_max=self.ttl_max, replicas=self.stream_replicas)
+            except (*_OUTAGE, APIError) as exc:
+                if loop.time() > deadline:
+                    raise StorageRefused(f"NATS streams cannot be created: {exc!r}") from exc
+                logger.warn(f"NATS store: streams not created yet ({exc!r}); retrying")
+                await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        for futs in self._waiting.values():
+            for fut in futs:
+                fut.cancel()
+        self._waiting.clear()
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(*_OUTAGE):
+                await asyncio.wait_for(self._nc.drain(), 5.0)
+            if not self._nc.is_closed:
+                with contextlib.suppress(*_OUTAGE):
+                    await self._nc.close()
+
+    # --- records -------------------------------------------------------------------
+    async def _base(self, sid: str, request_id: str, settle: bool = True,
+                    overlay: bool = True) -> tuple[Doc | None, int]:
+        """What to compare-and-set against: this replica's last write, else a read,
+        with what is held here to be written behind. ``settle``: first wait for this
+        replica's writes in flight (not from one of them)."""
+        if settle:
+            await self._settled(request_id)
+        known = self._known.pop(request_id, None)
+        if known is not None:
+            doc: Doc | None = msgspec.structs.replace(known[0])
+            last = known[1]
+        else:
+            doc, last = await self._load(sid, request_id)
+        return (self._overlay(request_id, doc) if overlay else doc), last
+
+    async def _settled(self, request_id: str) -> None:
+        """Wait for this replica's record write of a delivery (read your own writes)."""
+        claim = self._claims.get(request_id)
+        if claim is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(claim)
+
+    async def _read(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
+        await self._settled(request_id)
+        doc, last = await self._load(sid, request_id)
+        return self._overlay(request_id, doc), last
+
+    async def _load(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
+        try:
+            m = await self.js.get_msg(names.REQ, subject=names.record(sid, request_id),
+                                      direct=True)
+        except NotFoundError:
+            return None, 0
+        if not m.data:
+            return None, m.seq or 0
+        return decode(m.data), m.seq or 0
+
+    async def _write(self, doc: Doc, last: int, ttl: float | None = None) -> bool:
+        """Compare-and-set on the record's subject; False when someone wrote first."""
+        hdrs = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(last)}
+        if ttl is not None:
+            hdrs[Header.MSG_TTL.value] = str(max(1, round(ttl)))
+        if doc.body:
+            doc = msgspec.structs.replace(doc, body=b"")
+        try:
+            ack = await self.js.publish(names.record(doc.sid, doc.request_id), encode(doc),
+                                        headers=hdrs)
+        except APIError as exc:
+            self._known.pop(doc.request_id, None)
+            if exc.err_code in _WRONG_LAST:
+                return False
+            raise
+        if doc.terminal:
+            self._known.pop(doc.request_id, None)
+            self._drop_held(doc.request_id)  # (the terminal record was written over it)
+        else:
+            if len(self._known) > _KNOWN_MAX:
+                self._known.clear()
+            self._known[doc.request_id] = (doc, ack.seq)
+        return True
+
+    async def _blob_put(self, name: str, data: bytes) -> None:
+        assert self._blobs is not None
+        await self._blobs.put(name, data)
+
+    async def _blob_get(self, name: str) -> bytes:
+        assert self._blobs is not None
+        res = await self._blobs.get(name)
+        return res.data or b""
+
+    async def _reply(self, subject: str, verb: bytes) -> None:
+        if subject:
+            await self.nc.publish(subject, verb)
+
+    async def _end(self, sid: str, request_id: str, status_code: int, message: str,
+                   result: bytes | None, by_gateway: bool, doc: Doc | None = None,
+                   last: int = 0) -> Doc | None:
+        """Turn the request terminal (first writer wins); None when it already was."""
+        blob = ""
+        if result is not None and len(result) > self.blob_at:
+            blob = f"r-{request_id}"
+            await self._blob_put(blob, result)
+            result = None
+        for _ in range(_CAS_TRIES):
+            if doc is None:
+                doc, last = await self._base(sid, request_id)
+                if doc is None:
+                    return None
+            if doc.terminal:
+                held = self._drop_held(request_id)
+                if held is not None and held.claim is not None:  # release our delivery
+                    await self._reply(held.claim.ack, b"+ACK")
+                return None
+            doc.status = status_for_code(status_code)
+            doc.status_code = status_code
+            doc.message = message
+            doc.result = result
+            doc.result_blob = blob
+            doc.finished_at = self._now()
+            doc.ended_by_gateway = by_gateway
+            if await self._write(doc, last, ttl=self.retention):
+                break
+            doc = None
+        else:
+            raise StorageUnavailable(f"record of {request_id} kept changing")
+        if doc.ack:  # release the delivery: done, or never to run again
+            await self._reply(doc.ack, b"+TERM" if by_gateway else b"+ACK")
+        elif not doc.delivered and doc.sequence:
+            with contextlib.suppress(*_OUTAGE):
+                await self.js.delete_msg(names.JOBS, doc.sequence)
+        if doc.waiter == self.replica:
+            self._wake(doc)
+        elif doc.waiter:
+            await self.nc.publish(names.done(doc.waiter), encode(doc))
+        if self.on_finish is not None:
+            self.on_finish(doc)
+        return doc
+
+    def _replayed(self, doc: Doc) -> bool:
+        """A delivery sooner than a lease after the last one, or after the start, cannot
+        be a lease running out: the stream replayed it (a leader change)."""
+        if not doc.delivered or not doc.delivered_at:
+            return False
+        since = max(doc.delivered_at, doc.started_at)
+        return self._now() - since < self.lease * 800  # (a lease, less the delivery's trip)
+
+    def _expired(self, doc: Doc) -> bool:
+        return (not doc.terminal and not doc.started_at
+                and self._now() - doc.enqueued_at > doc.ttl_ms)
+
+    async def _expire(self, doc: Doc, last: int) -> Doc | None:
+        return await self._end(doc.sid, doc.request_id, 408, "request timeout: queued longer "
+                               f"than its ttl ({doc.ttl_ms} ms)", None, True, doc, last)
+
+    async def _resolved(self, doc: Doc) -> Doc:
+        if doc.result_blob and doc.result is None:
+            doc.result = await self._blob_get(doc.result_blob)
+        return doc
+
+    # --- public API side ------------------------------------------------------------
+    @_guarded
+    async def submit(self, req: NewRequest) -> RequestRecord:
+        await self._consumer(req.sid)  # so that the queue length counts it at once
+        at = self._now()
+        rid = str(uuid.uuid4())
+        doc = Doc(request_id=rid, sid=req.sid, mode=req.mode, sequence=0, body=req.body,
+                  webhook=req.webhook, created_at=at, enqueued_at=at, ttl_ms=req.ttl_ms,
+                  waiter=self.replica if req.mode == "sync" else "")
+        job = doc
+        if len(req.body) > self.blob_at:
+            doc.body_blob = f"b-{rid}"
+            await self._blob_put(doc.body_blob, req.body)
+            job = msgspec.structs.replace(doc, body=b"")
+        payload = encode(job)
+        if req.mode == "sync":  # the client waits next: be ready for the wake-up now
+            fut: asyncio.Future[Doc] = asyncio.get_running_loop().create_future()
+            self._early[rid] = fut
+            self._waiting.setdefault(rid, []).append(fut)
+        try:
+            return await self._publish_job(req, doc, payload)
+        except BaseException:
+            if self._early.pop(rid, None) is not None:
+                self._waiting.pop(rid, None)
+            raise
+
+    async def _publish_job(self, req: NewRequest, doc: Doc, payload: bytes) -> Doc:
+        rid = doc.request_id
+        # Nats-Msg-Id: publishing again (a retry through an election or a reconnect)
+        # does not queue it twice
+        ack = await self._patiently(lambda: self.js.publish(
+            names.jobs(req.sid), payload, headers={Header.MSG_ID.value: rid}))
+        doc.sequence = ack.seq
+        # The queued message holds the whole record: from here the request is safe,
+        # and a take that finds no record writes it from the message. The record is
+        # written meanwhile; what reads or writes it here next waits for that.
+        self._in_background(rid, self._record_write(doc))
+        return doc
+
+    async def _record_write(self, doc: Doc) -> None:
+        try:
+            # False: a worker took it already and wrote the record
+            await self._patiently(lambda: self._write(msgspec.structs.replace(doc), 0))
+        except _OUTAGE as exc:
+            logger.warn(f"NATS store: writing the record of {doc.request_id} failed: {exc!r}")
+
+    async def _patiently(self, call: Callable[[], Coroutine[Any, Any, R]]) -> R:
+        """Retry an idempotent call through a short outage (a leader election, a
+        reconnect) for up to ``_PATIENCE`` s, then let the error out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _PATIENCE
+        pause = 0.05
+        while True:
+            try:
+                return await call()
+            except _OUTAGE:
+                if loop.time() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    @_guarded
+    async def get(self, sid: str, request_id: str) -> RequestRecord | None:
+        doc, last = await self._read(sid, request_id)
+        if doc is None:
+            return None
+        if self._expired(doc) and not doc.delivered:
+            ended = await self._expire(doc, last)
+            if ended is None:
+                return await self.get(sid, request_id)
+            doc = ended
+        return await self._resolved(doc)
+
+    @_guarded
+    async def wait_done(self, sid: str, request_id: str, wait: float) -> RequestRecord | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        early = self._early.pop(request_id, None)  # registered by submit: no first read
+        fut: asyncio.Future[Doc] = early or loop.create_future()
+        futs = self._waiting.setdefault(request_id, [])
+        if early is None:
+            futs.append(fut)
+        try:
+            if early is None:
+                rec = await self.get(sid, request_id)
+                if rec is None or rec.terminal:
+                    return rec
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return None
+                await asyncio.wait((fut,), timeout=min(left, _RECHECK))
+                if fut.done():
+                    return await self._resolved(fut.result())
+                rec = await self.get(sid, request_id)
+                if rec is None or rec.terminal:
+                    return rec
+        finally:
+            if fut in futs:
+                futs.remove(fut)
+            if not futs:
+                self._waiting.pop(request_id, None)
+
+    async def _on_done(self, msg: Msg) -> None:
+        try:
+            doc = decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        self._wake(doc)
+
+    def _wake(self, doc: Doc) -> None:
+        for fut in self._waiting.get(doc.request_id, ()):
+            if not fut.done():
+                fut.set_result(doc)
+
+    async def stream(self, sid: str, request_id: str) -> AsyncIterator[ChunkEvent | EndEvent]:
+        try:
+            doc, _ = await self._load(sid, request_id)
+            if doc is None:
+                return
+            sub = await self.js.subscribe(names.chunks(sid, request_id), ordered_consumer=True)
+        except _OUTAGE as exc:
+            raise StorageUnavailable(f"NATS did not answer: {exc!r}") from exc
+        try:
+            terminal = doc if doc.terminal else None
+            last: int | None = None
+            delivered = 0
+            seen: set[int] = set()
+            while True:
+                if terminal is not None and last is None:
+                    last = await self._last_chunk(sid, request_id)
+                if terminal is not None and last is not None and delivered >= last:
+                    yield EndEvent(status_code=terminal.status_code, status=terminal.status)
+                    return
+                try:
+                    msg = await sub.next_msg(timeout=_STREAM_POLL)
+                except nats.errors.TimeoutError:
+                    if terminal is None:
+                        now, _ = await self._load(sid, request_id)
+                        if now is None:
+                            return
+                        if now.terminal:
+                            terminal = now
+                    continue
+                delivered = msg.metadata.sequence.stream
+                seq = int((msg.headers or {}).get(_SEQ_HEADER, "0"))
+                if seq in seen:
+                    continue
+                seen.add(seq)
+                blob = (msg.headers or {}).get(names.BLOB_HEADER)
+                data = await self._blob_get(blob) if blob else msg.data
+                yield ChunkEvent(seq=seq, data=data)
+        finally:
+            with contextlib.suppress(*_OUTAGE):
+                await sub.unsubscribe()
+
+    async def _last_chunk(self, sid: str, request_id: str) -> int:
+        try:
+            m = await self.js.get_msg(names.CHUNKS, subject=names.chunks(sid, request_id),
+                                      direct=True)
+        except NotFoundError:
+            return 0
+        return m.seq or 0
+
+    @_guarded
+    async def cancel(self, sid: str, request_id: str, sequence: int | None,
+                     code: int = CANCELLED_CODE, message: str = "cancelled") -> CancelOutcome:
+        for _ in range(_CAS_TRIES):
+            doc, last = await self._base(sid, request_id)
+            if doc is None:
+                return CancelOutcome.NOT_FOUND
+            if sequence is not None and sequence != doc.sequence:
+                return CancelOutcome.SEQUENCE_MISMATCH
+            if doc.terminal:
+                return CancelOutcome.ALREADY_FINISHED
+            running = doc.delivered
+            if await self._end(sid, request_id, code, message, None, True, doc, last) is None:
+                continue  # changed meanwhile: look again
+            if running:
+                await self.nc.publish(names.CANCEL_SUBJECT, _cancel_note.encode(
+                    _CancelNote(origin=self.replica, ids=[request_id])))
+                return CancelOutcome.CANCELLED_RUNNING
+            return CancelOutcome.CANCELLED_QUEUED
+        raise StorageUnavailable(f"record of {request_id} kept changing")
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            note = _cancel_decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if note.origin != self.replica and self.on_remote_cancel is not None:
+            self.on_remote_cancel(note.ids)
+
+    @_guarded
+    async def clean_queued(self, sid: str, mode: str) -> list[str]:
+        cleaned: list[str] = []
+        seq = 1
+        while True:
+            try:
+                m = await self.js.get_msg(names.JOBS, seq=seq, subject=names.jobs(sid),
+                                          next=True)
+            except NotFoundError:
+                break
+            seq = (m.seq or seq) + 1
+            if not m.data:
+                continue
+            job = decode(m.data)
+            if job.mode != mode:
+                continue
+            doc, last = await self._load(sid, job.request_id)
+            if doc is None:
+                doc = msgspec.structs.replace(job, body=b"", sequence=m.seq or 0)
+            if doc.terminal or doc.delivered:
+                continue
+            if await self._end(sid, doc.request_id, CANCELLED_CODE, "cancelled: queue cleaned",
+                               None, True, doc, last) is not None:
+                cleaned.append(doc.request_id)
+        return cleaned
+
+    @_guarded
+    async def queue_length(self, sid: str) -> int:
+        await self._consumer(sid)
+        try:
+            info = await self.js.consumer_info(names.JOBS, names.consumer(sid))
+        except NotFoundError:
+            return 0
+        return int(info.num_pending or 0)
+
+    def _present(self, sid: str) -> int:
+        at = self._now()
+        lease_ms = self.lease * 1000
+        return sum(1 for t in self._seen.get(sid, {}).values() if at - t <= lease_ms)
+
+    async def worker_count(self, sid: str) -> int:
+        return self._present(sid)
+
+    async def _on_presence(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        if len(parts) < 4:
+            return
+        sid, worker = ".".join(parts[2:-1]), parts[-1]
+        try:
+            seen = float(msg.data)
+        except ValueError:
+            return
+        workers = self._seen.setdefault(sid, {})
+        workers[worker] = max(seen, workers.get(worker, 0.0))
+
+    @_guarded
+    async def stats(self) -> list[SidStats]:
+        out = []
+        prefix = len("spirit.jobs.")
+        for info in await self.js.consumers_info(names.JOBS):
+            subject = info.config.filter_subject or ""
+            sid = subject[prefix:]
+            out.append(SidStats(sid=sid, queued=int(info.num_pending or 0),
+                                in_flight=int(info.num_ack_pending or 0),
+                                workers=self._present(sid)))
+        return sorted(out, key=lambda s: s.sid)
+
+    # --- worker side ---------------------------------------------------------------------
+    async def _consumer(self, sid: str) -> None:
+        if sid not in self._consumers:
+            await server.ensure_consumer(self.js, sid, self.lease)
+            self._consumers.add(sid)
+
+    async def _next(self, sid: str, wait: float) -> Msg | None:
+        """One delivery from the sid's consumer: a pull request of our own, so a
+        waiter that gives up leaves nothing behind in a shared buffer. A caller that
+        will not wait (a link filling a batch) gets up to ``_PREFETCH`` at once; the
+        rest wait here for the next take, and go back to the queue if none comes
+        soon."""
+        stash = self._prefetched.get(sid)
+        while stash:
+            at, msg = stash.popleft()
+            if time.monotonic() - at < _PREFETCH_HOLD:
+                return msg
+            await self._reply(msg.reply or "", b"-NAK")
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS}.{names.consumer(sid)}"
+        batch = 1
+        if wait <= 0.01:
+            batch = _PREFETCH
+            req: dict[str, Any] = {"batch": batch, "no_wait": True}
+            timeout = 5.0
+        else:
+            req = {"batch": 1, "expires": int(wait * 1e9)}
+            timeout = wait + 5.0
+        # (a pull's deliveries carry their stream subject, not the inbox: no muxed request)
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        got: list[Msg] = []
+        trouble = False
+        try:
+            await self.nc.publish(subject, msgspec.json.encode(req), reply=inbox)
+            while len(got) < batch:
+                msg = await sub.next_msg(timeout=timeout if not got else 5.0)
+                status = (msg.headers or {}).get(Header.STATUS.value)
+                if status or not msg.reply:
+                    trouble = status not in _NO_MESSAGE  # e.g. 503: no consumer leader yet
+                    break
+                got.append(msg)
+        except BaseException:
+            for msg in got:
+                await self._reply(msg.reply or "", b"-NAK")
+            got = []
+            raise
+        finally:
+            await sub.unsubscribe()
+            if not got:  # gave up (cancelled): hand back what came meanwhile
+                while not sub._pending_queue.empty():
+                    late = sub._pending_queue.get_nowait()
+                    if late.reply and Header.STATUS.value not in (late.headers or {}):
+                        await self.nc.publish(late.reply, b"-NAK")
+        if not got:
+            if trouble and wait > 0.01:  # not a busy loop while the stream elects a leader
+                await asyncio.sleep(min(wait, 0.5))
+            return None
+        if len(got) > 1:
+            now = time.monotonic()
+            self._prefetched.setdefault(sid, deque()).extend((now, m) for m in got[1:])
+            asyncio.get_running_loop().call_later(_PREFETCH_HOLD, self._hand_back_stale, sid)
+        return got[0]
+
+    def _hand_back_stale(self, sid: str) -> None:
+        stash = self._prefetched.get(sid)
+        now = time.monotonic()
+        while stash and now - stash[0][0] >= _PREFETCH_HOLD:
+            _, msg = stash.popleft()
+            if msg.reply:
+                task = asyncio.create_task(self._reply(msg.reply, b"-NAK"))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def take(self, sid: str, worker: str, wait: float) -> RequestRecord | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        try:
+            await self.touch_worker(sid, worker)
+            await self._consumer(sid)
+            while True:
+                msg = await self._next(sid, deadline - loop.time())
+                if msg is None:
+                    return None
+                rec = self._hand_over(sid, worker, msg)
+                if rec is None:
+                    rec = await self._claim(sid, worker, msg)
+                elif rec.body_blob:
+                    rec.body = await self._blob_get(rec.body_blob)
+                if rec is not None:
+                    return rec
+        except _OUTAGE as exc:
+            # a worker asking during an outage hears "nothing now" after its wait
+            logger.warn(f"NATS store: take for {sid} failed: {exc!r}")
+            await asyncio.sleep(max(0.0, min(deadline - loop.time(), 1.0)))
+            return None
+
+    def _hand_over(self, sid: str, worker: str, msg: Msg) -> Doc | None:
+        """A first delivery within its TTL goes out at once; its record is written
+        meanwhile (what acts on it next here waits for that write). A cancel that
+        came first is found by that write, and the worker told to stop."""
+        job = decode(msg.data)
+        meta = msg.metadata
+        if meta.num_delivered != 1 or self._expired(job):
+            return None
+        job.sequence = meta.sequence.stream
+        job.delivered = True
+        job.delivered_at = self._now()
+        job.holder = worker
+        job.deliveries = 1
+        job.ack = msg.reply
+        rid = job.request_id
+        self._hold(sid, rid).claim = msgspec.structs.replace(job, body=b"", deliveries=0)
+        return job
+
+    def _in_background(self, rid: str, write: Coroutine[Any, Any, None]) -> None:
+        """Run a record write after this replica's earlier ones for ``rid``; what reads
+        or writes ``rid`` here next waits for it (``_settled``)."""
+        before = self._claims.get(rid)
+
+        async def chained() -> None:
+            if before is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(before)
+            await write
+
+        task = asyncio.create_task(chained())
+        self._claims[rid] = task
+
+        def forget(t: asyncio.Task[None]) -> None:
+            if self._claims.get(rid) is t:
+                del self._claims[rid]
+        task.add_done_callback(forget)
+
+    # --- write-behind of deliveries and starts ----------------------------------------
+    def _hold(self, sid: str, request_id: str) -> _Held:
+        """Note a delivery or a start, written ``_WRITE_BEHIND`` s later in one write:
+        a job that ends sooner is written once, by its result. Until then reads and
+        writes here see it (``_overlay``)."""
+        held = self._held.get(request_id)
+        if held is None:
+            held = self._held[request_id] = _Held(sid)
+            held.timer = asyncio.get_running_loop().call_later(
+                _WRITE_BEHIND, self._flush_held, request_id)
+        return held
+
+    def _flush_held(self, request_id: str) -> None:
+        held = self._held.pop(request_id, None)
+        if held is not None:
+            self._in_background(request_id, self._held_write(request_id, held))
+
+    def _drop_held(self, request_id: str) -> _Held | None:
+        held = self._held.pop(request_id, None)
+        if held is not None and held.timer is not None:
+            held.timer.cancel()
+        return held
+
+    def _overlay(self, request_id: str, doc: Doc | None) -> Doc | None:
+        held = self._held.get(request_id)
+        if held is None or (doc is not None and doc.terminal):
+            return doc
+        if doc is None:
+            if held.claim is None:
+                return None
+            doc = msgspec.structs.replace(held.claim)
+        held.apply(doc)
+        return doc
+
+    async def _held_write(self, request_id: str, held: _Held) -> None:
+        try:
+            for _ in range(_CAS_TRIES):
+                doc, last = await self._base(held.sid, request_id, settle=False, overlay=False)
+                if doc is None:
+                    if held.claim is None:
+                        return
+                    doc, last = msgspec.structs.replace(held.claim), 0
+                if doc.terminal:  # ended before it was written (cancelled): stop the worker
+                    if held.claim is not None:
+                        await self._reply(held.claim.ack, b"+TERM" if doc.ended_by_gateway
+                                          else b"+ACK")
+                        if doc.ended_by_gateway and self.on_remote_cancel is not None:
+                            self.on_remote_cancel([request_id])
+                    return
+                held.apply(doc)
+                if await self._write(doc, last):
+                    return
+        except _OUTAGE as exc:
+            # NATS is electing or reconnecting: keep it held and try again (a delivery
+            # not recorded would look never started if the stream replays it)
+            if request_id not in self._held and self._now() - held.since < _HOLD_MAX_MS:
+                logger.warn(f"NATS store: recording the delivery of {request_id} failed "
+                            f"({exc!r}); retrying")
+                self._held[request_id] = held
+                held.timer = asyncio.get_running_loop().call_later(
+                    0.5, self._flush_held, request_id)
+            else:
+                logger.warn(f"NATS store: recording the delivery of {request_id} failed: "
+                            f"{exc!r}")
+
+    async def _claim(self, sid: str, worker: str | None, msg: Msg) -> Doc | None:
+        """Hand ``msg`` to ``worker`` unless its record says otherwise (ended, past its
+        TTL, lost while running, delivered too often). ``worker`` None: a sweep's probe,
+        which settles lost deliveries and puts everything else back."""
+        job = decode(msg.data)
+        meta = msg.metadata
+        job.sequence = meta.sequence.stream
+        rid = job.request_id
+        held = self._held.get(rid)
+        if held is not None and held.claim is not None:
+            # delivered again while held here (a stream leader change replays
+            # deliveries): the worker has it; keep the newest ack subject
+            held.claim.ack = msg.reply or held.claim.ack
+            return None
+        for _ in range(_CAS_TRIES):
+            doc, last = await self._base(sid, rid)
+            if doc is None:
+                doc = msgspec.structs.replace(job, body=b"")
+            if doc.terminal:
+                await self._reply(msg.reply, b"+ACK")
+                return None
+            if self._replayed(doc):  # the same, written already (maybe by another replica)
+                doc.ack = msg.reply or doc.ack
+                if not await self._write(doc, last):
+                    continue
+                return None
+            if self._expired(doc):
+                doc.ack = msg.reply
+                if await self._expire(doc, last) is None:
+                    continue
+                return None
+            if doc.started_at or doc.deliveries >= self.max_deliveries:
+                what = "while executing" if doc.started_at else \
+                    f"after {doc.deliveries} deliveries that never started"
+                doc.ack = msg.reply
+                if await self._end(sid, rid, 500, f"worker lost: no sign of life for "
+                                   f"{self.lease:g} s {what} (the worker crashed, was killed "
+                                   "or lost its connection)", None, True, doc, last) is None:
+                    continue
+                return None
+            if worker is None:
+                if doc.delivered:  # its lease ran out before it started: queued again
+                    doc.delivered_at = 0
+                    doc.delivered = False
+                    doc.holder = ""
+                    doc.ack = ""
+                    if not await self._write(doc, last):
+                        continue
+                await self._reply(msg.reply, b"-NAK")
+                return None
+            doc.delivered = True
+            doc.delivered_at = self._now()
+            doc.holder = worker
+            doc.deliveries += 1
+            doc.ack = msg.reply
+            if await self._write(doc, last):
+                break
+        else:
+            raise StorageUnavailable(f"record of {rid} kept changing")
+        doc.body = await self._blob_get(job.body_blob) if job.body_blob else job.body
+        return doc
+
+    @_guarded
+    async def give_back(self, sid: str, request_id: str) -> None:
+        held = self._held.get(request_id)
+        if held is not None and held.claim is not None and not held.started_at:
+            self._drop_held(request_id)  # never written: hand the delivery back, that is all
+            await self._reply(held.claim.ack, b"-NAK")
+            return
+        for _ in range(_CAS_TRIES):
+            doc, last = await self._base(sid, request_id)
+            if doc is None or doc.terminal or not doc.delivered or doc.started_at:
+                return
+            ack = doc.ack
+            doc.delivered = False
+            doc.holder = ""
+            doc.deliveries = max(0, doc.deliveries - 1)
+            doc.ack = ""
+            if await self._write(doc, last):
+                await self._reply(ack, b"-NAK")
+                return
+
+    async def touch_worker(self, sid: str, worker: str) -> None:
+        at = self._now()
+        key = names.worker(sid, worker)
+        if at - self._touched.get((sid, worker), 0.0) < self.lease * 250:  # lease/4, in ms
+            return
+        self._touched[(sid, worker)] = at
+        self._seen.setdefault(sid, {})[key.rsplit(".", 1)[1]] = at
+        with contextlib.suppress(*_OUTAGE):
+            await self.nc.publish(key, str(at).encode())
+
+    @_guarded
+    async def mark_started(self, sid: str, request_id: str) -> bool:
+        """Written behind (``_hold``): True means "noted", not "it was still running"."""
+        held = self._hold(sid, request_id)
+        held.started_at = held.started_at or self._now()
+        return True
+
+    @_guarded
+    async def finish(self, sid: str, request_id: str, status_code: int, message: str,
+                     result: bytes | None) -> bool:
+        return await self._end(sid, request_id, status_code, message, result, False) is not None
+
+    async def ack(self, sid: str, request_id: str) -> None:
+        # the delivery is released when the result is stored; an ack without a result
+        # leaves it to the lease (a failed metric with no result fails the job then)
+        return None
+
+    @_guarded
+    async def add_chunk(self, sid: str, request_id: str, seq: int, data: bytes) -> bool:
+        doc, _ = await self._read(sid, request_id)
+        if doc is None or doc.terminal:
+            return False
+        hdrs = {Header.MSG_ID.value: f"{request_id}.{seq}", _SEQ_HEADER: str(seq)}
+        if len(data) > self.blob_at:
+            name = f"c-{request_id}-{seq}"
+            await self._blob_put(name, data)
+            hdrs[names.BLOB_HEADER] = name
+            data = b""
+        ack = await self.js.publish(names.chunks(sid, request_id), data, headers=hdrs)
+        await self._reply(doc.ack, b"+WPI")
+        return not ack.duplicate
+
+    @_guarded
+    async def heartbeat(self, sid: str, worker: str, request_ids: list[str]) -> list[str]:
+        await self.touch_worker(sid, worker)
+        docs = await asyncio.gather(*(self._read(sid, r) for r in request_ids))
+        cancel = []
+        for doc, _ in docs:
+            if doc is None:
+                continue
+            if doc.terminal:
+                # (a worker asking about it holds it, even if the record missed that)
+                if doc.ended_by_gateway:
+                    cancel.append(doc.request_id)
+            else:
+                await self._reply(doc.ack, b"+WPI")
+        return cancel
+
+    @_guarded
+    async def cancels_for(self, sid: str, request_ids: list[str]) -> list[str]:
+        docs = await asyncio.gather(*(self._read(sid, r) for r in request_ids))
+        return [d.request_id for d, _ in docs
+                if d is not None and d.terminal and d.ended_by_gateway]
+
+    async def sweep(self) -> None:
+        """Leases and retention are kept by the server (ack-wait redelivery, message
+        TTL); queued requests past their TTL end when next read or taken. A delivery
+        whose lease ran out goes to the next pull; when no worker of the sid is
+        alive or pulling, the sweep pulls it itself, so a job lost mid-run fails
+        without waiting for a worker to come."""
+        at = self._now()
+        for workers in self._seen.values():
+            for w in [w for w, t in workers.items() if at - t > 3000 * self.lease]:
+                del workers[w]
+        for sid in list(self._consumers):
+            if self._present(sid):
+                continue
+            try:
+                info = await self.js.consumer_info(names.JOBS, names.consumer(sid))
+                if not info.num_ack_pending or info.num_waiting:
+                    continue
+                for _ in range(32):
+                    msg = await self._next(sid, 0)
+                    if msg is None:
+                        break
+                    await self._claim(sid, None, msg)
+            except (*_OUTAGE, StorageUnavailable) as exc:
+                logger.warn(f"NATS store: sweep of {sid} failed: {exc!r}")

@@ -1,0 +1,58 @@
+"""The gateway refuses, in one line, a store it cannot keep its promises with."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from spirit_gpu.gateway.storage.nats import server
+from tests.conftest import ROOT, free_port
+from tests.nats_server import require_binary
+
+
+def gateway(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from spirit_gpu.cli import main; raise SystemExit(main())",
+         "gateway", "--api-key", "k", "--port", "0", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, done
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_a_server_without_jetstream_is_refused() -> None:
+    binary = require_binary()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as d:
+        proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port)],
+                                stdout=open(Path(d) / "log", "wb"), stderr=subprocess.STDOUT)
+        try:
+            from tests.nats_server import NatsServer
+            probe = NatsServer(Path(d), port=port)
+            probe.proc = proc
+            probe.wait_ready()
+            line = one_line(gateway("--store", f"nats://127.0.0.1:{port}"))
+        finally:
+            proc.kill()
+            proc.wait()
+    assert "JetStream off" in line and "-js" in line
+
+
+def test_an_unreachable_server_and_a_bad_store_are_refused() -> None:
+    line = one_line(gateway("--store", f"nats://127.0.0.1:{free_port()}"))
+    assert "cannot reach NATS" in line
+    line = one_line(gateway("--store", "redis://somewhere"))
+    assert "expected 'memory' or nats://" in line
+
+
+def test_servers_older_than_2_11_are_too_old() -> None:
+    assert server._version("2.9.25") < server.MIN_VERSION  # Debian's: ignores Nats-TTL
+    assert server._version("2.11.0") >= server.MIN_VERSION
+    assert server._version("2.15.1") >= server.MIN_VERSION
+    assert server._version("garbage") < server.MIN_VERSION
