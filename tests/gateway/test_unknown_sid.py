@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from tests.gateway.conftest import GatewayFactory, Gw, PlainWorker, poll
 
@@ -46,6 +48,12 @@ async def test_an_id_whose_workers_left_is_not_called_unknown(
 
 async def test_sync_timeout_message_says_what_timed_out(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory(sync_timeout=0.3)
-    await PlainWorker(gw, "slow").heartbeat([])
-    code, body, _ = await gw.call("POST", "/v1/slow/sync", json_body={"input": 1})
+    worker = PlainWorker(gw, "slow")
+    await worker.heartbeat([])
+    call = asyncio.ensure_future(gw.call("POST", "/v1/slow/sync", json_body={"input": 1}))
+    # the worker takes it and never answers (a request left queued would instead end
+    # by its TTL, which equals the sync timeout, whichever clock fires first)
+    code, _ = await worker.pull(wait_ms=5000)
+    assert code == 200
+    code, body, _ = await call
     assert (code, body) == (408, {"error": "request timeout: no result within 0.3 s"})
