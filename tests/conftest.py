@@ -148,3 +148,20 @@ async def wait_exit(worker: Worker, timeout: float = 20.0) -> int:
     """The worker's exit code, polling with a deadline (never blocking the loop)."""
     await until(lambda: worker.proc.poll() is not None, timeout)
     return int(worker.proc.returncode)
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Which store the gateways of a test use: "memory" unless a module parametrizes
+    it (``pytestmark = BOTH_STORES``); "nats" starts a nats-server of its own."""
+    kind = getattr(request, "param", "memory")
+    if kind == "memory":
+        yield "memory"
+        return
+    from tests.nats_server import TempNats  # it imports this module
+
+    server = TempNats()
+    try:
+        yield server.url
+    finally:
+        server.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,11 @@ def worker_identity(request: web.Request) -> str:
 _ORIGINAL_TTL_WORDS = "exceed ttl"
 
 
+# How long, and for how many requests, the relay remembers its delivery.
+RELAY_MEMORY = 600.0
+RELAY_MEMORY_ENTRIES = 100_000
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig, storage: Storage,
                  metrics: GatewayMetrics) -> None:
@@ -88,6 +94,11 @@ class Gateway:
         # request id -> the proxy-route client waiting for its queued job's answer
         # (proxy/queued.py holds what goes in)
         self.proxy_answers: dict[str, asyncio.Future[Any]] = {}
+        # request id -> the relay's one delivery to the client's webhook: a worker that
+        # calls the relay again (its call timed out, it retries) gets that delivery's
+        # answer instead of a second delivery
+        self._relayed: OrderedDict[str, tuple[float, asyncio.Future[tuple[int, str]]]] = \
+            OrderedDict()
         storage.on_finish = self._on_finish
         storage.on_remote_cancel = self.push_cancels
         self._sweeper: asyncio.Task[None] | None = None
@@ -197,8 +208,27 @@ class Gateway:
             return 200, f"dropped: the gateway ended the request first ({rec.status})"
         if not rec.webhook:
             return 200, "no webhook"
-        return await self.webhooks.deliver(rec.webhook, request_id, rec.status_code,
-                                           rec.result if rec.result is not None else data)
+        known = self._relayed.get(request_id)
+        delivery: asyncio.Future[tuple[int, str]]
+        if known is None:
+            delivery = asyncio.ensure_future(self.webhooks.deliver(
+                rec.webhook, request_id, rec.status_code,
+                rec.result if rec.result is not None else data))
+            self._remember_relay(request_id, delivery)
+        else:
+            delivery = known[1]
+        return await asyncio.shield(delivery)  # a caller that hangs up cancels nothing
+
+    def _remember_relay(self, request_id: str, delivery: asyncio.Future[tuple[int, str]]) \
+            -> None:
+        """Kept while a worker may still retry its call (its tries span well under
+        ``RELAY_MEMORY``), and no more than ``RELAY_MEMORY_ENTRIES`` of them."""
+        at = asyncio.get_running_loop().time()
+        relayed = self._relayed
+        while relayed and (len(relayed) >= RELAY_MEMORY_ENTRIES
+                           or next(iter(relayed.values()))[0] < at - RELAY_MEMORY):
+            relayed.popitem(last=False)
+        relayed[request_id] = (at, delivery)
 
     async def report_final(self, sid: str, request_id: str, status: str, message: str) -> None:
         """A worker's final metric (``succeed`` | ``failed``). Before a result it ends the

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,6 @@ from aiohttp import web
 from spirit_gpu.gateway.app import create_app
 from spirit_gpu.gateway.config import GatewayConfig
 from tests.conftest import free_port
-from tests.nats_server import TempNats
 
 KEY = "test-key"
 TOKEN = "worker-token"
@@ -70,21 +69,6 @@ class Gw:
 
 
 GatewayFactory = Callable[..., Awaitable[Gw]]
-
-
-@pytest.fixture
-def store(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Which store the gateways of a test use: "memory" unless a module parametrizes
-    it (``pytestmark = BOTH_STORES``); "nats" starts a nats-server of its own."""
-    kind = getattr(request, "param", "memory")
-    if kind == "memory":
-        yield "memory"
-        return
-    server = TempNats()
-    try:
-        yield server.url
-    finally:
-        server.close()
 
 
 BOTH_STORES = pytest.mark.parametrize("store", ["memory", "nats"], indirect=True)

@@ -15,7 +15,7 @@ from spirit_gpu.net.webhook_policy import PolicyResolver, WebhookPolicy, Webhook
 from spirit_gpu.supervisor.jobs import metric
 from spirit_gpu.supervisor.transports.link import LinkTransport
 from tests.conftest import free_port
-from tests.gateway.conftest import GatewayFactory, Gw, PlainWorker, Webhooks, poll
+from tests.gateway.conftest import BOTH_STORES, GatewayFactory, Gw, PlainWorker, Webhooks, poll
 
 # ---- the policy on its own ----------------------------------------------------------
 
@@ -124,6 +124,7 @@ async def test_the_gateways_allow_list_applies_at_the_door(
 # ---- webhook failures in the status ---------------------------------------------------
 
 
+@BOTH_STORES
 async def test_a_workers_final_webhook_failure_reaches_the_status(gw: Gw) -> None:
     worker = PlainWorker(gw, "wf")
     code, body, _ = await gw.call("POST", "/v1/wf/async", json_body={
@@ -140,6 +141,7 @@ async def test_a_workers_final_webhook_failure_reaches_the_status(gw: Gw) -> Non
     assert failure in st["message"]
 
 
+@BOTH_STORES
 async def test_the_gateways_own_webhook_failure_reaches_the_status(gw: Gw) -> None:
     dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     code, body, _ = await gw.call("POST", "/v1/gf/async", json_body={

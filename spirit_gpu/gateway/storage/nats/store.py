@@ -581,6 +581,10 @@ class NatsStorage(Storage):
     async def worker_count(self, sid: str) -> int:
         return self._present(sid)
 
+    async def ever_had_worker(self, sid: str) -> bool | None:
+        # every replica hears every worker's presence from its own start on
+        return sid in self._seen
+
     async def _on_presence(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
         if len(parts) < 4:
@@ -906,6 +910,20 @@ class NatsStorage(Storage):
     async def finish(self, sid: str, request_id: str, status_code: int, message: str,
                      result: bytes | None) -> bool:
         return await self._end(sid, request_id, status_code, message, result, False) is not None
+
+    @_guarded
+    async def annotate(self, sid: str, request_id: str, message: str) -> bool:
+        for _ in range(_CAS_TRIES):
+            doc, last = await self._read(sid, request_id)
+            if doc is None or not doc.terminal:
+                return False
+            doc.message = message
+            remaining = None
+            if doc.finished_at:  # the record keeps the expiry it got when it ended
+                remaining = max(1.0, self.retention - (self._now() - doc.finished_at) / 1000)
+            if await self._write(doc, last, ttl=remaining):
+                return True
+        return False
 
     async def ack(self, sid: str, request_id: str) -> None:
         # the delivery is released when the result is stored; an ack without a result
