@@ -30,15 +30,18 @@ def settings() -> Settings:
 def chaos(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Report]:
     """One chaos run per store (the run's summary goes to the terminal, captured or not)."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    plugins = request.config.pluginmanager
+    reporter = plugins.get_plugin("terminalreporter")
+    capture = plugins.get_plugin("capturemanager")
 
     def say(text: str) -> None:
-        if reporter is not None:
+        if reporter is None or capture is None:
+            print(text)
+            return
+        with capture.global_and_fixture_disabled():
             reporter.write_line("")
             for line in text.splitlines():
                 reporter.write_line(line)
-        else:
-            print(text)
 
     logs = os.environ.get("CHAOS_LOGS")  # keep the processes' logs there (pytest's go)
     workdir = (Path(logs) / request.param if logs

@@ -52,7 +52,7 @@ class Settings:
     seconds: float  # how long the traffic and the kills go on
     seed: int
     async_per_s: float = 4.0
-    streams_per_s: float = 0.7
+    streams_per_s: float = 1.0
     sync_clients: int = 2
     child_kill_gap: tuple[float, float] = (0.3, 1.5)  # seconds between handler kills
     supervisor_kills: int = 2
