@@ -200,6 +200,8 @@ class Chaos:
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
         self._logs = 0
+        self._turn = self.rng.randrange(len(TRANSPORTS))  # whose supervisor dies next
+        self._modes_dealt = 0
 
     # ---- processes ----------------------------------------------------------------------
 
@@ -294,7 +296,7 @@ class Chaos:
         if not live:
             return
         # the transports take turns, from a random first one
-        self._turn = getattr(self, "_turn", self.rng.randrange(len(TRANSPORTS))) + 1
+        self._turn += 1
         wanted = TRANSPORTS[self._turn % len(TRANSPORTS)]
         sup = next((s for s in live if s.transport == wanted), live[0])
         for other, pi in self._scan_children():
@@ -335,6 +337,10 @@ class Chaos:
     # ---- traffic ------------------------------------------------------------------------
 
     def _mode(self) -> str:
+        """The first requests try every behaviour once; later ones draw by weight."""
+        self._modes_dealt += 1
+        if self._modes_dealt <= len(MODES):
+            return MODES[self._modes_dealt - 1]
         return self.rng.choices(list(MODE_WEIGHTS), weights=list(MODE_WEIGHTS.values()))[0]
 
     def _new(self, kind: str) -> Sent:

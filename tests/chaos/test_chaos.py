@@ -25,7 +25,8 @@ def test_the_chaos_happened(chaos: Report) -> None:
     assert sum(n for k, n in chaos.kills.items() if k.startswith("supervisors")) \
         == chaos.settings.supervisor_kills, chaos.summary()
     assert chaos.kills["gateways"] == chaos.settings.gateway_kills, chaos.summary()
-    assert set(chaos.webhook_attempts) >= set(MODES) - {"refused"}, chaos.summary()
+    assert {x.mode for x in chaos.sent if x.mode} == set(MODES), chaos.summary()
+    assert set(chaos.webhook_attempts) == set(MODES) - {"refused"}, chaos.summary()
 
 
 def test_every_accepted_request_ends_in_exactly_one_terminal_status(chaos: Report) -> None:
