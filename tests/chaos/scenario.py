@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import tempfile
 import time
@@ -133,6 +134,24 @@ class Report:
                 out[f"{s.kind} {view.get('status', 'none')} {view.get('statusCode', '-')}"] += 1
         return out
 
+    def failure_reasons(self) -> Counter[str]:
+        """Why counted requests failed, numbers blanked (pids, seconds) so alike ones count
+        together."""
+        out: Counter[str] = Counter()
+        for x in self.counted:
+            if x.kind == "sync":
+                if x.http == 200:
+                    continue
+                why = str(x.body.get("error", x.body)) if isinstance(x.body, dict) else str(
+                    x.body)
+            else:
+                view = x.final or {}
+                if view.get("status") == "succeed":
+                    continue
+                why = str(view.get("message", ""))
+            out[re.sub(r"\d+(\.\d+)?", "N", why)[:70]] += 1
+        return out
+
     def summary(self) -> str:
         s = self.settings
         by_kind = Counter(x.kind for x in self.sent)
@@ -151,6 +170,7 @@ class Report:
             "counted   " + _counts(counted) + f" (accepted by a gateway later killed, lost by "
             f"design with the {self.store} store: {lost_by_design})",
             "terminal  " + _counts(self.terminal_by_status()),
+            "failed    " + _counts(self.failure_reasons()),
             f"lost      {lost} (accepted, counted, no terminal status)",
             "kills     " + _counts(self.kills),
             "webhooks  attempts by mode " + _counts(self.webhook_attempts)
