@@ -1,0 +1,1 @@
+"""Chaos: real processes SIGKILLed under traffic, webhooks failing; nothing may be lost."""

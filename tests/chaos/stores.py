@@ -1,0 +1,31 @@
+"""The storage backends the chaos suite runs the gateway with.
+
+Each store says how to run a gateway on it and whether it outlives a gateway:
+with a store that does not (``memory``), a killed gateway's requests are gone
+by design, so the suite counts only requests that the gateway alive at the end
+accepted; with a durable one every accepted request counts.
+
+Adding a store (NATS, say): subclass ``Store``, start what it needs in
+``running`` (a nats-server on 127.0.0.1, for instance) and yield the gateway
+flags that select it; add it to ``STORES``. The suite is parametrized over
+``STORES`` (tests/chaos/conftest.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+
+class Store:
+    name = "memory"
+    durable = False  # requests survive a gateway restart
+
+    @contextlib.asynccontextmanager
+    async def running(self, workdir: Path) -> AsyncIterator[list[str]]:
+        """Whatever the store needs, for the whole run; yields the gateway's extra flags."""
+        yield []
+
+
+STORES: dict[str, Store] = {"memory": Store()}
