@@ -26,6 +26,39 @@ def _die_with_parent() -> None:
         pass  # not Linux: the pipe-EOF watchdog in the reader thread still applies
 
 
+def _guard_group(keep_closed: tuple[int, ...]) -> None:
+    """Fork a guard that kills this process group when this process dies.
+
+    The supervisor kills a handler's whole group (the handler starts a session of
+    its own), but when the supervisor itself is SIGKILLed the handler dies by
+    PR_SET_PDEATHSIG and nobody is left to end what the handler started (a model
+    server, a tokenizer pool). The guard's own death signal fires when this
+    process dies, however it dies, and ends the group. It is forked before the
+    script runs (a small copy-on-write process) and holds none of the pipes.
+    """
+    try:
+        pid = os.fork()
+    except OSError:
+        return  # no guard: the supervisor still kills the group when it can
+    if pid:
+        return
+    try:
+        handler_pid = os.getppid()
+        for fd in keep_closed:
+            os.close(fd)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, lambda *_: os.killpg(0, signal.SIGKILL))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG, for the handler process
+        if os.getppid() != handler_pid:  # it died before the signal was armed
+            os.killpg(0, signal.SIGKILL)
+        while True:
+            signal.pause()
+    finally:
+        os._exit(0)
+
+
 def main() -> None:
     fds = os.environ.pop("SPIRIT_CHILD_FDS", "")
     if not fds or len(sys.argv) < 2:
@@ -35,6 +68,8 @@ def main() -> None:
     _die_with_parent()
     if os.getppid() == 1:  # the supervisor died before the death signal was armed
         os._exit(0)
+    if os.getpid() == os.getpgrp():  # our own group (the supervisor's start): guard it
+        _guard_group((read_fd, write_fd))
     max_frame = int(os.environ.pop("SPIRIT_CHILD_MAX_FRAME", "") or ipc.DEFAULT_MAX_FRAME)
     chan = channel_mod.Channel(read_fd, write_fd, max_frame)
     channel_mod.CHANNEL = chan

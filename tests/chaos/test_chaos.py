@@ -5,8 +5,6 @@ Each test judges one property of the same run (conftest.py's ``chaos``)."""
 
 from __future__ import annotations
 
-import pytest
-
 from tests.chaos.receiver import MODES
 from tests.chaos.scenario import Report
 
@@ -51,17 +49,10 @@ def test_no_supervisor_handler_process_or_gateway_is_left(chaos: Report) -> None
     assert all(code == 0 for code in chaos.stop_codes.values()), chaos.stop_codes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a handler process's own subprocess is not ended with it: the supervisor kills (or "
-    "stops) only the handler process, not its process group, so the helper is re-parented "
-    "to PID 1 and lives on (after every SIGKILLed handler process, and after a clean stop)"))
 def test_no_helper_process_outlives_its_handler_process(chaos: Report) -> None:
     """A handler's own subprocess (a grandchild of the supervisor) ends with it."""
     assert not chaos.helpers_left_after_handler_exit, chaos.summary()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "when the supervisor is SIGKILLed its handler processes die by PR_SET_PDEATHSIG, but "
-    "their own subprocesses are not in reach of that signal and live on under PID 1"))
 def test_no_helper_process_outlives_a_killed_supervisor(chaos: Report) -> None:
     assert not chaos.helpers_left_after_supervisor_kill, chaos.summary()

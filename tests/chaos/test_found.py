@@ -1,14 +1,11 @@
 """Bugs the chaos suite found, each reproduced on its own, deterministically.
 
-Each is marked ``xfail(strict=True)`` until fixed: the fix makes it pass, and
-then the marker has to go.
+Each was marked ``xfail(strict=True)`` until fixed; these now guard the fixes.
 """
 
 from __future__ import annotations
 
 import asyncio
-
-import pytest
 
 from tests.chaos.receiver import Receiver
 from tests.conftest import until
@@ -20,11 +17,6 @@ from tests.gateway.conftest import (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the gateway's webhook relay (Gateway.relay_webhook) delivers to the client's webhook "
-    "on every worker call, with no memory of an earlier or running delivery for the same "
-    "request: a worker whose relay call times out (the relay is waiting to retry a 5xx or "
-    "a slow webhook) calls again and the client gets the webhook twice"))
 async def test_a_worker_retrying_its_webhook_call_gets_it_delivered_once(
         gateway_factory: GatewayFactory) -> None:  # noqa: F811 - the fixture
     gw = await gateway_factory(worker_token=TOKEN)

@@ -104,6 +104,21 @@ async def test_a_grandchild_dies_when_the_supervisor_stops(agent: FakeAgent, wor
     await until(lambda: not alive(grandchild), 10, "the grandchild gone")
 
 
+async def test_a_grandchild_dies_when_the_supervisor_is_sigkilled(agent: FakeAgent,
+                                                                   worker_factory,
+                                                                   tmp_path: Path) -> None:
+    # nobody is left to kill the group: the handler dies by its death signal, and the
+    # guard it forked before the script ran ends the rest of its process group
+    marker = tmp_path / "grandchild"
+    agent.enqueue("forks", {"input": {"fork": str(marker)}})
+    w = worker_factory(APP, worker_env(agent))
+    await agent.wait_for(lambda: "forks" in agent.acks, 20)
+    grandchild = int(marker.read_text())
+    w.signal(9)
+    await wait_exit(w)
+    await until(lambda: not alive(grandchild), 10, "the grandchild gone")
+
+
 async def test_handler_processes_do_not_see_the_worker_token(agent: FakeAgent,
                                                              worker_factory) -> None:
     agent.enqueue("env", {"input": {}})
