@@ -73,7 +73,8 @@ class WorkerConfig(EnvSettings):
     webhook_concurrency: int = _opt(16, "SPIRIT_WEBHOOK_CONCURRENCY",
                                     "Webhook deliveries under way at once (in the background)")
     webhook_queue: int = _opt(1000, "SPIRIT_WEBHOOK_QUEUE",
-                              "Webhook deliveries that may wait; past it a delivery fails at once")
+                              "Webhook deliveries that may wait; past it a job waits for room "
+                              "(holding its slot), so a burst slows pulls and loses nothing")
     webhook_allow: list[str] = _opt([], "SPIRIT_WEBHOOK_ALLOW",
                                     "Only send webhooks to these hosts, *.suffixes, IPs or CIDR "
                                     "networks (comma-separated; empty: any but the refused ones)")

@@ -3,8 +3,8 @@
 Delivery happens in the background (``WebhookSender``), after the job's handler
 slot is free: a webhook that never answers costs a delivery worker, never a
 handler slot. At most ``webhook_concurrency`` deliveries run at once and at most
-``webhook_queue`` wait; a job whose webhook finds the queue full reports that at
-once. Every target is checked against the webhook policy (net/webhook_policy.py)
+``webhook_queue`` wait; a job whose webhook finds the queue full waits for room
+(its slot with it), so a burst slows the pulls down and loses nothing. Every target is checked against the webhook policy (net/webhook_policy.py)
 before each try, on the addresses the connection will use.
 """
 
@@ -132,14 +132,12 @@ class WebhookSender:
 
     async def submit(self, webhook: str, request_id: str, status_code: int, body: bytes,
                      finished: Finished) -> None:
-        """Queue a delivery; ``finished`` gets its outcome (at once if the queue is full)."""
+        """Queue a delivery (waiting for room); ``finished`` gets its outcome."""
         if len(self._workers) < max(1, self.cfg.webhook_concurrency):
             self._workers.append(asyncio.ensure_future(self._work()))
-        try:
-            self._queue.put_nowait(_Delivery(webhook, request_id, status_code, body, finished))
-        except asyncio.QueueFull:
-            await finished(_failed(f"{self._queue.maxsize} deliveries already waiting "
-                                   "(SPIRIT_WEBHOOK_QUEUE)", 0, request_id))
+        # a full queue holds the job (and so its slot) until there is room: under a
+        # burst the worker pulls more slowly, and no result is ever dropped
+        await self._queue.put(_Delivery(webhook, request_id, status_code, body, finished))
 
     async def _work(self) -> None:
         while True:

@@ -27,8 +27,8 @@ from spirit_gpu.client import (
     error_for,
 )
 from spirit_gpu.gateway.service import GATEWAY_KEY
-from tests.conftest import ROOT, Worker, free_port
-from tests.gateway.conftest import APPS, KEY, TOKEN, GatewayFactory, Gw, Webhooks, poll
+from tests.conftest import ROOT, Worker, free_port, until
+from tests.gateway.conftest import APPS, KEY, TOKEN, GatewayFactory, Gw, Webhooks
 
 FAST = Retry(attempts=3, base=0.01)
 
@@ -43,7 +43,7 @@ async def start_worker(gw: Gw, worker_factory: Callable[..., Worker], sid: str,
     async def present() -> bool:
         assert worker.proc.poll() is None, worker.output
         return await gw.app[GATEWAY_KEY].storage.worker_count(sid) > 0
-    await poll(present, 30, "worker connected")
+    await until(present, 30, "worker connected")
     return worker
 
 

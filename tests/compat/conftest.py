@@ -14,13 +14,12 @@ import pytest
 
 from tests.compat import original_venv
 from tests.compat.hosted_agent import HostedAgent, start_hosted_agent
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, until
 from tests.gateway.conftest import (  # noqa: F401 - fixtures used by the tests here
     GatewayFactory,
     Gw,
     gateway_factory,
     gw,
-    poll,
     webhooks,
 )
 from tests.proxy.conftest import llm  # noqa: E402,F401 - a fixture used here
@@ -86,7 +85,7 @@ class Procs:
         async def listening() -> bool:
             assert proc.alive(), proc.output
             return "listening on" in proc.output
-        await poll(listening, 20, "the sidecar listening")
+        await until(listening, 20, "the sidecar listening")
         return f"http://127.0.0.1:{port}"
 
     def original(self, python: Path, app: str, agent_url: str, **extra: str) -> Proc:
@@ -113,4 +112,4 @@ async def hosted_agent() -> AsyncIterator[HostedAgent]:
 async def seen(proc: Proc, text: str, within: float = 20.0) -> None:
     async def check() -> bool:
         return text in proc.output
-    await poll(check, within, f"{text!r} in the log of {proc.log_path.name}")
+    await until(check, within, f"{text!r} in the log of {proc.log_path.name}")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from tests.compat.conftest import Procs, seen
-from tests.gateway.conftest import GatewayFactory, PlainWorker, Webhooks, poll
+from tests.conftest import until
+from tests.gateway.conftest import GatewayFactory, PlainWorker, Webhooks
 
 SID = "ends"
 
@@ -70,7 +71,7 @@ async def test_workers_without_an_id_on_one_host_have_leases_per_request(
     try:
         async def failed() -> bool:
             return (await gw.status(SID, rid))["status"] == "failed"
-        await poll(failed, 10, "the silent worker's job failed")
+        await until(failed, 10, "the silent worker's job failed")
     finally:
         keep_polling = False
         await task

@@ -12,8 +12,7 @@ import pytest
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.supervisor.proxy.worker import serve_proxy
 from tests.compat.hosted_agent import HostedAgent
-from tests.conftest import free_port
-from tests.gateway.conftest import poll
+from tests.conftest import free_port, until
 from tests.proxy.conftest import http_check
 from tests.proxy.fake_llm import FakeLLM
 
@@ -43,7 +42,7 @@ async def start_worker(hosted_agent: HostedAgent) -> AsyncIterator[Start]:
 async def finished(agent: HostedAgent, rid: str) -> None:
     async def acked() -> bool:
         return rid in agent.acks
-    await poll(acked, 15, f"the ack of {rid}")
+    await until(acked, 15, f"the ack of {rid}")
 
 
 async def test_streamed_answer_arrives_as_it_is_written(
@@ -57,7 +56,7 @@ async def test_streamed_answer_arrives_as_it_is_written(
     async def first_chunk() -> bool:
         answer = hosted_agent.proxy.get(rid)
         return answer is not None and b"w0" in answer.body
-    await poll(first_chunk, 15, "the first chunk at the agent")
+    await until(first_chunk, 15, "the first chunk at the agent")
     answer = hosted_agent.proxy[rid]
     assert not answer.complete and not gate.is_set()
     assert answer.status == 200
@@ -121,7 +120,7 @@ async def test_heartbeats_name_running_proxy_jobs(
 
     async def named() -> bool:
         return any(rid in beat for beat in hosted_agent.heartbeats)
-    await poll(named, 15, "a heartbeat naming the running proxy job")
+    await until(named, 15, "a heartbeat naming the running proxy job")
     gate.set()
     await finished(hosted_agent, rid)
     assert hosted_agent.statuses(rid) == ["executing", "succeed"]

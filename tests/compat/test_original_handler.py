@@ -8,7 +8,8 @@ from pathlib import Path
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from tests.compat.conftest import Procs, seen
-from tests.gateway.conftest import GatewayFactory, Gw, Webhooks, poll
+from tests.conftest import until
+from tests.gateway.conftest import GatewayFactory, Gw, Webhooks
 from tests.proxy.fake_llm import FakeLLM
 
 SID = "orig"
@@ -17,7 +18,7 @@ SID = "orig"
 async def connected(gw: Gw, sid: str = SID) -> None:
     async def present() -> bool:
         return await gw.app[GATEWAY_KEY].storage.worker_count(sid) > 0
-    await poll(present, 30, "the original worker polling")
+    await until(present, 30, "the original worker polling")
 
 
 async def test_sync_async_webhook_and_raise_via_the_sidecar(
@@ -107,13 +108,13 @@ async def test_two_workers_on_one_sidecar_a_killed_ones_job_fails(
 
     async def running() -> Procs | bool:
         return any("sleeping 60" in p.output and rid in p.output for p in (a, b))
-    await poll(running, 30, "the job running")
+    await until(running, 30, "the job running")
     victim, neighbour = (a, b) if rid in a.output else (b, a)
     victim.kill()
 
     async def ended() -> bool:
         return (await gw.status(SID, rid))["status"] == "failed"
-    await poll(ended, 20, "the killed worker's job failed")
+    await until(ended, 20, "the killed worker's job failed")
     status = await gw.status(SID, rid)
     assert "worker lost" in status["message"]
     assert neighbour.alive()

@@ -10,7 +10,8 @@ import aiohttp
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from tests.compat.conftest import Procs
-from tests.gateway.conftest import GatewayFactory, Gw, poll
+from tests.conftest import until
+from tests.gateway.conftest import GatewayFactory, Gw
 from tests.proxy.fake_llm import FakeLLM
 
 KEY = "pk"
@@ -24,7 +25,7 @@ async def _setup(gateway_factory: GatewayFactory, procs: Procs, python: Path,
 
     async def present() -> bool:
         return await gw.app[GATEWAY_KEY].storage.worker_count(sid) > 0
-    await poll(present, 30, "the original proxy worker polling")
+    await until(present, 30, "the original proxy worker polling")
     return gw
 
 

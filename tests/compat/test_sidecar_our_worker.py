@@ -11,7 +11,8 @@ from spirit_gpu.config import WorkerConfig
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.supervisor.proxy.worker import serve_proxy
 from tests.compat.conftest import Procs
-from tests.gateway.conftest import GatewayFactory, poll
+from tests.conftest import until
+from tests.gateway.conftest import GatewayFactory
 from tests.proxy.conftest import http_check
 from tests.proxy.fake_llm import FakeLLM
 
@@ -30,7 +31,7 @@ async def test_queued_proxy_jobs_end_to_end(gateway_factory: GatewayFactory, pro
     try:
         async def polling() -> bool:
             return await gw.app[GATEWAY_KEY].storage.worker_count(SID) > 0
-        await poll(polling, 20, "our worker polling through the sidecar")
+        await until(polling, 20, "our worker polling through the sidecar")
         auth = {"Auth": f"{SID}-{KEY}"}
         async with aiohttp.ClientSession() as s:
             async with s.post(f"{gw.url}/api/chat", headers=auth, json={"chunks": 4}) as r:

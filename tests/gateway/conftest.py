@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,25 +17,12 @@ from aiohttp import web
 
 from spirit_gpu.gateway.app import create_app
 from spirit_gpu.gateway.config import GatewayConfig
-from tests.conftest import free_port
+from tests.conftest import free_port, until
 
 KEY = "test-key"
 TOKEN = "worker-token"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 APPS = Path(__file__).parent / "apps"
-
-
-async def poll(check: Callable[[], Awaitable[Any]], within: float = 10.0,
-               what: str = "condition") -> Any:
-    """Await ``check()`` until it returns something truthy; fail after ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {within} s (last: {value!r})")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -110,7 +96,7 @@ class Webhooks:
     async def wait(self, n: int = 1, within: float = 15.0) -> list[tuple[dict[str, str], bytes]]:
         async def enough() -> bool:
             return len(self.received) >= n
-        await poll(enough, within, f"{n} webhook(s)")
+        await until(enough, within, f"{n} webhook(s)")
         return self.received
 
 

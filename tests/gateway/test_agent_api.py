@@ -6,7 +6,8 @@ import asyncio
 import time
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
-from tests.gateway.conftest import AUTH, BOTH_STORES, TOKEN, GatewayFactory, Gw, PlainWorker, poll
+from tests.conftest import until
+from tests.gateway.conftest import AUTH, BOTH_STORES, TOKEN, GatewayFactory, Gw, PlainWorker
 
 pytestmark = BOTH_STORES
 
@@ -41,7 +42,7 @@ async def test_long_poll_hands_over_within_milliseconds(gw: Gw) -> None:
 
     async def waiting() -> bool:
         return await gw.app[GATEWAY_KEY].storage.worker_count("lp") > 0
-    await poll(waiting, 5, "worker waiting")
+    await until(waiting, 5, "worker waiting")
     submitted = time.monotonic()
     code, body, _ = await gw.call("POST", "/v1/lp/async", json_body={
         "input": 1, "webhook": "http://127.0.0.1:9/h"})
@@ -94,7 +95,7 @@ async def test_lease_redelivers_unstarted_and_fails_started(
 
     async def b_failed() -> bool:
         return bool((await gw.status("l", b["id"]))["status"] == "failed")
-    await poll(b_failed, 5, "lease expiry")
+    await until(b_failed, 5, "lease expiry")
     st = await gw.status("l", b["id"])
     assert st["statusCode"] == 500 and "worker lost" in st["message"]
     assert (await gw.status("l", a["id"]))["status"] == "queueing"
@@ -132,11 +133,11 @@ async def test_unstarted_job_fails_after_max_deliveries(gateway_factory: Gateway
 
         async def pulled(w: PlainWorker = worker) -> bool:
             return (await w.pull())[0] == 200
-        await poll(pulled, 5, f"delivery {i}")
+        await until(pulled, 5, f"delivery {i}")
 
     async def failed() -> bool:
         return bool((await gw.status("m", a["id"]))["status"] == "failed")
-    await poll(failed, 5, "failure after deliveries")
+    await until(failed, 5, "failure after deliveries")
     assert "2 deliveries" in (await gw.status("m", a["id"]))["message"]
 
 

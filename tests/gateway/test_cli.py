@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from spirit_gpu.gateway.config import GatewayConfig
-from tests.conftest import ROOT, free_port
-from tests.gateway.conftest import APPS, poll
+from tests.conftest import ROOT, free_port, until
+from tests.gateway.conftest import APPS
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", SPIRIT_API_KEYS="", SPIRIT_WORKER_TOKEN="")
 
@@ -63,7 +63,7 @@ async def test_gateway_serves_and_stops_on_sigterm(session: aiohttp.ClientSessio
                     return resp.status == 503
             except aiohttp.ClientConnectionError:
                 return False
-        await poll(up, 20, "gateway up")
+        await until(up, 20, "gateway up")
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 20)
@@ -85,7 +85,7 @@ async def test_dev_runs_gateway_and_worker(session: aiohttp.ClientSession) -> No
                                 json={"input": {"x": 4}},
                                 headers={"Authorization": f"Bearer {key}"}) as resp:
             return resp.status == 200 and await resp.json() == {"doubled": 8}
-    await poll(answered, 20, "dev answers")
+    await until(answered, 20, "dev answers")
     async with session.get(f"http://127.0.0.1:{port}/agent/local/apis/v1/request") as resp:
         assert resp.status == 401  # dev generates a worker token
     proc.send_signal(signal.SIGINT)
@@ -150,7 +150,7 @@ async def test_dev_passes_worker_flags_and_ctrl_c_lets_running_jobs_finish(
         async def answered() -> bool:
             async with session.post(url, json={"input": {}}, headers=headers) as resp:
                 return resp.status == 200
-        await poll(answered, 30, "dev answers")
+        await until(answered, 30, "dev answers")
         async with session.post(url, json={"input": {"sleep": 60}}, headers=headers) as resp:
             assert "4 s job timeout" in await resp.text()  # the worker got --job-timeout
         started = tmp_path / "started"
@@ -159,7 +159,7 @@ async def test_dev_passes_worker_flags_and_ctrl_c_lets_running_jobs_finish(
 
         async def running() -> bool:
             return started.exists()
-        await poll(running, 30, "the handler runs")
+        await until(running, 30, "the handler runs")
         os.killpg(proc.pid, signal.SIGINT)
         async with await slow as resp:  # it finishes within the grace period the banner says
             assert (resp.status, await resp.json()) == (200, {"slept": 2})

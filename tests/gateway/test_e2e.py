@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
-from tests.conftest import Worker
-from tests.gateway.conftest import APPS, AUTH, TOKEN, GatewayFactory, Gw, Webhooks, poll
+from tests.conftest import Worker, until
+from tests.gateway.conftest import APPS, AUTH, TOKEN, GatewayFactory, Gw, Webhooks
 
 TRANSPORTS = ["plain", "link"]
 
@@ -31,7 +31,7 @@ async def start_worker(gw: Gw, worker_factory: Callable[..., Worker], sid: str, 
     async def present() -> bool:
         assert worker.proc.poll() is None, worker.output
         return await gw.app[GATEWAY_KEY].storage.worker_count(sid) > 0
-    await poll(present, 20, "worker connected")
+    await until(present, 20, "worker connected")
     if transport == "link":
         await output(worker, "multiplexed link")
     return worker
@@ -41,7 +41,7 @@ async def output(worker: Worker, text: str) -> None:
     """Wait for ``text`` in the worker's log without blocking the loop (the gateway runs in it)."""
     async def seen() -> bool:
         return text in worker.output
-    await poll(seen, 10, f"{text!r} in the worker log")
+    await until(seen, 10, f"{text!r} in the worker log")
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ async def test_sync_async_and_webhook(tgw: Gw, worker_factory: Any, webhooks: We
     async def done() -> dict[str, Any] | None:
         st = await tgw.status("d", acc["id"])
         return st if st["status"] == "succeed" else None
-    st = await poll(done, 10, "async status")
+    st = await until(done, 10, "async status")
     assert st["statusCode"] == 200
 
 
@@ -123,7 +123,7 @@ async def test_cancel_running_request(tgw: Gw, worker_factory: Any, webhooks: We
 
     async def running() -> bool:
         return bool((await tgw.status("c", acc["id"]))["status"] == "executing")
-    await poll(running, 10, "running")
+    await until(running, 10, "running")
     code, _, _ = await tgw.call("DELETE", "/v1/c/async", params={"requestID": acc["id"]})
     assert code == 200
     st = await tgw.status("c", acc["id"])
@@ -151,7 +151,7 @@ async def test_worker_killed_mid_request_ends_the_request(
         # started: the worker reported "executing" (the link may hold that metric
         # back for a moment, so a job killed sooner is redelivered instead)
         return rec is not None and rec.started_at > 0 and stats[0].in_flight == 2
-    await poll(running, 10, "both requests running")
+    await until(running, 10, "both requests running")
     pids = worker.child_pids()
     worker.signal(signal.SIGKILL)
     for pid in pids:  # the handler children go too (a killed machine)
@@ -161,7 +161,7 @@ async def test_worker_killed_mid_request_ends_the_request(
     async def lost() -> dict[str, Any] | None:
         st = await gw.status("k", acc["id"])
         return st if st["status"] == "failed" else None
-    st = await poll(lost, 10, "async request failed")
+    st = await until(lost, 10, "async request failed")
     assert st["statusCode"] == 500 and "worker lost" in st["message"]
     # the sync client gets a terminal answer too: 500 when its job had started, else 408
     code, body, _ = await asyncio.wait_for(sync, 15)

@@ -13,7 +13,8 @@ import pytest
 from spirit_gpu.supervisor.jobs import Job, metric
 from spirit_gpu.supervisor.transports.base import AgentUnavailable
 from spirit_gpu.supervisor.transports.link import LinkTransport
-from tests.gateway.conftest import AUTH, BOTH_STORES, TOKEN, GatewayFactory, Gw, poll
+from tests.conftest import until
+from tests.gateway.conftest import AUTH, BOTH_STORES, TOKEN, GatewayFactory, Gw
 
 pytestmark = BOTH_STORES
 
@@ -81,7 +82,7 @@ async def test_jobs_results_chunks_and_many_in_flight(gw: Gw,
 
     async def all_done() -> bool:
         return all([(await gw.status("ln", i))["status"] == "succeed" for i in ids])
-    await poll(all_done, 5, "results over the link")
+    await until(all_done, 5, "results over the link")
     async with gw.session.get(f"{gw.url}/v1/ln/stream", params={"requestID": ids[0]},
                               headers=AUTH) as resp:
         assert (await resp.read()).startswith(b'id: 0\ndata: {"i": 0}\n\n')
@@ -102,7 +103,7 @@ async def test_cancel_is_pushed_and_reported_in_heartbeat(
 
     async def told() -> list[str]:
         return (await link.heartbeat([rid])).cancel
-    assert await poll(told, 5, "cancel over the link") == [rid]
+    assert await until(told, 5, "cancel over the link") == [rid]
     await link.result(job, 499, "cancelled", b"")
     st = await gw.status("lc", rid)
     assert (st["status"], st["statusCode"]) == ("cancelled", 499)
@@ -126,7 +127,7 @@ async def test_reconnects_and_gateway_redelivers_lost_jobs(
         except AgentUnavailable:
             return False
         return bool(jobs) and jobs[0].request_id == first
-    await poll(relinked, 10, "redelivery on a new link")
+    await until(relinked, 10, "redelivery on a new link")
     await link.close()
 
 
@@ -143,7 +144,7 @@ async def test_worker_gone_mid_job_fails_the_job(gateway_factory: GatewayFactory
 
     async def failed() -> bool:
         return bool((await gw.status("lg", rid))["status"] == "failed")
-    await poll(failed, 5, "lease expiry")
+    await until(failed, 5, "lease expiry")
     assert "worker lost" in (await gw.status("lg", rid))["message"]
 
 
@@ -180,7 +181,7 @@ async def test_a_cut_link_resends_a_turns_frames_together_and_in_order(
 
     async def all_done() -> bool:
         return all([(await gw.status("lx", i))["status"] == "succeed" for i in ids])
-    await poll(all_done, 10, "results resent on a new link")
+    await until(all_done, 10, "results resent on a new link")
     assert link._ws is not ws  # they went over a new connection
     expected = [(what, j.request_id) for j in jobs
                 for what in ("Metric:executing", "Result:", "Metric:succeed", "Ack:")]

@@ -17,8 +17,8 @@ from spirit_gpu.gateway.app import create_app
 from spirit_gpu.gateway.config import GatewayConfig
 from spirit_gpu.gateway.storage.memory import MemoryStorage
 from spirit_gpu.protocol import link as lp
-from tests.conftest import free_port
-from tests.gateway.conftest import AUTH, KEY, GatewayFactory, Gw, poll
+from tests.conftest import free_port, until
+from tests.gateway.conftest import AUTH, KEY, GatewayFactory, Gw
 
 HOOK = "http://127.0.0.1:9/h"
 Ws = aiohttp.ClientWebSocketResponse
@@ -71,7 +71,7 @@ async def test_frames_about_requests_not_dispatched_to_the_link_are_refused(
     async def summed_up() -> bool:
         out.append(capsys.readouterr().out)
         return "8 frame(s) about requests not dispatched to it were refused" in "".join(out)
-    await poll(summed_up, 10, "the forger's link summary")
+    await until(summed_up, 10, "the forger's link summary")
     assert (await gw.status("f", queued))["status"] == "queueing"
     assert (await gw.status("f", rid))["result"] is None
     await send(owner, lp.Result(request_id=rid, status_code=200, message="", data=b'"real"'),
@@ -80,7 +80,7 @@ async def test_frames_about_requests_not_dispatched_to_the_link_are_refused(
     async def real() -> dict[str, Any] | None:
         st = await gw.status("f", rid)
         return st if st["status"] == "succeed" else None
-    st = await poll(real, 10, "the real result")
+    st = await until(real, 10, "the real result")
     assert st["result"] == "InJlYWwi"  # base64 of "real"
     await owner.close()
 
@@ -119,7 +119,7 @@ async def test_empty_stream_chunks_count_toward_the_chunk_cap(
         await send(ws, *(lp.Chunk(request_id=rid, seq=i, data=b"")
                          for i in range(start, start + 1000)))
     await send(ws, lp.Result(request_id=rid, status_code=200, message="", data=b"[]"))
-    await poll(lambda: _done(gw, "e", rid), 10, "the result")
+    await until(lambda: _done(gw, "e", rid), 10, "the result")
     async with gw.session.get(f"{gw.url}/v1/e/stream", params={"requestID": rid},
                               headers=AUTH) as resp:
         events = (await resp.read()).count(b"id: ")
@@ -176,7 +176,7 @@ async def test_a_heartbeat_naming_many_ids_looks_only_at_what_the_link_can_hold(
 
     async def beat() -> bool:
         return bool(storage.heartbeat_ids)
-    await poll(beat, 30, "the heartbeat")
+    await until(beat, 30, "the heartbeat")
     assert storage.heartbeat_ids == [[rid]]
     assert storage.gets - gets_before <= 8 + 1  # at most the credit cap of lookups
     assert time.monotonic() - started < 10

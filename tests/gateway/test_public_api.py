@@ -9,7 +9,8 @@ import json
 import aiohttp
 
 from spirit_gpu.gateway.public_api import never_connected
-from tests.gateway.conftest import AUTH, BOTH_STORES, GatewayFactory, Gw, PlainWorker, poll
+from tests.conftest import until
+from tests.gateway.conftest import AUTH, BOTH_STORES, GatewayFactory, Gw, PlainWorker
 
 pytestmark = BOTH_STORES
 
@@ -157,7 +158,7 @@ async def test_async_ttl_expires_in_queue(gateway_factory: GatewayFactory) -> No
 
     async def expired() -> bool:
         return bool((await gw.status("t", body["id"]))["statusCode"] == 408)
-    await poll(expired, 5, "ttl expiry")
+    await until(expired, 5, "ttl expiry")
     st = await gw.status("t", body["id"])
     assert st["status"] == "failed" and "ttl" in st["message"]
     assert (await PlainWorker(gw, "t").pull())[0] == 404
@@ -176,7 +177,7 @@ async def test_results_kept_for_retention_then_404(gateway_factory: GatewayFacto
     async def gone() -> bool:
         code, _, _ = await gw.call("GET", "/v1/r/status", params={"requestID": body["id"]})
         return code == 404
-    await poll(gone, 5, "retention")
+    await until(gone, 5, "retention")
 
 
 async def test_cancel_queued_one_and_clean_all(gw: Gw) -> None:
@@ -233,7 +234,7 @@ async def test_cancel_finished_is_400(gw: Gw, echo_worker: PlainWorker) -> None:
 
     async def done() -> bool:
         return bool((await gw.status("echo", body["id"]))["status"] == "succeed")
-    await poll(done, 5, "echo finished")
+    await until(done, 5, "echo finished")
     code, err, _ = await gw.call("DELETE", "/v1/echo/async", params={"requestID": body["id"]})
     assert code == 400 and "finished" in err["error"]
 

@@ -11,7 +11,8 @@ import aiohttp
 import pytest
 
 from spirit_gpu.protocol import link as lp
-from tests.gateway.conftest import AUTH, KEY, poll
+from tests.conftest import until
+from tests.gateway.conftest import AUTH, KEY
 from tests.gateway.serving import Served
 
 Ws = aiohttp.ClientWebSocketResponse
@@ -82,12 +83,12 @@ async def test_a_queued_sync_request_leaves_the_queue_when_its_client_leaves(
     async def queued() -> bool:
         return await queue_length(session, port, "q") == 1
     client = await send_sync(port, "q")
-    await poll(queued, 10, "the request queued")
+    await until(queued, 10, "the request queued")
     client.close()
 
     async def emptied() -> bool:
         return await queue_length(session, port, "q") == 0
-    await poll(emptied, 10, "the queue emptied")
+    await until(emptied, 10, "the queue emptied")
     await lp_send(ws, lp.Credit(n=1))
     with pytest.raises(TimeoutError):  # nothing left to dispatch
         await frames(ws, lp.Dispatch, within=0.3)

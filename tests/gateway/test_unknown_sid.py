@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
-from tests.gateway.conftest import GatewayFactory, Gw, PlainWorker, poll
+from tests.conftest import until
+from tests.gateway.conftest import GatewayFactory, Gw, PlainWorker
 
 NEVER = ("no worker has ever connected for serverless id 'typo': check the id (workers "
          "connect with EASE_AGENT_URL=<gateway>/agent/typo)")
@@ -36,7 +37,7 @@ async def test_an_id_whose_workers_left_is_not_called_unknown(
     async def stale() -> bool:  # forgotten after 3 leases by the sweep
         return await storage.worker_count("gone") == 0 and not \
             storage._sids["gone"].workers  # type: ignore[attr-defined]
-    await poll(stale, 10, "the worker is forgotten")
+    await until(stale, 10, "the worker is forgotten")
     code, body, _ = await gw.call("POST", "/v1/gone/sync", json_body={"input": 1})
     assert (code, body["error"]) == (503, "not enough gpu now: no worker of serverless id "
                                           "'gone' is connected right now; retry later")

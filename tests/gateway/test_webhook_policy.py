@@ -14,8 +14,8 @@ from spirit_gpu.gateway.webhooks import GatewayWebhooks
 from spirit_gpu.net.webhook_policy import PolicyResolver, WebhookPolicy, WebhookRefused
 from spirit_gpu.supervisor.jobs import metric
 from spirit_gpu.supervisor.transports.link import LinkTransport
-from tests.conftest import free_port
-from tests.gateway.conftest import BOTH_STORES, GatewayFactory, Gw, PlainWorker, Webhooks, poll
+from tests.conftest import free_port, until
+from tests.gateway.conftest import BOTH_STORES, GatewayFactory, Gw, PlainWorker, Webhooks
 
 # ---- the policy on its own ----------------------------------------------------------
 
@@ -130,7 +130,7 @@ async def test_a_workers_final_webhook_failure_reaches_the_status(gw: Gw) -> Non
     code, body, _ = await gw.call("POST", "/v1/wf/async", json_body={
         "input": {}, "webhook": "http://127.0.0.1:9/hook"})
     rid = body["id"]
-    _, env = await poll(lambda: worker.pull(wait_ms=500), 10, "the job")
+    _, env = await until(lambda: worker.pull(wait_ms=500), 10, "the job")
     assert env is not None
     await worker.executing(rid)
     await worker.result(rid, 200, b'{"ok": true}')
@@ -153,7 +153,7 @@ async def test_the_gateways_own_webhook_failure_reaches_the_status(gw: Gw) -> No
     async def noted() -> str:
         message = str((await gw.status("gf", rid))["message"])
         return message if "webhook delivery failed after 3 tries" in message else ""
-    message = await poll(noted, 15, "the webhook failure in the status")
+    message = await until(noted, 15, "the webhook failure in the status")
     st = await gw.status("gf", rid)
     assert (st["status"], st["statusCode"]) == ("cancelled", 499)
     assert "webhook unreachable" in message
@@ -164,7 +164,7 @@ async def test_a_gateway_ended_request_keeps_its_message_against_a_worker(gw: Gw
     code, body, _ = await gw.call("POST", "/v1/ge/async", json_body={
         "input": {}, "webhook": "http://127.0.0.1:9/hook"})
     rid = body["id"]
-    _, env = await poll(lambda: worker.pull(wait_ms=500), 10, "the job")
+    _, env = await until(lambda: worker.pull(wait_ms=500), 10, "the job")
     await gw.call("DELETE", "/v1/ge/async", params={"requestID": rid})
     await worker.post(f"request-metric/{rid}", {"status": "succeed", "message": "all fine"})
     st = await gw.status("ge", rid)

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
-from tests.gateway.conftest import TOKEN, GatewayFactory, Gw, poll
+from tests.conftest import free_port, until
+from tests.gateway.conftest import TOKEN, GatewayFactory, Gw
 from tests.gateway.test_e2e import TRANSPORTS, start_worker
 
 
@@ -30,6 +30,6 @@ async def test_a_dead_webhook_is_named_in_the_status(tgw: Gw, worker_factory: An
     async def noted() -> dict[str, Any] | None:
         st = await tgw.status("d", acc["id"])
         return st if "webhook delivery failed" in st["message"] else None
-    st = await poll(noted, 20, "the webhook failure in the status")
+    st = await until(noted, 20, "the webhook failure in the status")
     assert (st["status"], st["statusCode"]) == ("succeed", 200)
     assert "webhook unreachable" in st["message"], st

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Worker
-from tests.gateway.conftest import AUTH, Webhooks, poll
+from tests.conftest import Worker, until
+from tests.gateway.conftest import AUTH, Webhooks
 from tests.nats.replicas import (
     DOUBLE,
     SCALE,
@@ -68,7 +68,7 @@ async def wait_worker(session: aiohttp.ClientSession, replica: Replica, sid: str
         async with session.post(f"{replica.url}/v1/{sid}/sync", headers=AUTH,
                                 json={"input": {"x": 1}}) as resp:
             return resp.status == 200
-    await poll(up, 30, "worker answering")
+    await until(up, 30, "worker answering")
 
 
 async def test_replica_sigkilled_under_load(nats: TempNats, replicas: Callable[..., Replica],
@@ -135,7 +135,7 @@ async def test_worker_sigkilled_mid_job(nats: TempNats, replicas: Callable[..., 
         async with session.get(f"{b.url}/v1/w/status", params={"requestID": running},
                                headers=AUTH) as resp:
             return (await resp.json())["status"] == "executing"
-    await poll(started, 15, "the long job running")
+    await until(started, 15, "the long job running")
     for i in range(10 * SCALE):  # queued behind it
         await submit_async(session, b.url, "w", {"x": i}, webhooks.url, tally)
     for pid in doomed.child_pids():
@@ -193,7 +193,7 @@ async def test_nats_restarted_under_load(nats: TempNats, replicas: Callable[...,
 
     async def recovered() -> bool:
         return answers["200"] > ok_before + 20
-    await poll(recovered, 40, "sync requests succeeding again after the NATS restart")
+    await until(recovered, 40, "sync requests succeeding again after the NATS restart")
     stop.set()
     await asyncio.wait_for(asyncio.gather(*clients), 70)
     print("NATS restart:", dict(answers), f"slowest call {slowest:.1f} s")

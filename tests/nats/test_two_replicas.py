@@ -11,7 +11,8 @@ import pytest
 
 from spirit_gpu.supervisor.jobs import metric
 from spirit_gpu.supervisor.transports.link import LinkTransport
-from tests.gateway.conftest import AUTH, GatewayFactory, Gw, PlainWorker, poll
+from tests.conftest import until
+from tests.gateway.conftest import AUTH, GatewayFactory, Gw, PlainWorker
 
 pytestmark = pytest.mark.parametrize("store", ["nats"], indirect=True)
 HOOK = "http://127.0.0.1:9/h"
@@ -27,7 +28,7 @@ async def test_sync_submitted_to_a_is_answered_by_a_worker_on_b(
     worker = PlainWorker(b, "x")
     task = asyncio.create_task(worker.serve_echo())
     try:
-        await poll(lambda: _present(a, "x"), 5, "worker seen by replica a")
+        await until(lambda: _present(a, "x"), 5, "worker seen by replica a")
         codes = await asyncio.gather(*(a.call("POST", "/v1/x/sync", json_body={"input": i})
                                        for i in range(20)))
         assert [(c, body) for c, body, _ in codes] == [(200, {"echo": i}) for i in range(20)]
@@ -81,7 +82,7 @@ async def test_result_and_stream_through_the_other_replica(
 
     async def executing() -> bool:  # (written behind by replica b: a sees it shortly)
         return (await a.status("s", rid))["status"] == "executing"
-    await poll(executing, 5, "executing seen through replica a")
+    await until(executing, 5, "executing seen through replica a")
     events: list[bytes] = []
 
     async def read_sse() -> None:
@@ -123,7 +124,7 @@ async def test_cancel_running_is_pushed_to_the_link_on_the_other_replica(
 
         async def told() -> list[str]:
             return (await link.heartbeat([rid])).cancel
-        assert await poll(told, 5, "cancel through replica b") == [rid]
+        assert await until(told, 5, "cancel through replica b") == [rid]
         await link.result(job, 499, "cancelled", b"")
         st = await b.status("lc", rid)
         assert (st["status"], st["statusCode"]) == ("cancelled", 499)

@@ -31,16 +31,6 @@ KEY = "k1"
 AUTH = {"Auth": f"{SID}-{KEY}"}
 
 
-async def until(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
-    """Poll ``predicate`` until true; fail after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
-
-
 def http_check(base_url: str) -> Callable[[], Awaitable[tuple[bool, str]]]:
     async def check() -> tuple[bool, str]:
         try:

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from tests.conftest import Worker as Supervisor
-from tests.conftest import wait_exit
-from tests.proxy.conftest import AUTH, SID, Gateway, until
+from tests.conftest import until, wait_exit
+from tests.proxy.conftest import AUTH, SID, Gateway
 from tests.proxy.fake_llm import FakeLLM
 
 APP = str(Path(__file__).parent / "apps" / "proxy_app.py")

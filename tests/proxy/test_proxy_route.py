@@ -11,7 +11,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.proxy.conftest import AUTH, KEY, SID, Gateway, Worker, until
+from tests.conftest import until
+from tests.proxy.conftest import AUTH, KEY, SID, Gateway, Worker
 from tests.proxy.fake_llm import FakeLLM
 
 MakeGateway = Callable[..., Awaitable[Gateway]]

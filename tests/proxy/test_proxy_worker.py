@@ -15,7 +15,8 @@ from aiohttp.test_utils import TestServer
 
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.supervisor.proxy.worker import serve_proxy
-from tests.proxy.conftest import Gateway, Worker, until
+from tests.conftest import until
+from tests.proxy.conftest import Gateway, Worker
 from tests.proxy.fake_llm import FakeLLM
 
 MakeWorker = Callable[..., Awaitable[Worker]]
@@ -229,7 +230,7 @@ async def test_a_refused_worker_token_is_logged_at_every_try_with_back_off(
         out += capsys.readouterr().out
         return [line for line in out.splitlines() if "proxy registration refused" in line]
 
-    await until(lambda: len(refusals()) >= 4, within=10, what="four refusals logged")
+    await until(lambda: len(refusals()) >= 4, timeout=10, what="four refusals logged")
     lines = [json.loads(line) for line in refusals()]
     assert all(line["level"] == "ERROR" for line in lines)
     assert "SPIRIT_WORKER_TOKEN" in lines[0]["message"]

@@ -23,7 +23,7 @@ BASE = WorkerConfig(ping_interval=1.0, ping_timeout=10.0, concurrency_interval=1
                     idle_timeout=30.0, crash_backoff_max=4.0)
 
 
-async def until(check: Callable[[], Any], virtual_seconds: float = 300.0) -> None:
+async def advance_until(check: Callable[[], Any], virtual_seconds: float = 300.0) -> None:
     """Wait in virtual time (the jumping clock makes this free)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + virtual_seconds
@@ -56,9 +56,9 @@ def test_scales_up_to_the_modifiers_concurrency_then_retires_idle_surplus() -> N
         cfg = WorkerConfig(**{**BASE.__dict__, "max_children": 4, "min_children": 1})
         pool, children = await started(cfg, Behaviour(concurrency=lambda c: allowed["value"]))
         assert len(alive(children)) == 1 and pool.slots == 1
-        await until(lambda: pool.slots == 3)  # the modifier is asked every second
+        await advance_until(lambda: pool.slots == 3)  # the modifier is asked every second
         runs = [asyncio.ensure_future(pool.run(job(i))) for i in range(3)]
-        await until(lambda: all(len(c.jobs) == 1 for c in alive(children))
+        await advance_until(lambda: all(len(c.jobs) == 1 for c in alive(children))
                     and len(alive(children)) == 3)
         for child in alive(children):  # one job per process, in three processes
             child.done(child.runs()[0].job)
@@ -66,20 +66,20 @@ def test_scales_up_to_the_modifiers_concurrency_then_retires_idle_surplus() -> N
         loop = asyncio.get_running_loop()
         idle_from = loop.time()
         allowed["value"] = 8  # more than max_children: capped
-        await until(lambda: pool.slots == 4)
+        await advance_until(lambda: pool.slots == 4)
         assert len(alive(children)) == 3  # capacity alone starts no process
-        await until(lambda: len(alive(children)) == 1)  # idle surplus retired
+        await advance_until(lambda: len(alive(children)) == 1)  # idle surplus retired
         assert cfg.idle_timeout <= loop.time() - idle_from < cfg.idle_timeout + 2
         assert sum(isinstance(m, ipc.Stop) for c in children for m in c.sent) == 2
         assert pool.crash_streak == 0
         allowed["value"] = 1  # scaling down: one slot, and one job at a time again
-        await until(lambda: pool.slots == 1)
+        await advance_until(lambda: pool.slots == 1)
         runs = [asyncio.ensure_future(pool.run(job(i))) for i in range(2)]
-        await until(lambda: any(c.jobs for c in alive(children)))
+        await advance_until(lambda: any(c.jobs for c in alive(children)))
         await asyncio.sleep(5.0)
         assert len(alive(children)) == 1 and len(pool.pending) == 1  # the second one waits
         for _ in range(2):
-            await until(lambda: alive(children)[0].jobs)
+            await advance_until(lambda: alive(children)[0].jobs)
             child = alive(children)[0]
             child.done(next(iter(child.jobs)))
         assert [o.status_code for o in await asyncio.gather(*runs)] == [200, 200]
@@ -92,7 +92,7 @@ def test_crashes_back_off_and_a_served_job_resets_the_streak() -> None:
         pool, children = await started()
         for _ in range(4):  # crashes in a row, each replacement crashing when ready
             alive(children)[0].exit(-11)
-            await until(lambda: len(children) > 1 and alive(children)
+            await advance_until(lambda: len(children) > 1 and alive(children)
                         and alive(children)[0].state == "ready")
         gaps = [round(b.spawned_at - a.spawned_at, 2)
                 for a, b in zip(children, children[1:], strict=False)]
@@ -100,7 +100,7 @@ def test_crashes_back_off_and_a_served_job_resets_the_streak() -> None:
         assert all(abs(g - e) < 0.05 for g, e in zip(gaps, expected, strict=True)), gaps
         assert pool.crash_streak == 4
         result = asyncio.ensure_future(pool.run(job(1)))
-        await until(lambda: alive(children)[0].jobs)
+        await advance_until(lambda: alive(children)[0].jobs)
         alive(children)[0].done(alive(children)[0].runs()[0].job)
         assert (await result).status_code == 200
         assert pool.crash_streak == 0
@@ -112,12 +112,12 @@ def test_a_crash_fails_its_job_with_the_signal_named() -> None:
     async def main() -> None:
         pool, children = await started()
         result = asyncio.ensure_future(pool.run(job(1)))
-        await until(lambda: children[0].jobs)
+        await advance_until(lambda: children[0].jobs)
         children[0].exit(-11)
         outcome: Outcome = await result
         assert outcome.status_code == 500
         assert "was killed by SIGSEGV" in outcome.message
-        await until(lambda: len(alive(children)) == 1)
+        await advance_until(lambda: len(alive(children)) == 1)
         await pool.close()
     run(main)
 
@@ -133,7 +133,7 @@ def test_job_timeout_kills_on_purpose_408_and_is_not_a_crash() -> None:
         assert 5.0 <= loop.time() - t0 < 6.0
         assert children[0].killed_on_purpose
         assert pool.crash_streak == 0
-        await until(lambda: len(children) == 2 and children[1].spawned_at > 0)
+        await advance_until(lambda: len(children) == 2 and children[1].spawned_at > 0)
         assert children[1].spawned_at - (t0 + 5.0) < 0.1  # replaced at once: no backoff
         await pool.close()
     run(main)
@@ -145,7 +145,7 @@ def test_a_silent_process_is_killed_after_the_ping_timeout_and_counts_as_a_crash
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         result = asyncio.ensure_future(pool.run(job(1)))
-        await until(lambda: children[0].exit_code.done())
+        await advance_until(lambda: children[0].exit_code.done())
         assert BASE.ping_timeout <= loop.time() - t0 < BASE.ping_timeout + 2
         outcome = await result
         assert outcome.status_code == 500 and "unresponsive" in outcome.message
@@ -175,15 +175,15 @@ def test_recycles_after_n_jobs_and_when_asked() -> None:
         pool, children = await started(cfg, Behaviour(job_seconds=0.1))
         for i in range(2):
             assert (await pool.run(job(i))).status_code == 200
-        await until(lambda: children[0].exit_code.done() and len(alive(children)) == 1)
+        await advance_until(lambda: children[0].exit_code.done() and len(alive(children)) == 1)
         assert isinstance(children[0].sent[-1], ipc.Stop)
         result = asyncio.ensure_future(pool.run(job(9)))
-        await until(lambda: alive(children)[0].jobs)
+        await advance_until(lambda: alive(children)[0].jobs)
         second = alive(children)[0]
         second.behaviour = Behaviour()  # answer by hand: with recycle=True
         second.done(second.runs()[0].job, recycle=True)
         assert (await result).status_code == 200
-        await until(lambda: second.exit_code.done())
+        await advance_until(lambda: second.exit_code.done())
         assert pool.crash_streak == 0
         await pool.close()
     run(main)
@@ -202,7 +202,7 @@ def test_config_is_resolved_once_with_the_scripts_start_keys() -> None:
         assert pool.cfg.job_timeout == 2.0 and pool.cfg.ping_interval == 0.25
         assert len(seen) == 1
         assert (await pool.run(job(1))).status_code == 408  # the start() key applies
-        await until(lambda: len(children) == 2 and children[1].spawned_at > 0)
+        await advance_until(lambda: len(children) == 2 and children[1].spawned_at > 0)
         assert children[1].beat_interval == 0.25  # later processes beat at its interval
         assert len(seen) == 1  # not again for the next process
         await pool.close()
@@ -231,7 +231,7 @@ def test_hurry_ends_running_jobs_now_with_503() -> None:
     async def main() -> None:
         pool, children = await started()
         result = asyncio.ensure_future(pool.run(job(1)))
-        await until(lambda: children[0].jobs)
+        await advance_until(lambda: children[0].jobs)
         draining = asyncio.ensure_future(pool.drain(BASE.grace_period))
         await asyncio.sleep(1.0)
         pool.hurry()  # a second SIGINT
@@ -249,11 +249,11 @@ def test_max_crashes_in_a_row_make_the_pool_unhealthy_and_fail_what_waits() -> N
         pool, children = await started(cfg)
         for _ in range(2):
             alive(children)[0].exit(-9)
-            await until(lambda: alive(children) and alive(children)[0].state == "ready")
+            await advance_until(lambda: alive(children) and alive(children)[0].state == "ready")
         assert pool.unhealthy == "" and pool.slots == 1
         # a job waiting for the next process when the third crash comes
         first = asyncio.ensure_future(pool.run(job(1)))
-        await until(lambda: alive(children)[0].jobs)
+        await advance_until(lambda: alive(children)[0].jobs)
         waiting = asyncio.ensure_future(pool.run(job(2)))
         alive(children)[0].exit(-9)
         assert (await first).status_code == 500
@@ -271,7 +271,7 @@ def test_cuda_out_of_memory_counts_like_a_crash() -> None:
         pool, children = await started(cfg)
         for n in range(2):
             result = asyncio.ensure_future(pool.run(job(n)))
-            await until(lambda: alive(children)[0].jobs)
+            await advance_until(lambda: alive(children)[0].jobs)
             child = alive(children)[0]
             child.tell(ipc.Done(child.runs()[-1].job, 500, b"{}",
                                 "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"))

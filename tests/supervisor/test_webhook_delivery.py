@@ -62,6 +62,25 @@ async def test_a_webhook_that_never_answers_holds_no_handler_slot(
     assert agent.metrics["a0"][-1]["status"] == "succeed"
 
 
+async def test_a_burst_past_the_webhook_queue_loses_no_webhook(
+        agent: FakeAgent, worker_factory, hanging_hook: HangingHook) -> None:
+    # one delivery at a time, one waiting: the rest of the burst waits for room
+    # (holding its jobs' slots) instead of being dropped
+    for i in range(6):
+        agent.enqueue(f"b{i}", {"input": {"x": i}, "webhook": hanging_hook.url}, mode="async")
+    worker_factory("behave.py", worker_env(agent, SPIRIT_WEBHOOK_CONCURRENCY="1",
+                                           SPIRIT_WEBHOOK_QUEUE="1",
+                                           SPIRIT_WEBHOOK_ATTEMPTS="1",
+                                           APP_CONCURRENCY="6"))  # all six at once
+    await agent.wait_for(lambda: len(hanging_hook.calls) == 1, 20)
+    hanging_hook.release.set()
+    done = {f"b{i}" for i in range(6)}
+    await agent.wait_for(lambda: done <= set(agent.acks), 30)
+    assert sorted(hanging_hook.calls) == sorted(done)
+    assert all(agent.metrics[r][-1]["status"] == "succeed" for r in done)
+    assert all("webhook" not in agent.metrics[r][-1]["message"] for r in done)
+
+
 async def test_shutdown_waits_for_pending_webhooks_then_reports_them(
         agent: FakeAgent, worker_factory, hanging_hook: HangingHook) -> None:
     agent.enqueue("h", {"input": {}, "webhook": hanging_hook.url}, mode="async")
