@@ -18,9 +18,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PY, Result, free_port, main_for, result, servers, skipped, spawn  # noqa: E402
+from common import (  # noqa: E402
+    PY,
+    Result,
+    free_port,
+    main_for,
+    median_load,
+    result,
+    servers,
+    skipped,
+    spawn,
+)
 from e2e_async import measure  # noqa: E402
-from e2e_sync import AUTH, KEY, SID, _wait_listening, measure_round_robin, start_worker  # noqa: E402
+from e2e_sync import AUTH, KEY, SID, _wait_listening, measure_rounds, start_worker  # noqa: E402
 
 from spirit_gpu.loop import run as run_loop  # noqa: E402
 
@@ -60,7 +70,9 @@ def run(quick: bool) -> list[Result]:
             targets = {"memory": (f"{mem}/v1/{SID}-s/sync", AUTH),
                        "nats-1": (f"{n1}/v1/{SID}-s1/sync", AUTH),
                        "nats-2": (f"{n1}/v1/{SID}-s2/sync", AUTH)}  # worker on replica 2
-            loads = measure_round_robin(targets, quick)
+            rounds, _ = measure_rounds(targets, {}, quick)
+            loads = {name: (median_load(c1), median_load(c32))
+                     for name, (c1, c32) in rounds.items()}
             n = 500 if quick else 2000
             start_worker(procs, mem, "link")
             start_worker(procs, n1, "link")

@@ -4,8 +4,9 @@ Delivery happens in the background (``WebhookSender``), after the job's handler
 slot is free: a webhook that never answers costs a delivery worker, never a
 handler slot. At most ``webhook_concurrency`` deliveries run at once and at most
 ``webhook_queue`` wait; a job whose webhook finds the queue full waits for room
-(its slot with it), so a burst slows the pulls down and loses nothing. Every target is checked against the webhook policy (net/webhook_policy.py)
-before each try, on the addresses the connection will use.
+(its slot with it), so a burst slows the pulls down and loses nothing. Every
+target is checked against the webhook policy (net/webhook_policy.py) before
+each try, on the addresses the connection will use.
 """
 
 from __future__ import annotations
