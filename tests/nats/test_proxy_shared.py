@@ -9,8 +9,9 @@ from collections.abc import Awaitable, Callable, Iterator
 import aiohttp
 import pytest
 
+from tests.conftest import until
 from tests.nats_server import TempNats
-from tests.proxy.conftest import AUTH, SID, Gateway, Worker, llm, make_gateway, make_worker, until
+from tests.proxy.conftest import AUTH, SID, Gateway, Worker, llm, make_gateway, make_worker
 from tests.proxy.fake_llm import FakeLLM
 
 __all__ = ["llm", "make_gateway", "make_worker"]
