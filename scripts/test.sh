@@ -12,4 +12,6 @@ if ! .venv/bin/python -m tests.compat.original_venv; then
   [ "${SPIRIT_REQUIRE_ORIGINAL:-0}" = 1 ] && exit 1
   echo "tests/compat: the original worker's venv could not be made; its tests will skip" >&2
 fi
-.venv/bin/pytest -q -p no:cacheprovider "$@"
+# Most tests wait on processes and sockets, not on the CPU: four at a time finish in
+# about 100 s on 2 cores (about 270 s one at a time). `scripts/test.sh -n 0` runs them serially.
+.venv/bin/pytest -q -p no:cacheprovider -n 4 "$@"
