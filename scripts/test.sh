@@ -14,4 +14,4 @@ if ! .venv/bin/python -m tests.compat.original_venv; then
 fi
 # Most tests wait on processes and sockets, not on the CPU: four at a time finish in
 # about 100 s on 2 cores (about 270 s one at a time). `scripts/test.sh -n 0` runs them serially.
-.venv/bin/pytest -q -p no:cacheprovider -n 4 "$@"
+.venv/bin/pytest -q -rs -p no:cacheprovider -n 4 "$@"

@@ -49,7 +49,7 @@ async def test_long_poll_hands_over_within_milliseconds(gw: Gw) -> None:
     code, env = await pulling
     assert env is not None and env["headers"]["Ease-Request-Id"] == body["id"]
     assert time.monotonic() - submitted < 0.5
-    code, _ = await worker.pull()
+    code, _ = await worker.pull(wait_ms=5000)
     assert code == 404
 
 
@@ -74,7 +74,7 @@ async def test_worker_token_accepted(gateway_factory: GatewayFactory) -> None:
     _, body, _ = await gw.call("POST", "/v1/t/async", json_body={
         "input": 1, "webhook": "http://127.0.0.1:9/h"})
     assert (await PlainWorker(gw, "t").pull())[0] == 401
-    code, env = await PlainWorker(gw, "t", token=TOKEN).pull()
+    code, env = await PlainWorker(gw, "t", token=TOKEN).pull(wait_ms=5000)
     assert code == 200 and env is not None
     code, _, _ = await gw.call("POST", "/v1/t/sync", json_body={"input": 1},
                                headers={"Authorization": f"Bearer {TOKEN}"})
@@ -88,8 +88,8 @@ async def test_lease_redelivers_unstarted_and_fails_started(
     _, a, _ = await gw.call("POST", "/v1/l/async", json_body={"input": "a", "webhook": hook})
     _, b, _ = await gw.call("POST", "/v1/l/async", json_body={"input": "b", "webhook": hook})
     lost = PlainWorker(gw, "l", worker_id="lost")
-    _, env_a = await lost.pull()
-    _, env_b = await lost.pull()
+    _, env_a = await lost.pull(wait_ms=5000)
+    _, env_b = await lost.pull(wait_ms=5000)
     assert env_a and env_b
     await lost.executing(b["id"])  # b started, a never did; then the worker goes silent
 
@@ -100,7 +100,7 @@ async def test_lease_redelivers_unstarted_and_fails_started(
     assert st["statusCode"] == 500 and "worker lost" in st["message"]
     assert (await gw.status("l", a["id"]))["status"] == "queueing"
     fresh = PlainWorker(gw, "l", worker_id="fresh")
-    code, env = await fresh.pull()
+    code, env = await fresh.pull(wait_ms=5000)
     assert env is not None and env["headers"]["Ease-Request-Id"] == a["id"]
     # the lost worker comes back and reports b: the first terminal status stays
     assert (await lost.result(b["id"], 200, b"late"))[0] == 200
@@ -113,7 +113,7 @@ async def test_heartbeats_keep_a_long_job_alive(gateway_factory: GatewayFactory)
     _, a, _ = await gw.call("POST", "/v1/h/async", json_body={
         "input": 1, "webhook": "http://127.0.0.1:9/h"})
     worker = PlainWorker(gw, "h")
-    await worker.pull()
+    await worker.pull(wait_ms=5000)
     await worker.executing(a["id"])
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:  # three leases long
@@ -132,7 +132,7 @@ async def test_unstarted_job_fails_after_max_deliveries(gateway_factory: Gateway
         worker = PlainWorker(gw, "m", worker_id=f"w{i}")
 
         async def pulled(w: PlainWorker = worker) -> bool:
-            return (await w.pull())[0] == 200
+            return (await w.pull(wait_ms=5000))[0] == 200
         await until(pulled, 5, f"delivery {i}")
 
     async def failed() -> bool:
@@ -145,7 +145,7 @@ async def test_chunks_stream_as_sse_before_the_end(gw: Gw) -> None:
     worker = PlainWorker(gw, "sse")
     _, a, _ = await gw.call("POST", "/v1/sse/async", json_body={
         "input": 1, "webhook": "http://127.0.0.1:9/h"})
-    await worker.pull()
+    await worker.pull(wait_ms=5000)
     await worker.executing(a["id"])
     seen: list[bytes] = []
     async with gw.session.get(f"{gw.url}/v1/sse/stream", params={"requestID": a["id"]},

@@ -87,7 +87,7 @@ async def test_async_flow_status_and_batch(gw: Gw) -> None:
                   "result": None}
 
     worker = PlainWorker(gw, "a")
-    _, env = await worker.pull()
+    _, env = await worker.pull(wait_ms=5000)
     assert env is not None
     h = env["headers"]
     assert h["Ease-Mode"] == "async" and h["Ease-Request-Id"] == first["id"]
@@ -146,7 +146,7 @@ async def test_sync_timeout_is_408_and_cancels(gateway_factory: GatewayFactory) 
     code, body, _ = await gw.call("POST", "/v1/slow/sync", json_body={"input": 1})
     assert code == 408 and body["error"].startswith("request timeout")
     # it timed out while queued: it is gone from the queue
-    _, env = await worker.pull()
+    _, env = await worker.pull(wait_ms=5000)
     assert env is None  # it was cancelled while queued: nothing to hand out
 
 
@@ -169,7 +169,7 @@ async def test_results_kept_for_retention_then_404(gateway_factory: GatewayFacto
     code, body, _ = await gw.call("POST", "/v1/r/async", json_body={
         "input": 1, "webhook": "http://127.0.0.1:9/h"})
     worker = PlainWorker(gw, "r")
-    _, env = await worker.pull()
+    _, env = await worker.pull(wait_ms=5000)
     assert env is not None
     await worker.result(body["id"], 200, b"1")
     assert (await gw.status("r", body["id"]))["status"] == "succeed"
@@ -212,7 +212,7 @@ async def test_cancel_running_tells_the_worker(gw: Gw) -> None:
     _, body, _ = await gw.call("POST", "/v1/k/async", json_body={
         "input": 1, "webhook": "http://127.0.0.1:9/h"})
     worker = PlainWorker(gw, "k")
-    _, env = await worker.pull()
+    _, env = await worker.pull(wait_ms=5000)
     assert env is not None
     await worker.executing(body["id"])
     assert await worker.heartbeat([body["id"]]) == []
@@ -275,7 +275,7 @@ async def test_result_too_large(gateway_factory: GatewayFactory) -> None:
     _, body, _ = await gw.call("POST", "/v1/big/async", json_body={
         "input": 1, "webhook": "http://127.0.0.1:9/h"})
     worker = PlainWorker(gw, "big")
-    await worker.pull()
+    await worker.pull(wait_ms=5000)
     code, err = await worker.result(body["id"], 200, b"x" * 11)
     assert code == 413 and "result too large" in err["error"]
     st = await gw.status("big", body["id"])
