@@ -28,6 +28,10 @@ from spirit_gpu.protocol.agent import API_PREFIX, WORKER_ID_HEADER
 PATH = "/agent/{sid}/apis/v1/link"
 LINK_PREFIX = "link:"  # worker names of link workers, as storage records them
 MAX_REFUSED = 1000  # frames about other workers' requests before the link is closed
+# frames handled at once on one link when storage calls wait on the network; past it
+# the link is read no further until one is done (the worker's writes push back)
+MAX_CONCURRENT_FRAMES = 512
+_PER_REQUEST = (lp.Metric, lp.Result, lp.Ack, lp.Chunk)
 
 
 def dispatch_frame(rec: RequestRecord, agent_base: str = "") -> lp.Dispatch:
@@ -58,6 +62,13 @@ class LinkSession:
         self.held: set[str] = set()  # dispatched to (or adopted by) this link, not yet acked
         self.refused = 0  # frames about requests this worker does not hold
         self.last_touch = 0.0
+        # frames being handled, per request: a request's frames run in order, those of
+        # different requests at once (one storage round trip each need not queue
+        # behind another request's)
+        self.pending: dict[str, asyncio.Task[None]] = {}
+        self.room = asyncio.Semaphore(MAX_CONCURRENT_FRAMES)
+        self.concurrent = gw.storage.waits_on_network
+        self.closing: asyncio.Task[bool] | None = None
         # dispatches, cancels: what a loop turn sends goes out as one message
         self.writer: BatchWriter[lp.Frame] = BatchWriter(
             lp.encode_many, ws_sink(ws.send_bytes), max_batch=0 if batches else 1,
@@ -84,10 +95,14 @@ class LinkSession:
                 for frame in frames:
                     if self.ws.closed:
                         break
-                    await self._on_frame(frame)
+                    if self.concurrent and isinstance(frame, _PER_REQUEST):
+                        await self._start(frame)
+                    else:
+                        await self._on_frame(frame)
         finally:
             dispatcher.cancel()
-            await asyncio.gather(dispatcher, return_exceptions=True)
+            # what the worker sent before it went is still stored
+            await asyncio.gather(dispatcher, *self.pending.values(), return_exceptions=True)
             await self.writer.close()
             for request_id in self.held:
                 if self.gw.links.get(request_id) == self.push_cancel:
@@ -139,6 +154,30 @@ class LinkSession:
         self.writer.send(lp.Cancel(request_ids=request_ids))
 
     # --- inbound -------------------------------------------------------------------
+    async def _start(self, frame: lp.Metric | lp.Result | lp.Ack | lp.Chunk) -> None:
+        await self.room.acquire()
+        rid = frame.request_id
+        task = asyncio.create_task(self._after(self.pending.get(rid), frame))
+        self.pending[rid] = task
+        task.add_done_callback(lambda t: self._handled(rid, t))
+
+    async def _after(self, before: asyncio.Task[None] | None, frame: lp.Frame) -> None:
+        if before is not None:
+            await asyncio.wait((before,))
+        await self._on_frame(frame)
+
+    def _handled(self, rid: str, task: asyncio.Task[None]) -> None:
+        self.room.release()
+        if self.pending.get(rid) is task:
+            del self.pending[rid]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # as when frames were handled inline: the link ends, the worker reconnects
+            logger.warn(f"link {self.worker} ({self.sid}): a frame about {rid} failed: "
+                        f"{exc!r}; closing the link", request_id=rid)
+            if not self.ws.closed and self.closing is None:
+                self.closing = asyncio.create_task(self.ws.close(code=WSCloseCode.INTERNAL_ERROR,
+                                                  message=b"storage failed"))
+
     async def _on_frame(self, frame: lp.Frame) -> None:
         gw, sid = self.gw, self.sid
         now = time.monotonic()

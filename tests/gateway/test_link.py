@@ -154,14 +154,14 @@ async def test_a_cut_link_resends_a_turns_frames_together_and_in_order(
     from spirit_gpu.protocol import link as lp
 
     seen: list[tuple[str, str]] = []  # (frame, request id) in the order the gateway reads them
-    original = link_server.LinkSession._on_frame
+    original = lp.decode_all
 
-    async def record(self: link_server.LinkSession, frame: lp.Frame) -> None:
-        if isinstance(frame, lp.Metric | lp.Result | lp.Ack):
-            seen.append((f"{type(frame).__name__}:{getattr(frame, 'status', '')}",
-                         frame.request_id))
-        await original(self, frame)
-    monkeypatch.setattr(link_server.LinkSession, "_on_frame", record)
+    def record(data: bytes) -> list[lp.Frame]:
+        frames = original(data)
+        seen.extend((f"{type(f).__name__}:{getattr(f, 'status', '')}", f.request_id)
+                    for f in frames if isinstance(f, lp.Metric | lp.Result | lp.Ack))
+        return frames
+    monkeypatch.setattr(link_server.lp, "decode_all", record)
 
     link = LinkTransport(session, f"{gw.url}/agent/lx")
     await link.connect()

@@ -147,6 +147,9 @@ class Storage(abc.ABC):
     on_finish: FinishHook | None = None  # called once per request, when it turns terminal
     # called with running requests cancelled through another replica (their link may be here)
     on_remote_cancel: CancelHook | None = None
+    # its calls wait on the network (a round trip each): callers with many independent
+    # calls to make (a link's frames) make them concurrently instead of one by one
+    waits_on_network: bool = False
 
     async def start(self) -> None:
         """Open connections, start background work."""
