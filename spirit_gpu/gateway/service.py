@@ -167,18 +167,23 @@ class Gateway:
                             data: bytes) -> str:
         """Store a worker's result. Returns "" or why it was refused (result too large)."""
         self.links.pop(request_id, None)
-        rec = await self.storage.get(sid, request_id)
-        if rec is None:
-            return "request not found"
-        limit = self.result_limit(rec.mode)
-        if len(data) > limit:
-            why = (f"result too large: {len(data)} bytes, the limit for {rec.mode} "
-                   f"requests is {limit} bytes")
-            await self.storage.finish(sid, request_id, 500, why,
-                                      msgspec.json.encode({"error": why}))
-            return why
-        await self.storage.finish(sid, request_id, status_code, message, data)
-        return ""
+        if len(data) > min(self.result_limit("sync"), self.result_limit("async")):
+            # only a result this large needs the request's mode (a read, which on a
+            # networked store is a round trip)
+            rec = await self.storage.get(sid, request_id)
+            if rec is None:
+                return "request not found"
+            limit = self.result_limit(rec.mode)
+            if len(data) > limit:
+                why = (f"result too large: {len(data)} bytes, the limit for {rec.mode} "
+                       f"requests is {limit} bytes")
+                await self.storage.finish(sid, request_id, 500, why,
+                                          msgspec.json.encode({"error": why}))
+                return why
+        if await self.storage.finish(sid, request_id, status_code, message, data):
+            return ""
+        # ended already (the first end wins), or unknown
+        return "" if await self.storage.get(sid, request_id) is not None else "request not found"
 
     async def report_failed(self, sid: str, request_id: str, message: str) -> None:
         """A ``failed`` metric: the request's end when no result came first.

@@ -1,8 +1,11 @@
 """Stream, subject and consumer names of the NATS store, and the records it keeps.
 
 * ``SPIRIT_JOBS`` (work queue): one message per queued request on
-  ``spirit.jobs.<sid>``; one durable pull consumer per serverless id; the
-  message's ack subject is the lease (ack-wait redelivery, ``+WPI`` renews).
+  ``spirit.jobs.<sid>.<id>``, holding the whole record as submitted (a request
+  has no record in ``SPIRIT_REQ`` until it is delivered a while or ends: its
+  message stands for it until then); one durable pull consumer per serverless
+  id; the message's ack subject is the lease (ack-wait redelivery, ``+WPI``
+  renews).
 * ``SPIRIT_REQ`` (one message per subject, per-message TTL): the request's
   record on ``spirit.req.<sid>.<id>``, updated compare-and-set on the subject's
   last sequence; a terminal record lives for the retention, then the server
@@ -33,8 +36,15 @@ CANCEL_SUBJECT = "spirit.cancel"
 PROXY_SUBJECT = "spirit.proxy.reg"
 
 
+def job(sid: str, request_id: str) -> str:
+    """A queued request's own subject: its message is found by it (a status read of a
+    request that has no record yet)."""
+    return f"spirit.jobs.{sid}.{request_id}"
+
+
 def jobs(sid: str) -> str:
-    return f"spirit.jobs.{sid}"
+    """Every queued request of ``sid`` (its consumer's filter)."""
+    return f"spirit.jobs.{sid}.*"
 
 
 def record(sid: str, request_id: str) -> str:

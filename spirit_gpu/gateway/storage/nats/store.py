@@ -97,6 +97,10 @@ class _Held:
     sid: str
     claim: Doc | None = None  # the delivered job (holder, ack subject, sequence)
     started_at: int = 0
+    # handed over here on its first delivery: most likely it has no record yet, so
+    # the next write may compare against "none" without reading first (once: a
+    # compare that fails reads)
+    fresh: bool = False
     timer: asyncio.TimerHandle | None = None
     since: int = field(default_factory=lambda: int(time.time() * 1000))
 
@@ -115,6 +119,8 @@ class _Held:
 
 
 class NatsStorage(Storage):
+    waits_on_network = True
+
     def __init__(self, urls: list[str], lease_seconds: float = 20.0,
                  retention_seconds: float = 1800.0, max_deliveries: int = 3,
                  ttl_max_seconds: float = 86400.0, replicas: int = 1,
@@ -214,9 +220,13 @@ class NatsStorage(Storage):
         if settle:
             await self._settled(request_id)
         known = self._known.pop(request_id, None)
+        held = self._held.get(request_id)
         if known is not None:
             doc: Doc | None = msgspec.structs.replace(known[0])
             last = known[1]
+        elif held is not None and held.fresh and held.claim is not None:
+            held.fresh = False
+            doc, last = msgspec.structs.replace(held.claim), 0
         else:
             doc, last = await self._load(sid, request_id)
         return (self._overlay(request_id, doc) if overlay else doc), last
@@ -234,6 +244,23 @@ class NatsStorage(Storage):
         return self._overlay(request_id, doc), last
 
     async def _load(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
+        """The record and its sequence (the compare-and-set base). A request with no
+        record yet is still queued (or just delivered): its queued message stands for
+        it, with base 0 (the first record write creates the subject)."""
+        doc, last = await self._record(sid, request_id)
+        if doc is not None or last:
+            return doc, last
+        try:
+            m = await self.js.get_msg(names.JOBS, subject=names.job(sid, request_id),
+                                      direct=True)
+        except NotFoundError:
+            # ended meanwhile: its terminal record is written before its message goes
+            return await self._record(sid, request_id)
+        if not m.data:
+            return None, 0
+        return msgspec.structs.replace(decode(m.data), body=b"", sequence=m.seq or 0), 0
+
+    async def _record(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
         try:
             m = await self.js.get_msg(names.REQ, subject=names.record(sid, request_id),
                                       direct=True)
@@ -376,20 +403,12 @@ class NatsStorage(Storage):
         # Nats-Msg-Id: publishing again (a retry through an election or a reconnect)
         # does not queue it twice
         ack = await self._patiently(lambda: self.js.publish(
-            names.jobs(req.sid), payload, headers={Header.MSG_ID.value: rid}))
+            names.job(req.sid, rid), payload, headers={Header.MSG_ID.value: rid}))
         doc.sequence = ack.seq
-        # The queued message holds the whole record: from here the request is safe,
-        # and a take that finds no record writes it from the message. The record is
-        # written meanwhile; what reads or writes it here next waits for that.
-        self._in_background(rid, self._record_write(doc))
+        # The queued message holds the whole record: from here the request is safe.
+        # Its record is first written when it ends or has run a while (``_hold``):
+        # until then reads find the message (``_load``).
         return doc
-
-    async def _record_write(self, doc: Doc) -> None:
-        try:
-            # False: a worker took it already and wrote the record
-            await self._patiently(lambda: self._write(msgspec.structs.replace(doc), 0))
-        except _OUTAGE as exc:
-            logger.warn(f"NATS store: writing the record of {doc.request_id} failed: {exc!r}")
 
     async def _patiently(self, call: Callable[[], Coroutine[Any, Any, R]]) -> R:
         """Retry an idempotent call through a short outage (a leader election, a
@@ -554,7 +573,7 @@ class NatsStorage(Storage):
             job = decode(m.data)
             if job.mode != mode:
                 continue
-            doc, last = await self._load(sid, job.request_id)
+            doc, last = await self._record(sid, job.request_id)
             if doc is None:
                 doc = msgspec.structs.replace(job, body=b"", sequence=m.seq or 0)
             if doc.terminal or doc.delivered:
@@ -603,7 +622,7 @@ class NatsStorage(Storage):
         prefix = len("spirit.jobs.")
         for info in await self.js.consumers_info(names.JOBS):
             subject = info.config.filter_subject or ""
-            sid = subject[prefix:]
+            sid = subject[prefix:].removesuffix(".*")
             out.append(SidStats(sid=sid, queued=int(info.num_pending or 0),
                                 in_flight=int(info.num_ack_pending or 0),
                                 workers=self._present(sid)))
@@ -720,7 +739,9 @@ class NatsStorage(Storage):
         job.deliveries = 1
         job.ack = msg.reply
         rid = job.request_id
-        self._hold(sid, rid).claim = msgspec.structs.replace(job, body=b"", deliveries=0)
+        held = self._hold(sid, rid)
+        held.claim = msgspec.structs.replace(job, body=b"", deliveries=0)
+        held.fresh = True
         return job
 
     def _in_background(self, rid: str, write: Coroutine[Any, Any, None]) -> None:
