@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable
 
 import msgspec
@@ -62,11 +63,13 @@ class LinkSession:
         self.held: set[str] = set()  # dispatched to (or adopted by) this link, not yet acked
         self.refused = 0  # frames about requests this worker does not hold
         self.last_touch = 0.0
-        # frames being handled, per request: a request's frames run in order, those of
-        # different requests at once (one storage round trip each need not queue
-        # behind another request's)
-        self.pending: dict[str, asyncio.Task[None]] = {}
-        self.room = asyncio.Semaphore(MAX_CONCURRENT_FRAMES)
+        # a request's frames are handled in order by one task, those of different
+        # requests at once (one storage round trip each need not queue behind another
+        # request's): per request with a task, the frames waiting for it
+        self.queued: dict[str, deque[lp.Frame]] = {}
+        self.pending: set[asyncio.Task[None]] = set()
+        self.unhandled = 0  # frames read and not handled yet
+        self.room = asyncio.Event()
         self.concurrent = gw.storage.waits_on_network
         self.closing: asyncio.Task[bool] | None = None
         # dispatches, cancels: what a loop turn sends goes out as one message
@@ -102,7 +105,7 @@ class LinkSession:
         finally:
             dispatcher.cancel()
             # what the worker sent before it went is still stored
-            await asyncio.gather(dispatcher, *self.pending.values(), return_exceptions=True)
+            await asyncio.gather(dispatcher, *self.pending, return_exceptions=True)
             await self.writer.close()
             for request_id in self.held:
                 if self.gw.links.get(request_id) == self.push_cancel:
@@ -155,28 +158,46 @@ class LinkSession:
 
     # --- inbound -------------------------------------------------------------------
     async def _start(self, frame: lp.Metric | lp.Result | lp.Ack | lp.Chunk) -> None:
-        await self.room.acquire()
         rid = frame.request_id
-        task = asyncio.create_task(self._after(self.pending.get(rid), frame))
-        self.pending[rid] = task
-        task.add_done_callback(lambda t: self._handled(rid, t))
+        self.unhandled += 1
+        waiting = self.queued.get(rid)
+        if waiting is not None:
+            waiting.append(frame)
+        else:
+            self.queued[rid] = deque()
+            task = asyncio.create_task(self._handle_in_order(rid, frame))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+        if self.unhandled >= MAX_CONCURRENT_FRAMES:
+            self.room.clear()
+            await self.room.wait()
 
-    async def _after(self, before: asyncio.Task[None] | None, frame: lp.Frame) -> None:
-        if before is not None:
-            await asyncio.wait((before,))
-        await self._on_frame(frame)
-
-    def _handled(self, rid: str, task: asyncio.Task[None]) -> None:
-        self.room.release()
-        if self.pending.get(rid) is task:
-            del self.pending[rid]
-        if not task.cancelled() and (exc := task.exception()) is not None:
+    async def _handle_in_order(self, rid: str, frame: lp.Frame) -> None:
+        waiting = self.queued[rid]
+        try:
+            while True:
+                try:
+                    await self._on_frame(frame)
+                finally:
+                    self._handled(1)
+                if not waiting:
+                    return
+                frame = waiting.popleft()
+        except Exception as exc:
             # as when frames were handled inline: the link ends, the worker reconnects
             logger.warn(f"link {self.worker} ({self.sid}): a frame about {rid} failed: "
                         f"{exc!r}; closing the link", request_id=rid)
             if not self.ws.closed and self.closing is None:
-                self.closing = asyncio.create_task(self.ws.close(code=WSCloseCode.INTERNAL_ERROR,
-                                                  message=b"storage failed"))
+                self.closing = asyncio.create_task(self.ws.close(
+                    code=WSCloseCode.INTERNAL_ERROR, message=b"storage failed"))
+        finally:
+            del self.queued[rid]
+            self._handled(len(waiting))  # (left unhandled when the link ends)
+
+    def _handled(self, n: int) -> None:
+        self.unhandled -= n
+        if self.unhandled < MAX_CONCURRENT_FRAMES:
+            self.room.set()
 
     async def _on_frame(self, frame: lp.Frame) -> None:
         gw, sid = self.gw, self.sid
