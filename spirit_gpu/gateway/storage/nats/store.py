@@ -46,6 +46,7 @@ from spirit_gpu.gateway.storage.base import (
     status_for_code,
 )
 from spirit_gpu.gateway.storage.nats import names, server
+from spirit_gpu.gateway.storage.nats.jsapi import JetStreamCalls
 from spirit_gpu.gateway.storage.nats.names import Doc, decode, encode
 from spirit_gpu.log import logger
 
@@ -75,6 +76,11 @@ class _CancelNote(msgspec.Struct):
 
 _cancel_decode = msgspec.json.Decoder(_CancelNote).decode
 _OUTAGE = (nats.errors.Error, TimeoutError, OSError)
+
+
+def _time_to_read(fut: asyncio.Future[Doc | None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _guarded(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -135,10 +141,11 @@ class NatsStorage(Storage):
         self.replica = uuid.uuid4().hex[:12]
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._calls: JetStreamCalls | None = None
         self._blobs: ObjectStore | None = None
         self.blob_at = 900 * 1024
         self._consumers: set[str] = set()
-        self._waiting: dict[str, list[asyncio.Future[Doc]]] = {}
+        self._waiting: dict[str, list[asyncio.Future[Doc | None]]] = {}
         self._seen: dict[str, dict[str, float]] = {}  # sid -> worker -> last seen (ms)
         self._touched: dict[tuple[str, str], float] = {}
         self._subs: list[Subscription] = []
@@ -147,7 +154,7 @@ class NatsStorage(Storage):
         # fails the compare and is read again)
         self._known: dict[str, tuple[Doc, int]] = {}
         self._claims: dict[str, asyncio.Task[None]] = {}  # take's record writes in flight
-        self._early: dict[str, asyncio.Future[Doc]] = {}  # sync submits' wake-ups
+        self._early: dict[str, asyncio.Future[Doc | None]] = {}  # sync submits' wake-ups
         self._prefetched: dict[str, deque[tuple[float, Msg]]] = {}
         self._held: dict[str, _Held] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -161,6 +168,11 @@ class NatsStorage(Storage):
         return self._nc
 
     @property
+    def calls(self) -> JetStreamCalls:
+        assert self._calls is not None, "NatsStorage.start() first"
+        return self._calls
+
+    @property
     def js(self) -> JetStreamContext:
         assert self._js is not None, "NatsStorage.start() first"
         return self._js
@@ -170,6 +182,8 @@ class NatsStorage(Storage):
         self._nc = await server.connect(self.urls, f"spirit-gateway-{self.replica}")
         try:
             self._js = self.nc.jetstream(timeout=5.0)
+            self._calls = JetStreamCalls(self.nc, timeout=5.0)
+            await self._calls.start()
             await server.check(self.nc, self.js)
             self._blobs = await self._declare()
             self.blob_at = max(1024, self.nc.max_payload - 64 * 1024)
@@ -204,6 +218,8 @@ class NatsStorage(Storage):
             for fut in futs:
                 fut.cancel()
         self._waiting.clear()
+        if self._calls is not None:
+            await self._calls.close()
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(*_OUTAGE):
                 await asyncio.wait_for(self._nc.drain(), 5.0)
@@ -250,25 +266,21 @@ class NatsStorage(Storage):
         doc, last = await self._record(sid, request_id)
         if doc is not None or last:
             return doc, last
-        try:
-            m = await self.js.get_msg(names.JOBS, subject=names.job(sid, request_id),
-                                      direct=True)
-        except NotFoundError:
+        m = await self.calls.last(names.JOBS, names.job(sid, request_id))
+        if m is None:
             # ended meanwhile: its terminal record is written before its message goes
             return await self._record(sid, request_id)
         if not m.data:
             return None, 0
-        return msgspec.structs.replace(decode(m.data), body=b"", sequence=m.seq or 0), 0
+        return msgspec.structs.replace(decode(m.data), body=b"", sequence=m.seq), 0
 
     async def _record(self, sid: str, request_id: str) -> tuple[Doc | None, int]:
-        try:
-            m = await self.js.get_msg(names.REQ, subject=names.record(sid, request_id),
-                                      direct=True)
-        except NotFoundError:
+        m = await self.calls.last(names.REQ, names.record(sid, request_id))
+        if m is None:
             return None, 0
         if not m.data:
-            return None, m.seq or 0
-        return decode(m.data), m.seq or 0
+            return None, m.seq
+        return decode(m.data), m.seq
 
     async def _write(self, doc: Doc, last: int, ttl: float | None = None) -> bool:
         """Compare-and-set on the record's subject; False when someone wrote first."""
@@ -278,7 +290,7 @@ class NatsStorage(Storage):
         if doc.body:
             doc = msgspec.structs.replace(doc, body=b"")
         try:
-            ack = await self.js.publish(names.record(doc.sid, doc.request_id), encode(doc),
+            seq, _ = await self.calls.publish(names.record(doc.sid, doc.request_id), encode(doc),
                                         headers=hdrs)
         except APIError as exc:
             self._known.pop(doc.request_id, None)
@@ -291,7 +303,7 @@ class NatsStorage(Storage):
         else:
             if len(self._known) > _KNOWN_MAX:
                 self._known.clear()
-            self._known[doc.request_id] = (doc, ack.seq)
+            self._known[doc.request_id] = (doc, seq)
         return True
 
     async def _blob_put(self, name: str, data: bytes) -> None:
@@ -388,7 +400,7 @@ class NatsStorage(Storage):
             job = msgspec.structs.replace(doc, body=b"")
         payload = encode(job)
         if req.mode == "sync":  # the client waits next: be ready for the wake-up now
-            fut: asyncio.Future[Doc] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[Doc | None] = asyncio.get_running_loop().create_future()
             self._early[rid] = fut
             self._waiting.setdefault(rid, []).append(fut)
         try:
@@ -402,9 +414,9 @@ class NatsStorage(Storage):
         rid = doc.request_id
         # Nats-Msg-Id: publishing again (a retry through an election or a reconnect)
         # does not queue it twice
-        ack = await self._patiently(lambda: self.js.publish(
+        seq, _ = await self._patiently(lambda: self.calls.publish(
             names.job(req.sid, rid), payload, headers={Header.MSG_ID.value: rid}))
-        doc.sequence = ack.seq
+        doc.sequence = seq
         # The queued message holds the whole record: from here the request is safe.
         # Its record is first written when it ends or has run a while (``_hold``):
         # until then reads find the message (``_load``).
@@ -439,11 +451,14 @@ class NatsStorage(Storage):
 
     @_guarded
     async def wait_done(self, sid: str, request_id: str, wait: float) -> RequestRecord | None:
+        """Woken by ``_wake`` (the result was stored here, or a note came on the done
+        subject); every ``_RECHECK`` s it reads the record (a wake-up lost in an outage).
+        A wake-up future resolves to the record, or to None when it is time to read."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         early = self._early.pop(request_id, None)  # registered by submit: no first read
-        fut: asyncio.Future[Doc] = early or loop.create_future()
         futs = self._waiting.setdefault(request_id, [])
+        fut: asyncio.Future[Doc | None] = early or loop.create_future()
         if early is None:
             futs.append(fut)
         try:
@@ -455,12 +470,19 @@ class NatsStorage(Storage):
                 left = deadline - loop.time()
                 if left <= 0:
                     return None
-                await asyncio.wait((fut,), timeout=min(left, _RECHECK))
-                if fut.done():
-                    return await self._resolved(fut.result())
+                timer = loop.call_later(min(left, _RECHECK), _time_to_read, fut)
+                try:
+                    doc = await fut
+                finally:
+                    timer.cancel()
+                if doc is not None:
+                    return await self._resolved(doc)
                 rec = await self.get(sid, request_id)
                 if rec is None or rec.terminal:
                     return rec
+                futs.remove(fut)
+                fut = loop.create_future()
+                futs.append(fut)
         finally:
             if fut in futs:
                 futs.remove(fut)
@@ -521,12 +543,8 @@ class NatsStorage(Storage):
                 await sub.unsubscribe()
 
     async def _last_chunk(self, sid: str, request_id: str) -> int:
-        try:
-            m = await self.js.get_msg(names.CHUNKS, subject=names.chunks(sid, request_id),
-                                      direct=True)
-        except NotFoundError:
-            return 0
-        return m.seq or 0
+        m = await self.calls.last(names.CHUNKS, names.chunks(sid, request_id))
+        return 0 if m is None else m.seq
 
     @_guarded
     async def cancel(self, sid: str, request_id: str, sequence: int | None,
@@ -962,9 +980,10 @@ class NatsStorage(Storage):
             await self._blob_put(name, data)
             hdrs[names.BLOB_HEADER] = name
             data = b""
-        ack = await self.js.publish(names.chunks(sid, request_id), data, headers=hdrs)
+        _, duplicate = await self.calls.publish(names.chunks(sid, request_id), data,
+                                                headers=hdrs)
         await self._reply(doc.ack, b"+WPI")
-        return not ack.duplicate
+        return not duplicate
 
     @_guarded
     async def heartbeat(self, sid: str, worker: str, request_ids: list[str]) -> list[str]:
