@@ -60,6 +60,7 @@ _STREAM_POLL = 0.2
 _KNOWN_MAX = 100_000
 _WRITE_BEHIND = 0.1  # seconds a delivery or start waits to be written with what follows
 _PREFETCH = 16  # deliveries fetched at once for a link filling a batch
+_BEHIND_FRESH = 0.01  # seconds a delivery's "none queued behind me" is believed
 _PREFETCH_HOLD = 0.05  # seconds unclaimed prefetched deliveries wait before going back
 _PATIENCE = 10.0  # seconds a submit retries through an outage before answering 500
 _DECLARE_PATIENCE = 30.0
@@ -156,6 +157,11 @@ class NatsStorage(Storage):
         self._claims: dict[str, asyncio.Task[None]] = {}  # take's record writes in flight
         self._early: dict[str, asyncio.Future[Doc | None]] = {}  # sync submits' wake-ups
         self._prefetched: dict[str, deque[tuple[float, Msg]]] = {}
+        # per sid, how many more were queued behind the last delivery (its metadata
+        # says) and when: a caller that will not wait right after is answered "none"
+        # without a round trip when that was 0 (a link filling a batch; what came
+        # meanwhile goes to its next waiting pull)
+        self._behind: dict[str, tuple[int, float]] = {}
         self._held: dict[str, _Held] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -667,6 +673,9 @@ class NatsStorage(Storage):
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS}.{names.consumer(sid)}"
         batch = 1
         if wait <= 0.01:
+            behind, at = self._behind.get(sid, (1, 0.0))
+            if not behind and time.monotonic() - at < _BEHIND_FRESH:
+                return None
             batch = _PREFETCH
             req: dict[str, Any] = {"batch": batch, "no_wait": True}
             timeout = 5.0
@@ -699,6 +708,7 @@ class NatsStorage(Storage):
                     late = sub._pending_queue.get_nowait()
                     if late.reply and Header.STATUS.value not in (late.headers or {}):
                         await self.nc.publish(late.reply, b"-NAK")
+        self._behind[sid] = (got[-1].metadata.num_pending if got else 0, time.monotonic())
         if not got:
             if trouble and wait > 0.01:  # not a busy loop while the stream elects a leader
                 await asyncio.sleep(min(wait, 0.5))
