@@ -356,15 +356,16 @@ class NatsStorage(Storage):
             doc = None
         else:
             raise StorageUnavailable(f"record of {request_id} kept changing")
+        # the waiting client first (it is on the critical path), then the delivery
+        if doc.waiter == self.replica:
+            self._wake(doc)
+        elif doc.waiter:
+            await self.nc.publish(names.done(doc.waiter), encode(doc))
         if doc.ack:  # release the delivery: done, or never to run again
             await self._reply(doc.ack, b"+TERM" if by_gateway else b"+ACK")
         elif not doc.delivered and doc.sequence:
             with contextlib.suppress(*_OUTAGE):
                 await self.js.delete_msg(names.JOBS, doc.sequence)
-        if doc.waiter == self.replica:
-            self._wake(doc)
-        elif doc.waiter:
-            await self.nc.publish(names.done(doc.waiter), encode(doc))
         if self.on_finish is not None:
             self.on_finish(doc)
         return doc
