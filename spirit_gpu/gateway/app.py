@@ -45,7 +45,8 @@ def default_storage(config: GatewayConfig) -> Storage:
                            retention_seconds=config.result_retention,
                            max_deliveries=config.max_deliveries,
                            ttl_max_seconds=config.async_ttl_max,
-                           replicas=config.store_replicas)
+                           replicas=config.store_replicas,
+                           max_chunk_bytes=config.max_result_bytes_sync)
     return MemoryStorage(lease_seconds=config.lease_seconds,
                          retention_seconds=config.result_retention,
                          max_deliveries=config.max_deliveries,

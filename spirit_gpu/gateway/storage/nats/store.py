@@ -33,6 +33,7 @@ from nats.js.object_store import ObjectStore
 
 from spirit_gpu.gateway.storage.base import (
     CANCELLED_CODE,
+    CHUNK_OVERHEAD,
     EXECUTING,
     CancelOutcome,
     ChunkEvent,
@@ -131,6 +132,7 @@ class NatsStorage(Storage):
     def __init__(self, urls: list[str], lease_seconds: float = 20.0,
                  retention_seconds: float = 1800.0, max_deliveries: int = 3,
                  ttl_max_seconds: float = 86400.0, replicas: int = 1,
+                 max_chunk_bytes: int = 10 * 1024 * 1024,
                  clock: Callable[[], float] = time.time) -> None:
         self.urls = urls
         self.lease = lease_seconds
@@ -138,6 +140,8 @@ class NatsStorage(Storage):
         self.max_deliveries = max_deliveries
         self.ttl_max = ttl_max_seconds
         self.stream_replicas = replicas
+        self.max_chunk_bytes = max_chunk_bytes
+        self._chunk_bytes: dict[str, int] = {}  # stream bytes counted per request, here
         self.clock = clock
         self.replica = uuid.uuid4().hex[:12]
         self._nc: Client | None = None
@@ -356,6 +360,7 @@ class NatsStorage(Storage):
             doc = None
         else:
             raise StorageUnavailable(f"record of {request_id} kept changing")
+        self._chunk_bytes.pop(request_id, None)
         # the waiting client first (it is on the critical path), then the delivery
         if doc.waiter == self.replica:
             self._wake(doc)
@@ -982,19 +987,52 @@ class NatsStorage(Storage):
 
     @_guarded
     async def add_chunk(self, sid: str, request_id: str, seq: int, data: bytes) -> bool:
-        doc, _ = await self._read(sid, request_id)
+        """The cap (``max_chunk_bytes``) is counted by the replica the chunks come
+        through: a worker that relinks to another replica mid-stream starts a new
+        count there."""
+        doc = self._holding(request_id)
+        if doc is None:
+            doc, _ = await self._read(sid, request_id)
         if doc is None or doc.terminal:
+            self._chunk_bytes.pop(request_id, None)
             return False
+        cost = len(data) + CHUNK_OVERHEAD
+        used = self._chunk_bytes.get(request_id, 0)
+        if used + cost > self.max_chunk_bytes:
+            return False
+        if len(self._chunk_bytes) > _KNOWN_MAX:
+            self._chunk_bytes.clear()
+        self._chunk_bytes[request_id] = used + cost  # (counted before the publish: chunks
+        # of one request may come concurrently over the plain agent API)
         hdrs = {Header.MSG_ID.value: f"{request_id}.{seq}", _SEQ_HEADER: str(seq)}
         if len(data) > self.blob_at:
             name = f"c-{request_id}-{seq}"
             await self._blob_put(name, data)
             hdrs[names.BLOB_HEADER] = name
             data = b""
-        _, duplicate = await self.calls.publish(names.chunks(sid, request_id), data,
-                                                headers=hdrs)
+        try:
+            _, duplicate = await self.calls.publish(names.chunks(sid, request_id), data,
+                                                    headers=hdrs)
+        except BaseException:
+            self._uncount(request_id, cost)
+            raise
+        if duplicate:
+            self._uncount(request_id, cost)
         await self._reply(doc.ack, b"+WPI")
         return not duplicate
+
+    def _uncount(self, request_id: str, cost: int) -> None:
+        if request_id in self._chunk_bytes:
+            self._chunk_bytes[request_id] -= cost
+
+    def _holding(self, request_id: str) -> Doc | None:
+        """What this replica knows of a request it delivered or wrote and that has not
+        ended here (no read: a stream's chunks need none each)."""
+        held = self._held.get(request_id)
+        if held is not None and held.claim is not None:
+            return held.claim
+        known = self._known.get(request_id)
+        return known[0] if known is not None else None
 
     @_guarded
     async def heartbeat(self, sid: str, worker: str, request_ids: list[str]) -> list[str]:
