@@ -18,7 +18,8 @@ Ends: no answer begun within ``proxy_response_timeout`` -> 408 (the request
 is ended, so a late answer is dropped); the request ended before an answer
 (a ``failed`` metric, worker lost, TTL) -> its status and ``{"error"}``; a
 second answer for one request (the original posts a 500 after a non-200
-upstream answer) is dropped: the first wins.
+upstream answer) is dropped: the first wins. These errors have the shape of
+the route's own (``net.relay.error_body``: OpenAI's on ``/v1/*``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from spirit_gpu.gateway.httpio import ApiError, json_response, read_body
 from spirit_gpu.gateway.service import Gateway
 from spirit_gpu.gateway.storage.base import NewRequest
 from spirit_gpu.log import logger
-from spirit_gpu.net.relay import HOP_BY_HOP, filter_pairs, json_error
+from spirit_gpu.net.relay import HOP_BY_HOP, filter_pairs, proxy_error
 from spirit_gpu.protocol.agent import WORKER_ID_HEADER, ProxyJob
 from spirit_gpu.protocol.proxy import CLIENT_AUTH_HEADER, REQUEST_ID_HEADER
 
@@ -91,11 +92,12 @@ async def forward(request: web.Request, gw: Gateway, sid: str, rid: str,
             return await _stream(request, gw, answer.result(), ids)
         done = ended.result() if ended.done() else None
         if done is not None:  # ended before any answer: failed metric, worker lost, TTL
-            return json_error(done.status_code or 500, done.message or done.status, ids)
+            return proxy_error(request.path, done.status_code or 500,
+                               done.message or done.status, ids)
         await gw.cancel(sid, request_id, None, 408, "request timeout: no proxy answer began "
                         f"within {cfg.proxy_response_timeout:g} s")
-        return json_error(408, "request timeout: the worker did not start responding in time",
-                          ids)
+        return proxy_error(request.path, 408, "request timeout: the worker did not start "
+                                              "responding in time", ids)
     finally:
         gw.proxy_answers.pop(request_id, None)
         ended.cancel()
