@@ -2,8 +2,9 @@
 
 A worker that does not register (the original spirit-gpu worker in proxy mode)
 takes proxied requests as queue jobs and answers them on ``request-proxy``; the
-client waiting on the proxy route gets that answer as it streams. Here the
-worker is a scripted plain-protocol client: the one that speaks this in
+client waiting on the proxy route gets that answer as it streams, also when
+the worker posted it to another gateway replica than the client's (NATS). Here
+the worker is a scripted plain-protocol client: the one that speaks this in
 production is the original package (tests/compat/test_original_proxy.py).
 """
 
@@ -17,12 +18,14 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import pytest
 
 from spirit_gpu.protocol.agent import ProxyJob
 from tests.conftest import until
 from tests.proxy.conftest import AUTH, BOTH_STORES, KEY, SID, Gateway
 
-pytestmark = BOTH_STORES
+# two replicas share one queue only through NATS
+NATS_ONLY = pytest.mark.parametrize("store", ["nats"], indirect=True)
 MakeGateway = Callable[..., Awaitable[Gateway]]
 
 
@@ -57,13 +60,16 @@ class QueueWorker:
                                data=data, headers=headers)
 
 
-async def polling(gateway: Gateway, session: aiohttp.ClientSession
+async def polling(gateway: Gateway, session: aiohttp.ClientSession,
+                  seen_by: Gateway | None = None
                   ) -> tuple[QueueWorker, asyncio.Task[tuple[str, ProxyJob]]]:
-    """A worker waiting for a job, once the gateway counts it as present (on NATS its
-    presence reaches the store a moment after its first poll)."""
+    """A worker of ``gateway`` waiting for a job, once ``seen_by`` (default: the same
+    gateway) counts it as present (on NATS its presence reaches the store a moment
+    after its first poll)."""
     worker = QueueWorker(session, gateway)
     taking = asyncio.create_task(worker.take())
-    await until(lambda: gateway.core.storage.has_worker(SID), what="the worker present")
+    await until(lambda: (seen_by or gateway).core.storage.has_worker(SID),
+                what="the worker present")
     return worker, taking
 
 
@@ -74,6 +80,7 @@ async def status_of(session: aiohttp.ClientSession, gateway: Gateway,
         return dict(await r.json()) if r.status == 200 else {}
 
 
+@BOTH_STORES
 async def test_an_answer_streams_from_the_queue_worker_to_the_client(
         make_gateway: MakeGateway) -> None:
     gateway = await make_gateway()
@@ -115,6 +122,7 @@ async def test_an_answer_streams_from_the_queue_worker_to_the_client(
         assert done["statusCode"] == 200
 
 
+@BOTH_STORES
 async def test_no_answer_in_time_is_408_and_a_late_answer_is_dropped(
         make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(proxy_response_timeout=0.5)
@@ -134,6 +142,7 @@ async def test_no_answer_in_time_is_408_and_a_late_answer_is_dropped(
         assert "no proxy answer began within 0.5 s" in ended["message"]
 
 
+@BOTH_STORES
 async def test_a_failed_metric_before_any_answer_reaches_the_client(
         make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(proxy_response_timeout=20.0)
@@ -146,3 +155,133 @@ async def test_a_failed_metric_before_any_answer_reaches_the_client(
             r = await client
             assert r.status == 500  # on /api/*: ollama's error shape
             assert "upstream refused the connection" in (await r.json())["error"]
+
+
+@NATS_ONLY
+async def test_an_answer_posted_to_another_replica_streams_to_the_client(
+        make_gateway: MakeGateway) -> None:
+    a = await make_gateway()  # the client's
+    b = await make_gateway()  # the worker's
+    release = asyncio.Event()
+    big = b"x" * (2 * 1024 * 1024 + 3)  # above NATS' 1 MB message limit
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first\n"
+        await release.wait()
+        yield big
+        yield b"\nlast\n"
+
+    async with aiohttp.ClientSession() as s:
+        worker, taking = await polling(b, s, seen_by=a)
+        client = asyncio.create_task(s.post(a.url + "/api/generate", headers=AUTH, json={}))
+        rid, _ = await asyncio.wait_for(taking, 15)
+        answering = asyncio.create_task(worker.answer(rid, 201, body(),
+                                                      {"X-Upstream": "u"}))
+        r = await asyncio.wait_for(client, 15)
+        assert r.status == 201 and r.headers["X-Upstream"] == "u"
+        assert r.headers["Ease-Request-Id"] == rid
+        assert await r.content.readline() == b"first\n"  # before the worker sent the rest
+        assert not answering.done()  # the worker's POST is answered once the copy is done
+        release.set()
+        rest = await r.read()  # (2 MB: compared in parts, so that a failure reads well)
+        assert (len(rest), rest.count(b"x"), rest[-6:]) == (len(big) + 6, len(big), b"\nlast\n")
+        assert await asyncio.wait_for(answering, 15) == (200, {})
+        for replica in (a, b):
+            ended = await status_of(s, replica, rid)
+            assert (ended["status"], ended["statusCode"]) == ("succeed", 201), ended
+
+
+@NATS_ONLY
+async def test_an_answer_posted_to_another_replica_after_the_408_is_dropped(
+        make_gateway: MakeGateway) -> None:
+    a = await make_gateway(proxy_response_timeout=0.5)
+    b = await make_gateway()
+    async with aiohttp.ClientSession() as s:
+        worker, taking = await polling(b, s, seen_by=a)
+        async with s.post(a.url + "/api/generate", headers=AUTH, json={}) as r:
+            assert r.status == 408
+        rid, _ = await asyncio.wait_for(taking, 15)
+        code, body = await worker.answer(rid, 200, b"late")
+        assert code == 200 and "dropped" in body["note"]
+        ended = await status_of(s, a, rid)
+        assert ended["statusCode"] == 408, ended
+
+
+@NATS_ONLY
+async def test_a_client_gone_mid_answer_stops_the_relay(make_gateway: MakeGateway) -> None:
+    a = await make_gateway()
+    b = await make_gateway()
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        while sent < 100_000:  # until the gateway stops reading
+            sent += 1
+            yield b"line\n" * 100
+
+    async with aiohttp.ClientSession() as s:
+        worker, taking = await polling(b, s, seen_by=a)
+        client = asyncio.create_task(s.post(a.url + "/api/generate", headers=AUTH, json={}))
+        rid, _ = await asyncio.wait_for(taking, 15)
+        answering = asyncio.create_task(worker.answer(rid, 200, endless()))
+        r = await asyncio.wait_for(client, 15)
+        assert await r.content.readline() == b"line\n"
+        r.close()  # the client goes away mid-answer
+        code, body = await asyncio.wait_for(answering, 15)
+    assert code == 200 and "transfer broke" in body["note"], body
+    assert sent < 100_000
+
+
+
+@pytest.mark.parametrize(("store", "replicas"), [("memory", 1), ("nats", 1), ("nats", 2)],
+                         indirect=["store"])
+async def test_a_worker_answer_that_breaks_off_cuts_the_client(
+        make_gateway: MakeGateway, replicas: int) -> None:
+    a = await make_gateway(proxy_transfer_timeout=60.0)  # the client's
+    b = await make_gateway() if replicas == 2 else a  # the worker's
+    broken = asyncio.Event()
+
+    async def breaking() -> AsyncIterator[bytes]:
+        yield b"first\n"
+        await broken.wait()
+        raise RuntimeError("the worker died mid-answer")
+
+    async with aiohttp.ClientSession() as s:
+        worker, taking = await polling(b, s, seen_by=a)
+        client = asyncio.create_task(s.post(a.url + "/api/generate", headers=AUTH, json={}))
+        rid, _ = await asyncio.wait_for(taking, 15)
+        answering = asyncio.create_task(worker.answer(rid, 200, breaking()))
+        r = await asyncio.wait_for(client, 15)
+        assert await r.content.readline() == b"first\n"
+        broken.set()
+        with pytest.raises(aiohttp.ClientPayloadError):  # not a short body looking whole
+            async with asyncio.timeout(15):  # nor a wait for the 60 s transfer limit
+                await r.read()
+        with pytest.raises(aiohttp.ClientError):
+            await answering  # (the worker's own POST broke: its upload raised)
+
+        async def ended() -> dict[str, Any] | None:
+            found = await status_of(s, a, rid)
+            return found if found.get("status") in ("succeed", "failed") else None
+        done = await until(ended, what="the request ended")
+    assert "transfer broke" in done["message"], done
+
+
+@NATS_ONLY
+async def test_an_answer_that_cannot_be_relayed_is_never_a_success_without_its_body(
+        make_gateway: MakeGateway) -> None:
+    a = await make_gateway()
+    b = await make_gateway()
+    b.router.registry.answer_relay = None  # a replica that cannot relay (an older version)
+    async with aiohttp.ClientSession() as s:
+        worker, taking = await polling(b, s, seen_by=a)
+        client = asyncio.create_task(s.post(a.url + "/v1/chat/completions", headers=AUTH,
+                                            json={}))
+        rid, _ = await asyncio.wait_for(taking, 15)
+        code, body = await worker.answer(rid, 200, b'{"object": "chat.completion"}')
+        assert code == 200 and "dropped" in body["note"]
+        async with asyncio.timeout(15):
+            r = await client
+            assert r.status == 502
+            error = (await r.json())["error"]
+        assert "proxy answer with no client waiting for it" in error["message"]
