@@ -2,7 +2,9 @@
 
 Everything listens on 127.0.0.1 with ephemeral ports. The gateway is the real
 ``create_app`` with aiohttp's production default ``handler_cancellation=False``
-unless a test asks otherwise; workers run ``serve_proxy`` as a task (the end-to-end tests start real
+unless a test asks otherwise, on the store of ``tests/conftest.py``'s ``store``
+fixture (memory unless a test is marked ``BOTH_STORES``: then also on a NATS
+JetStream server of its own); workers run ``serve_proxy`` as a task (the end-to-end tests start real
 supervisor processes through ``tests/conftest.py``'s ``worker_factory``).
 """
 
@@ -23,12 +25,17 @@ from spirit_gpu.config import WorkerConfig
 from spirit_gpu.gateway.app import create_app
 from spirit_gpu.gateway.config import GatewayConfig
 from spirit_gpu.gateway.proxy.route import ROUTER_KEY, ProxyRouter
+from spirit_gpu.gateway.service import GATEWAY_KEY
+from spirit_gpu.gateway.service import Gateway as Core
 from spirit_gpu.supervisor.proxy.worker import serve_proxy
 from tests.proxy.fake_llm import FakeLLM
 
 SID = "sid1"
 KEY = "k1"
 AUTH = {"Auth": f"{SID}-{KEY}"}
+# the route's tests that touch what the store holds (the proxy registry shared over
+# NATS, has_worker before a 503, the queued proxy jobs) run on both stores
+BOTH_STORES = pytest.mark.parametrize("store", ["memory", "nats"], indirect=True)
 
 
 def http_check(base_url: str) -> Callable[[], Awaitable[tuple[bool, str]]]:
@@ -66,6 +73,7 @@ class Gateway:
     url: str
     config: GatewayConfig
     router: ProxyRouter
+    core: Core  # the public and agent APIs' side: its store holds the queued proxy jobs
 
     def agent_url(self, sid: str = SID) -> str:
         return f"{self.url}/agent/{sid}"
@@ -81,12 +89,13 @@ class Gateway:
 
 
 @pytest.fixture
-async def make_gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+async def make_gateway(store: str) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     runners: list[web.AppRunner] = []
 
     async def make(handler_cancellation: bool = False, **values: Any) -> Gateway:
         values.setdefault("api_keys", [KEY])
         values.setdefault("lease_seconds", 2.0)
+        values.setdefault("store", store)
         cfg = GatewayConfig(**values)
         app = create_app(cfg)
         runner = web.AppRunner(app, handler_cancellation=handler_cancellation, access_log=None)
@@ -95,7 +104,7 @@ async def make_gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
         await site.start()
         runners.append(runner)
         port = runner.addresses[0][1]
-        return Gateway(f"http://127.0.0.1:{port}", cfg, app[ROUTER_KEY])
+        return Gateway(f"http://127.0.0.1:{port}", cfg, app[ROUTER_KEY], app[GATEWAY_KEY])
 
     yield make
     for runner in runners:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import Worker as Supervisor
 from tests.conftest import until, wait_exit
-from tests.proxy.conftest import AUTH, SID, Gateway
+from tests.proxy.conftest import AUTH, BOTH_STORES, SID, Gateway
 from tests.proxy.fake_llm import FakeLLM
 
 APP = str(Path(__file__).parent / "apps" / "proxy_app.py")
@@ -36,6 +36,7 @@ def alive(pid: int) -> bool:
     return True
 
 
+@BOTH_STORES
 async def test_check_start_gates_then_streams(llm: FakeLLM, make_gateway: MakeGateway,
                                               worker_factory: Any, tmp_path: Path) -> None:
     gateway = await make_gateway(worker_token=TOKEN)
@@ -67,6 +68,7 @@ async def test_check_start_gates_then_streams(llm: FakeLLM, make_gateway: MakeGa
     await until(lambda: gateway.router.registry.workers(SID) == [], 5, what="deregistered")
 
 
+@BOTH_STORES
 @pytest.mark.parametrize("transport", ["auto", "plain"], ids=["link", "http"])
 async def test_sigkilled_worker_mid_stream(llm: FakeLLM, make_gateway: MakeGateway,
                                            worker_factory: Any, transport: str) -> None:
@@ -112,6 +114,7 @@ async def test_sigkilled_worker_mid_stream(llm: FakeLLM, make_gateway: MakeGatew
     assert await wait_exit(survivor) == 0
 
 
+# memory only: the deadline is the worker's; the gateway only hears a worker not ready
 async def test_start_deadline_exits_1(llm: FakeLLM, make_gateway: MakeGateway,
                                       worker_factory: Any, tmp_path: Path) -> None:
     gateway = await make_gateway(worker_token=TOKEN)
@@ -122,6 +125,7 @@ async def test_start_deadline_exits_1(llm: FakeLLM, make_gateway: MakeGateway,
     assert gateway.ready_workers() == []
 
 
+# memory only: refused by the token check, before the registry (nothing shared over NATS)
 @pytest.mark.parametrize("token", ["", "wrong"])
 async def test_worker_with_a_bad_token_gets_no_traffic(
         llm: FakeLLM, make_gateway: MakeGateway, worker_factory: Any, token: str) -> None:

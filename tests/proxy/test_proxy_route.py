@@ -12,7 +12,7 @@ import pytest
 from yarl import URL
 
 from tests.conftest import until
-from tests.proxy.conftest import AUTH, KEY, SID, Gateway, Worker
+from tests.proxy.conftest import AUTH, BOTH_STORES, KEY, SID, Gateway, Worker
 from tests.proxy.fake_llm import FakeLLM
 
 MakeGateway = Callable[..., Awaitable[Gateway]]
@@ -36,6 +36,7 @@ async def ready_pair(llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeW
     return gateway
 
 
+@BOTH_STORES
 @pytest.mark.parametrize("path,body,marker", [
     ("/api/generate", {"model": "llama3.2", "prompt": "hi", "chunks": 4}, b'"done": true'),
     ("/api/chat", {"model": "llama3.2", "messages": [], "chunks": 4}, b'"done": true'),
@@ -69,6 +70,7 @@ async def test_streams_reach_the_client_chunk_by_chunk(
         assert r.headers["Content-Type"].startswith("text/event-stream")
 
 
+@BOTH_STORES
 async def test_a_head_sent_before_any_data_reaches_the_client_at_once(
         llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker)
@@ -81,6 +83,7 @@ async def test_a_head_sent_before_any_data_reaches_the_client_at_once(
         assert (await r.read()).count(b"\n") == 3
 
 
+@BOTH_STORES
 async def test_models_and_non_streaming_answers(llm: FakeLLM, make_gateway: MakeGateway,
                                                 make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker)
@@ -96,6 +99,7 @@ async def test_models_and_non_streaming_answers(llm: FakeLLM, make_gateway: Make
             assert (await r.json())["object"] == "chat.completion"
 
 
+@BOTH_STORES
 async def test_headers_query_and_body_pass_but_auth_does_not(
         llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker, worker_token="wt")
@@ -124,6 +128,7 @@ async def test_headers_query_and_body_pass_but_auth_does_not(
     assert "wt" not in json.dumps(echo)
 
 
+# memory only: refused before the store or the registry is asked
 @pytest.mark.parametrize("auth", ["", "sid1", "sid1-", "-k1", "sid1-wrong", "sid1k1",
                                   "other-wrong"])
 async def test_bad_auth_is_401_and_never_forwarded(
@@ -137,6 +142,7 @@ async def test_bad_auth_is_401_and_never_forwarded(
     assert llm.seen == []
 
 
+@BOTH_STORES
 async def test_without_auth_the_public_api_answers(
         llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker)
@@ -151,6 +157,7 @@ async def test_without_auth_the_public_api_answers(
     assert llm.seen == []
 
 
+@BOTH_STORES
 async def test_no_ready_worker_is_503(llm: FakeLLM, make_gateway: MakeGateway,
                                       make_worker: MakeWorker) -> None:
     gateway = await make_gateway()
@@ -165,6 +172,7 @@ async def test_no_ready_worker_is_503(llm: FakeLLM, make_gateway: MakeGateway,
             assert r.status == 503
 
 
+@BOTH_STORES
 async def test_readiness_gates_traffic(llm: FakeLLM, make_gateway: MakeGateway,
                                        make_worker: MakeWorker) -> None:
     gateway = await make_gateway()
@@ -193,6 +201,7 @@ async def test_readiness_gates_traffic(llm: FakeLLM, make_gateway: MakeGateway,
             assert r.status == 200 and b'"done": true' in await r.read()
 
 
+@BOTH_STORES
 async def test_response_start_timeout_is_408(llm: FakeLLM, make_gateway: MakeGateway,
                                              make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker, proxy_response_timeout=0.3)
@@ -206,6 +215,7 @@ async def test_response_start_timeout_is_408(llm: FakeLLM, make_gateway: MakeGat
     assert len(gateway.ready_workers()) == 1  # a slow worker is not a broken one
 
 
+@BOTH_STORES
 async def test_transfer_limit_cuts_the_stream(llm: FakeLLM, make_gateway: MakeGateway,
                                               make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker, proxy_transfer_timeout=0.4)
@@ -233,6 +243,7 @@ async def test_transfer_limit_cuts_the_stream(llm: FakeLLM, make_gateway: MakeGa
     assert 'spirit_gateway_proxy_response_start_seconds_count{sid="sid1"} 2.0' in metrics
 
 
+@BOTH_STORES
 @pytest.mark.parametrize("cancellation", [False, True])
 async def test_client_disconnect_aborts_upstream(
         llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker,
@@ -250,6 +261,7 @@ async def test_client_disconnect_aborts_upstream(
     assert len(gateway.ready_workers()) == 1
 
 
+@BOTH_STORES
 async def test_two_workers_share_load(llm: FakeLLM, make_gateway: MakeGateway,
                                       make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker, workers=2)
@@ -273,6 +285,7 @@ async def test_two_workers_share_load(llm: FakeLLM, make_gateway: MakeGateway,
     assert len(served) == 2
 
 
+@BOTH_STORES
 async def test_worker_token_is_required_for_registration(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(worker_token="wt")
     body = {"workerID": "w1", "url": "http://127.0.0.1:1", "ready": True}
@@ -290,6 +303,7 @@ async def test_worker_token_is_required_for_registration(make_gateway: MakeGatew
             assert r.status == 400
 
 
+@BOTH_STORES
 async def test_listener_refuses_requests_without_the_worker_token(
         llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker, worker_token="wt")
@@ -303,6 +317,7 @@ async def test_listener_refuses_requests_without_the_worker_token(
     assert len(llm.seen) == 1
 
 
+@BOTH_STORES
 async def test_silent_worker_leaves_with_its_lease(llm: FakeLLM,
                                                    make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(lease_seconds=0.3)
@@ -317,6 +332,7 @@ async def test_silent_worker_leaves_with_its_lease(llm: FakeLLM,
             assert r.status == 503
 
 
+@BOTH_STORES
 async def test_stopping_worker_deregisters(llm: FakeLLM, make_gateway: MakeGateway,
                                            make_worker: MakeWorker) -> None:
     gateway = await make_gateway()
@@ -335,6 +351,7 @@ async def test_stopping_worker_deregisters(llm: FakeLLM, make_gateway: MakeGatew
             assert r2.status == 503
 
 
+@BOTH_STORES
 async def test_agent_answers_announce_proxy(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway()
     async with aiohttp.ClientSession() as s:
@@ -349,6 +366,7 @@ async def test_agent_answers_announce_proxy(make_gateway: MakeGateway) -> None:
             assert "Spirit-Agent-Features" not in r.headers
 
 
+# memory only: the public API's own 404 and 405 (no store in them)
 async def test_without_auth_404_and_405_are_unchanged(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway()
     async with aiohttp.ClientSession() as s:
@@ -362,6 +380,7 @@ async def test_without_auth_404_and_405_are_unchanged(make_gateway: MakeGateway)
                     assert "POST" in r.headers["Allow"]
 
 
+@BOTH_STORES
 async def test_cookies_reach_their_own_client_only(
         llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
     gateway = await make_gateway()
@@ -377,6 +396,7 @@ async def test_cookies_reach_their_own_client_only(
     assert "cookie" not in {k.lower() for k in echo["headers"]}
 
 
+@BOTH_STORES
 async def test_expect_100_continue(llm: FakeLLM, make_gateway: MakeGateway,
                                    make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker)
@@ -393,6 +413,7 @@ async def test_expect_100_continue(llm: FakeLLM, make_gateway: MakeGateway,
             assert "expect" not in {k.lower() for k in echo["headers"]}
 
 
+@BOTH_STORES
 async def test_head_keeps_the_content_length(llm: FakeLLM, make_gateway: MakeGateway,
                                              make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker)

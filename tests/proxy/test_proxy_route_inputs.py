@@ -19,7 +19,7 @@ import pytest
 from yarl import URL
 
 from tests.conftest import until
-from tests.proxy.conftest import AUTH, KEY, SID, Gateway, Worker
+from tests.proxy.conftest import AUTH, BOTH_STORES, KEY, SID, Gateway, Worker
 from tests.proxy.fake_llm import FakeLLM
 
 MakeGateway = Callable[..., Awaitable[Gateway]]
@@ -49,6 +49,7 @@ async def raw_exchange(url: str, head: bytes) -> bytes:
 
 # ---- Auth: serverless ids and keys that contain '-' -------------------------------------
 
+@BOTH_STORES
 @pytest.mark.parametrize(("sid", "keys", "auth"), [
     ("team-a-llama", ["k1"], "team-a-llama-k1"),  # an id with '-'
     ("sid1", ["sk-live-1"], "sid1-sk-live-1"),  # a key with '-'
@@ -67,6 +68,7 @@ async def test_ids_and_keys_with_dashes_reach_their_worker(
     assert len(llm.seen) == 1
 
 
+# memory only: refused before the store or the registry is asked
 @pytest.mark.parametrize("auth", ["s\u00efd1-k1".encode(), b"sid1-k\xff1", b"\xe2\x82\xac-k1",
                                   "sid1-k1\u00e9".encode()])
 async def test_non_ascii_auth_is_401(make_gateway: MakeGateway, auth: bytes) -> None:
@@ -77,6 +79,7 @@ async def test_non_ascii_auth_is_401(make_gateway: MakeGateway, auth: bytes) -> 
     assert b"invalid api key" in answer
 
 
+# memory only: refused before the store or the registry is asked
 async def test_an_invalid_serverless_id_with_a_good_key_is_401(
         make_gateway: MakeGateway) -> None:
     gateway = await make_gateway()
@@ -88,6 +91,7 @@ async def test_an_invalid_serverless_id_with_a_good_key_is_401(
 
 # ---- errors as the official clients read them -------------------------------------------
 
+@BOTH_STORES
 async def test_openai_client_shows_the_gateways_message(
         llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
     openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
@@ -111,6 +115,7 @@ async def test_openai_client_shows_the_gateways_message(
     assert [m.id for m in models.data] == ["llama3.2"]
 
 
+@BOTH_STORES
 async def test_ollama_client_reads_the_error_text(make_gateway: MakeGateway) -> None:
     ollama = pytest.importorskip("ollama", reason="the ollama client is in the test extra")
     gateway = await make_gateway()
@@ -125,6 +130,7 @@ async def test_ollama_client_reads_the_error_text(make_gateway: MakeGateway) -> 
     assert (no_worker.value.status_code, no_worker.value.error) == (503, "not enough gpu now")
 
 
+# memory only: refused before the store or the registry is asked
 async def test_bearer_without_auth_on_the_proxy_paths_says_what_to_send(
         make_gateway: MakeGateway) -> None:
     gateway = await make_gateway()
@@ -141,6 +147,7 @@ async def test_bearer_without_auth_on_the_proxy_paths_says_what_to_send(
 
 # ---- headers that cannot travel ---------------------------------------------------------
 
+@BOTH_STORES
 async def test_invalid_utf8_in_a_header_is_400_and_the_link_keeps_serving(
         llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
     gateway = await make_gateway()
@@ -161,6 +168,7 @@ async def test_invalid_utf8_in_a_header_is_400_and_the_link_keeps_serving(
             assert r.status == 200
 
 
+@BOTH_STORES
 @pytest.mark.parametrize("transport", ["auto", "plain"], ids=["link", "http"])
 async def test_a_header_outside_latin1_is_a_clear_400(
         llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker,
@@ -202,6 +210,7 @@ async def _silent_link(gateway: Gateway) -> asyncio.StreamWriter:
     return writer  # its reader stops reading once a few KiB wait in it
 
 
+# memory only: the link's flow control is the replica's own (no store in it)
 async def test_a_link_that_never_reads_holds_back_small_request_bodies(
         make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(proxy_response_timeout=1.0)
@@ -229,6 +238,7 @@ async def test_a_link_that_never_reads_holds_back_small_request_bodies(
 
 # ---- the registration endpoints: the agent API's checks ---------------------------------
 
+# memory only: refused before the registry (so nothing is shared over NATS either)
 @pytest.mark.parametrize("sid", ["%2E%2E", "x" * 3000, "%00", "a%2Fb"])
 @pytest.mark.parametrize("endpoint", ["register", "deregister", "workers", "link"])
 async def test_registration_refuses_invalid_serverless_ids(
@@ -244,6 +254,7 @@ async def test_registration_refuses_invalid_serverless_ids(
     assert gateway.router.registry._by_sid == {}
 
 
+# memory only: refused before the registry (so nothing is shared over NATS either)
 async def test_registration_bodies_are_bounded_and_checked_after_the_token(
         make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(worker_token="wt")

@@ -11,21 +11,28 @@ polling its queue, the proxy route hands the request to ``forward`` here.
 The waiting client is held in this process (``Gateway.proxy_answers``), and
 the worker's ``request-proxy`` body is copied to it as it arrives; the
 worker's POST is answered once the copy is done. With several gateway
-replicas the answer must reach the replica holding the client (sticky
-routing); an answer nobody waits for is read and dropped.
+replicas (NATS) the worker may post the answer to another replica than the
+one holding the client: that replica hands it on through an ``AnswerRelay``
+(``storage/nats/proxy_share.py``), streaming, and answers the worker once the
+copy is done there. An answer nobody waits for is read and dropped.
 
 Ends: no answer begun within ``proxy_response_timeout`` -> 408 (the request
 is ended, so a late answer is dropped); the request ended before an answer
 (a ``failed`` metric, worker lost, TTL) -> its status and ``{"error"}``; a
 second answer for one request (the original posts a 500 after a non-200
-upstream answer) is dropped: the first wins.
+upstream answer) is dropped: the first wins. These errors have the shape of
+the route's own (``net.relay.error_body``: OpenAI's on ``/v1/*``). An answer
+whose upload breaks off, or that runs past ``proxy_transfer_timeout``, cuts the
+client's connection: the client sees an incomplete response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 import msgspec
@@ -33,9 +40,10 @@ from aiohttp import web
 
 from spirit_gpu.gateway.httpio import ApiError, json_response, read_body
 from spirit_gpu.gateway.service import Gateway
-from spirit_gpu.gateway.storage.base import NewRequest
+from spirit_gpu.gateway.storage.base import NewRequest, RequestRecord
 from spirit_gpu.log import logger
-from spirit_gpu.net.relay import HOP_BY_HOP, filter_pairs, json_error
+from spirit_gpu.net.aiohttp_internals import cut_connection
+from spirit_gpu.net.relay import HOP_BY_HOP, filter_pairs, proxy_error
 from spirit_gpu.protocol.agent import WORKER_ID_HEADER, ProxyJob
 from spirit_gpu.protocol.proxy import CLIENT_AUTH_HEADER, REQUEST_ID_HEADER
 
@@ -53,13 +61,30 @@ class ProxyAnswer:
     status: int
     headers: list[tuple[str, str]]
     length: int | None
-    body: aiohttp.StreamReader
+    body: AsyncIterator[bytes]
+    # set once the copy to the client ended: "" when whole, else what cut it
     copied: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-async def forward(request: web.Request, gw: Gateway, sid: str, rid: str,
-                  body: object) -> web.StreamResponse | None:
+class AnswerRelay(Protocol):
+    """How an answer posted to one replica reaches the replica whose client waits."""
+
+    def hold(self, request_id: str, waiter: asyncio.Future[ProxyAnswer]) -> None:
+        """This replica's client waits for ``request_id``: answers relayed here go to it."""
+
+    def release(self, request_id: str) -> None:
+        """The client handler ended: nothing more is taken for it."""
+
+    async def send(self, rec: RequestRecord, answer: ProxyAnswer,
+                   timeout: float) -> str | None:
+        """Stream ``answer`` to the replica holding ``rec``'s client; the copy's outcome
+        there ("" when whole), or None when no replica holds it (nothing of the body
+        read then)."""
+
+
+async def forward(request: web.Request, gw: Gateway, sid: str, rid: str, body: object,
+                  relay: AnswerRelay | None = None) -> web.StreamResponse | None:
     """Queue the request as a proxy job and stream its answer; None when no worker polls."""
     if not await gw.storage.has_worker(sid):
         return None
@@ -80,6 +105,8 @@ async def forward(request: web.Request, gw: Gateway, sid: str, rid: str,
     request_id = rec.request_id
     answer: asyncio.Future[ProxyAnswer] = asyncio.get_running_loop().create_future()
     gw.proxy_answers[request_id] = answer
+    if relay is not None:
+        relay.hold(request_id, answer)
     ended = asyncio.ensure_future(gw.storage.wait_done(sid, request_id,
                                                        cfg.proxy_response_timeout))
     ids = {REQUEST_ID_HEADER: rid, "Ease-Request-Id": request_id}
@@ -91,13 +118,18 @@ async def forward(request: web.Request, gw: Gateway, sid: str, rid: str,
             return await _stream(request, gw, answer.result(), ids)
         done = ended.result() if ended.done() else None
         if done is not None:  # ended before any answer: failed metric, worker lost, TTL
-            return json_error(done.status_code or 500, done.message or done.status, ids)
+            # (below 400: an answer that reached no replica holding this client ended it;
+            # never a success without its body)
+            code = done.status_code if done.status_code >= 400 else 502
+            return proxy_error(request.path, code, done.message or done.status, ids)
         await gw.cancel(sid, request_id, None, 408, "request timeout: no proxy answer began "
                         f"within {cfg.proxy_response_timeout:g} s")
-        return json_error(408, "request timeout: the worker did not start responding in time",
-                          ids)
+        return proxy_error(request.path, 408, "request timeout: the worker did not start "
+                                              "responding in time", ids)
     finally:
         gw.proxy_answers.pop(request_id, None)
+        if relay is not None:
+            relay.release(request_id)
         ended.cancel()
         if answer.done() and not answer.cancelled():
             copied = answer.result().copied
@@ -114,16 +146,26 @@ async def _stream(request: web.Request, gw: Gateway, answer: ProxyAnswer,
     if answer.length is not None:
         resp.content_length = answer.length
     outcome = ""
+    cut = False  # the client must see an incomplete response, not a short one looking whole
     try:
         async with asyncio.timeout(gw.config.proxy_transfer_timeout):
             await resp.prepare(request)
-            async for chunk in answer.body.iter_any():
+            while True:
+                try:
+                    chunk = await anext(answer.body)
+                except StopAsyncIteration:
+                    await resp.write_eof()
+                    break
+                except (aiohttp.ClientError, OSError) as exc:  # the worker's upload broke
+                    outcome, cut = f"transfer broke: the worker's answer: {exc!r}", True
+                    break
                 await resp.write(chunk)
-            await resp.write_eof()
     except TimeoutError:
-        outcome = "transfer cut: longer than the proxy transfer limit"
-    except (aiohttp.ClientError, ConnectionError, OSError) as exc:
+        outcome, cut = "transfer cut: longer than the proxy transfer limit", True
+    except (aiohttp.ClientError, ConnectionError, OSError) as exc:  # the client went away
         outcome = f"transfer broke: {exc!r}"
+    if cut:
+        cut_connection(request)
     if outcome:
         logger.warn(f"queued proxy answer: {outcome}", request_id=ids["Ease-Request-Id"])
     if not answer.copied.done():
@@ -140,21 +182,35 @@ async def take_answer(request: web.Request, gw: Gateway, sid: str,
         raise ApiError(400, "invalid request arguments: statusCode must be an integer") from exc
     if not 100 <= status <= 999:
         raise ApiError(400, "invalid request arguments: statusCode must be 100..999")
-    waiter = gw.proxy_answers.get(request_id)
-    if waiter is None or waiter.done():
-        await read_body(request, gw.config.max_result_bytes_sync)
-        rec = await gw.storage.get(sid, request_id)
-        if rec is None:
-            raise ApiError(404, "request not found")
-        if not rec.terminal:  # its client is gone (or waits on another replica)
-            await gw.storage.finish(sid, request_id, status, "proxy answer with no client "
-                                    "waiting for it", None)
-        return json_response({"note": "dropped: no client waits for this answer (it "
-                                      "ended or took an earlier answer)"})
     answer = ProxyAnswer(status=status,
                          headers=filter_pairs(request.headers.items(), _DROP_ANSWER),
-                         length=request.content_length, body=request.content)
-    waiter.set_result(answer)
-    outcome = await answer.copied
+                         length=request.content_length, body=request.content.iter_any())
+    waiter = gw.proxy_answers.get(request_id)
+    if waiter is not None and not waiter.done():
+        waiter.set_result(answer)
+        outcome = await answer.copied
+    else:
+        rec = await gw.storage.get(sid, request_id)
+        relay = _relay(request)
+        relayed = None
+        if rec is not None and not rec.terminal and relay is not None:
+            relayed = await relay.send(rec, answer, gw.config.proxy_transfer_timeout)
+        if relayed is None:
+            await read_body(request, gw.config.max_result_bytes_sync)
+            if rec is None:
+                raise ApiError(404, "request not found")
+            if not rec.terminal:  # its client is gone
+                await gw.storage.finish(sid, request_id, status, "proxy answer with no "
+                                        "client waiting for it", None)
+            return json_response({"note": "dropped: no client waits for this answer (it "
+                                          "ended or took an earlier answer)"})
+        outcome = relayed
     await gw.storage.finish(sid, request_id, status, outcome, None)
     return json_response({"note": outcome} if outcome else {})
+
+
+def _relay(request: web.Request) -> AnswerRelay | None:
+    from spirit_gpu.gateway.proxy.route import ROUTER_KEY  # (route.py imports this module)
+
+    router = request.app.get(ROUTER_KEY)
+    return router.registry.answer_relay if router is not None else None

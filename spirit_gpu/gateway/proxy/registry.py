@@ -10,12 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from yarl import URL
 
 from spirit_gpu.gateway.proxy.link import GatewayLink
 from spirit_gpu.log import logger
 from spirit_gpu.protocol.proxy import ProxyRegistration, ProxyWorkerInfo
+
+if TYPE_CHECKING:
+    from spirit_gpu.gateway.proxy.queued import AnswerRelay
 
 
 @dataclass(eq=False)
@@ -44,6 +48,10 @@ class ProxyRegistry:
     # the other replicas: gateway/storage/nats/proxy_share.py)
     on_register: Callable[[str, ProxyRegistration], None] | None = None
     on_deregister: Callable[[str, str], None] | None = None
+    # how an answer to a queued proxy job (proxy/queued.py) posted to this replica reaches
+    # the replica whose client waits for it: set by the same ProxyShare, the one object
+    # of the proxy route it is handed
+    answer_relay: AnswerRelay | None = None
 
     def register(self, sid: str, reg: ProxyRegistration) -> ProxyWorker:
         now = time.monotonic()

@@ -174,7 +174,7 @@ class ProxyRouter:
             worker = self.registry.pick(sid, tried)
             if worker is None and not tried:  # no registered worker: try the queue
                 queued_answer = await queued.forward(request, request.app[GATEWAY_KEY], sid,
-                                                     rid, body)
+                                                     rid, body, self.registry.answer_relay)
                 if queued_answer is not None:
                     return queued_answer, ""
             if worker is None:
