@@ -16,8 +16,9 @@
   for one NATS message.
 * Core subjects: ``spirit.done.<replica>`` (a sync request's waiter is woken),
   ``spirit.cancel`` (a running request was cancelled: the replica holding its
-  link tells the worker), ``spirit.proxy.reg`` (the shared proxy registry), ``spirit.proxy.answer.<replica>``
-  (a queued proxy answer relayed to the replica holding its client).
+  link tells the worker), ``spirit.proxy.reg`` (the shared proxy registry),
+  ``spirit.proxy.answer.<replica>`` (a queued proxy answer relayed to the
+  replica holding its client).
 """
 
 from __future__ import annotations
