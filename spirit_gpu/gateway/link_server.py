@@ -126,11 +126,8 @@ class LinkSession:
             if rec is None:
                 continue
             taken = [rec]  # with whatever else is queued now, in one message
-            while self.batches and len(taken) < self.credits:
-                more = await storage.take(self.sid, self.worker, 0)
-                if more is None:
-                    break
-                taken.append(more)
+            if self.batches and self.credits > 1:
+                taken += await storage.take_more(self.sid, self.worker, self.credits - 1)
             if self.ws.closed:
                 for r in taken:
                     await storage.give_back(self.sid, r.request_id)

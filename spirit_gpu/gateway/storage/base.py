@@ -212,6 +212,17 @@ class Storage(abc.ABC):
         """Hand the next queued request to ``worker``, waiting up to ``wait`` seconds.
         Counts as a sign of life of ``worker``."""
 
+    async def take_more(self, sid: str, worker: str, n: int) -> list[RequestRecord]:
+        """Up to ``n`` more queued requests for ``worker``, without waiting (a link
+        filling one message with all it has credit for)."""
+        out: list[RequestRecord] = []
+        while len(out) < n:
+            rec = await self.take(sid, worker, 0)
+            if rec is None:
+                break
+            out.append(rec)
+        return out
+
     @abc.abstractmethod
     async def give_back(self, sid: str, request_id: str) -> None:
         """A taken request could not be handed over: queue it again at the front."""

@@ -16,7 +16,6 @@ import contextlib
 import functools
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -60,9 +59,8 @@ _RECHECK = 1.0  # a sync waiter re-reads its record this often (lost wake-ups, o
 _STREAM_POLL = 0.2
 _KNOWN_MAX = 100_000
 _WRITE_BEHIND = 0.1  # seconds a delivery or start waits to be written with what follows
-_PREFETCH = 16  # deliveries fetched at once for a link filling a batch
+_BATCH_MAX = 64  # deliveries fetched in one pull for a link filling a batch
 _BEHIND_FRESH = 0.01  # seconds a delivery's "none queued behind me" is believed
-_PREFETCH_HOLD = 0.05  # seconds unclaimed prefetched deliveries wait before going back
 _PATIENCE = 10.0  # seconds a submit retries through an outage before answering 500
 _DECLARE_PATIENCE = 30.0
 _HOLD_MAX_MS = 120_000  # a delivery not recorded after this long is left to its lease
@@ -160,7 +158,6 @@ class NatsStorage(Storage):
         self._known: dict[str, tuple[Doc, int]] = {}
         self._claims: dict[str, asyncio.Task[None]] = {}  # take's record writes in flight
         self._early: dict[str, asyncio.Future[Doc | None]] = {}  # sync submits' wake-ups
-        self._prefetched: dict[str, deque[tuple[float, Msg]]] = {}
         # per sid, how many more were queued behind the last delivery (its metadata
         # says) and when: a caller that will not wait right after is answered "none"
         # without a round trip when that was 0 (a link filling a batch; what came
@@ -664,29 +661,19 @@ class NatsStorage(Storage):
             await server.ensure_consumer(self.js, sid, self.lease)
             self._consumers.add(sid)
 
-    async def _next(self, sid: str, wait: float) -> Msg | None:
-        """One delivery from the sid's consumer: a pull request of our own, so a
-        waiter that gives up leaves nothing behind in a shared buffer. A caller that
-        will not wait (a link filling a batch) gets up to ``_PREFETCH`` at once; the
-        rest wait here for the next take, and go back to the queue if none comes
-        soon."""
-        stash = self._prefetched.get(sid)
-        while stash:
-            at, msg = stash.popleft()
-            if time.monotonic() - at < _PREFETCH_HOLD:
-                return msg
-            await self._reply(msg.reply or "", b"-NAK")
+    async def _next(self, sid: str, wait: float, batch: int = 1) -> list[Msg]:
+        """Up to ``batch`` deliveries from the sid's consumer, waiting up to ``wait`` s
+        for the first: a pull request of our own, so a waiter that gives up leaves
+        nothing behind in a shared buffer."""
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS}.{names.consumer(sid)}"
-        batch = 1
         if wait <= 0.01:
             behind, at = self._behind.get(sid, (1, 0.0))
             if not behind and time.monotonic() - at < _BEHIND_FRESH:
-                return None
-            batch = _PREFETCH
+                return []
             req: dict[str, Any] = {"batch": batch, "no_wait": True}
             timeout = 5.0
         else:
-            req = {"batch": 1, "expires": int(wait * 1e9)}
+            req = {"batch": batch, "expires": int(wait * 1e9)}
             timeout = wait + 5.0
         # (a pull's deliveries carry their stream subject, not the inbox: no muxed request)
         inbox = self.nc.new_inbox()
@@ -715,25 +702,9 @@ class NatsStorage(Storage):
                     if late.reply and Header.STATUS.value not in (late.headers or {}):
                         await self.nc.publish(late.reply, b"-NAK")
         self._behind[sid] = (got[-1].metadata.num_pending if got else 0, time.monotonic())
-        if not got:
-            if trouble and wait > 0.01:  # not a busy loop while the stream elects a leader
-                await asyncio.sleep(min(wait, 0.5))
-            return None
-        if len(got) > 1:
-            now = time.monotonic()
-            self._prefetched.setdefault(sid, deque()).extend((now, m) for m in got[1:])
-            asyncio.get_running_loop().call_later(_PREFETCH_HOLD, self._hand_back_stale, sid)
-        return got[0]
-
-    def _hand_back_stale(self, sid: str) -> None:
-        stash = self._prefetched.get(sid)
-        now = time.monotonic()
-        while stash and now - stash[0][0] >= _PREFETCH_HOLD:
-            _, msg = stash.popleft()
-            if msg.reply:
-                task = asyncio.create_task(self._reply(msg.reply, b"-NAK"))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+        if not got and trouble and wait > 0.01:  # no busy loop while the stream elects
+            await asyncio.sleep(min(wait, 0.5))
+        return got
 
     async def take(self, sid: str, worker: str, wait: float) -> RequestRecord | None:
         loop = asyncio.get_running_loop()
@@ -742,14 +713,10 @@ class NatsStorage(Storage):
             await self.touch_worker(sid, worker)
             await self._consumer(sid)
             while True:
-                msg = await self._next(sid, deadline - loop.time())
-                if msg is None:
+                msgs = await self._next(sid, deadline - loop.time())
+                if not msgs:
                     return None
-                rec = self._hand_over(sid, worker, msg)
-                if rec is None:
-                    rec = await self._claim(sid, worker, msg)
-                elif rec.body_blob:
-                    rec.body = await self._blob_get(rec.body_blob)
+                rec = await self._deliver(sid, worker, msgs[0])
                 if rec is not None:
                     return rec
         except _OUTAGE as exc:
@@ -757,6 +724,33 @@ class NatsStorage(Storage):
             logger.warn(f"NATS store: take for {sid} failed: {exc!r}")
             await asyncio.sleep(max(0.0, min(deadline - loop.time(), 1.0)))
             return None
+
+    async def take_more(self, sid: str, worker: str, n: int) -> list[RequestRecord]:
+        """One pull for up to ``n`` (no more: nothing is fetched that the link cannot
+        take now, so nothing goes back to be delivered again)."""
+        out: list[RequestRecord] = []
+        msgs: list[Msg] = []
+        try:
+            msgs = await self._next(sid, 0, min(n, _BATCH_MAX))
+            while msgs:
+                rec = await self._deliver(sid, worker, msgs[0])
+                msgs.pop(0)
+                if rec is not None:
+                    out.append(rec)
+        except _OUTAGE as exc:
+            logger.warn(f"NATS store: take for {sid} failed: {exc!r}")
+            for msg in msgs:  # not handed over: back to the queue now, not after a lease
+                with contextlib.suppress(*_OUTAGE):
+                    await self._reply(msg.reply or "", b"-NAK")
+        return out
+
+    async def _deliver(self, sid: str, worker: str, msg: Msg) -> Doc | None:
+        rec = self._hand_over(sid, worker, msg)
+        if rec is None:
+            return await self._claim(sid, worker, msg)
+        if rec.body_blob:
+            rec.body = await self._blob_get(rec.body_blob)
+        return rec
 
     def _hand_over(self, sid: str, worker: str, msg: Msg) -> Doc | None:
         """A first delivery within its TTL goes out at once; its record is written
@@ -1074,9 +1068,9 @@ class NatsStorage(Storage):
                 if not info.num_ack_pending or info.num_waiting:
                     continue
                 for _ in range(32):
-                    msg = await self._next(sid, 0)
-                    if msg is None:
+                    msgs = await self._next(sid, 0)
+                    if not msgs:
                         break
-                    await self._claim(sid, None, msg)
+                    await self._claim(sid, None, msgs[0])
             except (*_OUTAGE, StorageUnavailable) as exc:
                 logger.warn(f"NATS store: sweep of {sid} failed: {exc!r}")
