@@ -87,9 +87,11 @@ def run(quick: bool) -> list[Result]:
         c1, c32 = loads[name]
         out.append(result(f"e2e_nats sync c=32, {label}", c32.rps, "req/s", "memory c=32",
                           m32.rps, "≥ 0.5×", lambda r: r >= 0.5))
+        # judged on the difference itself (a ratio of latencies would be judged
+        # against the 1 ms instead); both p50s are from the same rounds
         out.append(result(f"e2e_nats sync c=1 p50 overhead, {label}", c1.p50_ms - m1.p50_ms,
-                          "ms", goal=f"< 1 ms (memory p50 {m1.p50_ms:.2f} ms)",
-                          check=lambda v: v < 1.0, ratio=c1.p50_ms / m1.p50_ms))
+                          "ms", goal=f"< 1 ms (p50 {c1.p50_ms:.2f} vs memory {m1.p50_ms:.2f} ms)",
+                          check=lambda v: v < 1.0))
         out.append(result(f"e2e_nats sync failed responses, {label}", c1.errors + c32.errors,
                           "", goal="0", check=lambda v: v == 0))
     for m, label in ((a1, "1 replica"), (a2, "2 replicas")):
