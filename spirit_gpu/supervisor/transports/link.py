@@ -82,6 +82,12 @@ def _given_up(items: list[Outgoing], error: BaseException) -> None:
                          f"over the link: {error}", request_id=o.request_id)
 
 
+def _ids(items: list[Outgoing], most: int = 10) -> str:
+    ids = sorted({o.request_id for o in items})
+    more = f" and {len(ids) - most} more" if len(ids) > most else ""
+    return ", ".join(ids[:most]) + more
+
+
 class LinkTransport:
     capabilities = Capabilities(batched_pulls=True, instant_metrics=True)
 
@@ -132,6 +138,9 @@ class LinkTransport:
             await self._write(ws, again)  # before anything else goes on this link
             if not confirming:  # sent once more, as on a link without confirmations
                 self.unconfirmed.forget_all()
+            if again:
+                logger.info(f"sent {len(again)} frame(s) the gateway had not confirmed again "
+                            f"on the new link, of request(s) {_ids(again)}")
         except BaseException:
             await ws.close()
             raise
@@ -404,9 +413,9 @@ class LinkTransport:
         except TimeoutError:
             pass
         if len(self.unconfirmed):
-            ids = sorted({o.request_id for o in self.unconfirmed.frames})
             logger.error(f"closing the agent link with {len(self.unconfirmed)} frame(s) the "
-                         f"gateway has not confirmed, of request(s) {', '.join(ids)}")
+                         f"gateway has not confirmed, of request(s) "
+                         f"{_ids(list(self.unconfirmed.frames))}")
         self._closed = True
         await self._writer.close()  # a resend still waiting for a link ends here
         ws, self._ws = self._ws, None
