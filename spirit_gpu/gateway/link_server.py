@@ -2,7 +2,11 @@
 
 One WebSocket per worker; frames from ``spirit_gpu.protocol.link``. Jobs flow out
 as ``Dispatch`` frames against the worker's credits; everything coming back
-ends in the same ``Gateway``/storage calls as the plain agent API.
+ends in the same ``Gateway``/storage calls as the plain agent API. To a worker
+that asks (``Spirit-Link-Stored: 1``), ``Stored(upto)`` says how many of the
+frames it sent on this link were handled: frames are numbered as read and,
+handled at once for different requests, may finish out of order, so ``upto`` is
+the longest run of handled frames from the first (``Handled``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from spirit_gpu.gateway.auth import require_worker
 from spirit_gpu.gateway.httpio import serverless_id
-from spirit_gpu.gateway.service import FEATURES, GATEWAY_KEY, Gateway
+from spirit_gpu.gateway.service import FEATURES, GATEWAY_KEY, LINK_WORKER_PREFIX, Gateway
 from spirit_gpu.gateway.storage.base import RequestRecord
 from spirit_gpu.gateway.webhooks import RELAY_PATH
 from spirit_gpu.log import logger
@@ -27,12 +31,44 @@ from spirit_gpu.protocol import link as lp
 from spirit_gpu.protocol.agent import API_PREFIX, WORKER_ID_HEADER
 
 PATH = "/agent/{sid}/apis/v1/link"
-LINK_PREFIX = "link:"  # worker names of link workers, as storage records them
+LINK_PREFIX = LINK_WORKER_PREFIX  # worker names of link workers, as storage records them
 MAX_REFUSED = 1000  # frames about other workers' requests before the link is closed
 # frames handled at once on one link when storage calls wait on the network; past it
 # the link is read no further until one is done (the worker's writes push back)
 MAX_CONCURRENT_FRAMES = 512
+# how long a confirmation waits for more frames handled: at most one Stored frame this
+# often per link, however many frames it covers
+CONFIRM_EVERY = 0.01
 _PER_REQUEST = (lp.Metric, lp.Result, lp.Ack, lp.Chunk)
+
+
+class Handled:
+    """Which of a link's frames were handled. Frames are numbered as they are read
+    (from 1) and may finish in any order; ``upto`` is the number of frames handled
+    before the first one still being handled (or not handled: it failed)."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self._open: deque[int] = deque()  # numbers being handled, in order
+        self._early: set[int] = set()  # handled while an earlier one was not
+
+    def start(self) -> int:
+        self.read += 1
+        self._open.append(self.read)
+        return self.read
+
+    def finish(self, n: int) -> None:
+        opened = self._open
+        if not opened or opened[0] != n:
+            self._early.add(n)
+            return
+        opened.popleft()
+        while opened and opened[0] in self._early:
+            self._early.remove(opened.popleft())
+
+    @property
+    def upto(self) -> int:
+        return self._open[0] - 1 if self._open else self.read
 
 
 def dispatch_frame(rec: RequestRecord, agent_base: str = "") -> lp.Dispatch:
@@ -50,10 +86,17 @@ class LinkSession:
     """One connected worker."""
 
     def __init__(self, gw: Gateway, sid: str, worker: str, ws: web.WebSocketResponse,
-                 batches: bool = False, anonymous: bool = True, agent_base: str = "") -> None:
+                 batches: bool = False, anonymous: bool = True, agent_base: str = "",
+                 confirms: bool = False, max_message: int = 0) -> None:
         self.gw = gw
         self.agent_base = agent_base  # the relay's base for dispatched webhooks
         self.batches = batches  # the worker reads Batch messages
+        self.confirms = confirms  # the worker reads Stored frames
+        self.max_message = max_message  # the largest message this link reads
+        self.handled = Handled()
+        self.confirmed = 0  # the last Stored frame's upto
+        self.confirm_due: asyncio.TimerHandle | None = None
+        self.failed = False  # a frame's storage call failed: the link is closing
         self.sid = sid
         self.worker = worker
         self.anonymous = anonymous  # the worker sent no Spirit-Worker-Id
@@ -66,7 +109,7 @@ class LinkSession:
         # a request's frames are handled in order by one task, those of different
         # requests at once (one storage round trip each need not queue behind another
         # request's): per request with a task, the frames waiting for it
-        self.queued: dict[str, deque[lp.Frame]] = {}
+        self.queued: dict[str, deque[tuple[lp.Frame, int]]] = {}
         self.pending: set[asyncio.Task[None]] = set()
         self.unhandled = 0  # frames read and not handled yet
         self.room = asyncio.Event()
@@ -79,8 +122,9 @@ class LinkSession:
 
     async def run(self) -> None:
         lease_ms = int(self.gw.config.lease_seconds * 1000)
-        await self.ws.send_bytes(lp.encode(lp.Welcome(version=lp.VERSION, lease_ms=lease_ms,
-                                                      features=[*FEATURES, "batch"])))
+        await self.ws.send_bytes(lp.encode(lp.Welcome(
+            version=lp.VERSION, lease_ms=lease_ms, features=[*FEATURES, "batch", lp.STORED],
+            max_message=self.max_message)))
         await self.gw.storage.touch_worker(self.sid, self.worker)
         dispatcher = asyncio.create_task(self._dispatch())
         try:
@@ -98,12 +142,16 @@ class LinkSession:
                 for frame in frames:
                     if self.ws.closed:
                         break
+                    n = self.handled.start()
                     if self.concurrent and isinstance(frame, _PER_REQUEST):
-                        await self._start(frame)
+                        await self._start(frame, n)
                     else:
                         await self._on_frame(frame)
+                        self._done(n)
         finally:
             dispatcher.cancel()
+            if self.confirm_due is not None:
+                self.confirm_due.cancel()
             # what the worker sent before it went is still stored
             await asyncio.gather(dispatcher, *self.pending, return_exceptions=True)
             await self.writer.close()
@@ -153,34 +201,53 @@ class LinkSession:
     def push_cancel(self, request_ids: list[str]) -> None:
         self.writer.send(lp.Cancel(request_ids=request_ids))
 
+    # --- confirmations -----------------------------------------------------------------
+    def _done(self, n: int) -> None:
+        """Frame ``n`` was handled; a confirmation follows within ``CONFIRM_EVERY``."""
+        self.handled.finish(n)
+        if self.confirms and self.confirm_due is None:
+            self.confirm_due = asyncio.get_running_loop().call_later(CONFIRM_EVERY, self._confirm)
+
+    def _confirm(self) -> None:
+        self.confirm_due = None
+        upto = self.handled.upto
+        if upto > self.confirmed and not self.ws.closed:
+            self.confirmed = upto
+            self.writer.send(lp.Stored(upto=upto))
+
     # --- inbound -------------------------------------------------------------------
-    async def _start(self, frame: lp.Metric | lp.Result | lp.Ack | lp.Chunk) -> None:
+    async def _start(self, frame: lp.Metric | lp.Result | lp.Ack | lp.Chunk, n: int) -> None:
         rid = frame.request_id
         self.unhandled += 1
         waiting = self.queued.get(rid)
         if waiting is not None:
-            waiting.append(frame)
+            waiting.append((frame, n))
         else:
             self.queued[rid] = deque()
-            task = asyncio.create_task(self._handle_in_order(rid, frame))
+            task = asyncio.create_task(self._handle_in_order(rid, frame, n))
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
         if self.unhandled >= MAX_CONCURRENT_FRAMES:
             self.room.clear()
             await self.room.wait()
 
-    async def _handle_in_order(self, rid: str, frame: lp.Frame) -> None:
+    async def _handle_in_order(self, rid: str, frame: lp.Frame, n: int) -> None:
         waiting = self.queued[rid]
         try:
             while True:
                 try:
-                    await self._on_frame(frame)
+                    # after a frame failed, later ones are neither handled nor confirmed:
+                    # the worker sends them again, in order, on its next link
+                    if not (self.failed and self.confirms):
+                        await self._on_frame(frame)
+                        self._done(n)
                 finally:
                     self._handled(1)
                 if not waiting:
                     return
-                frame = waiting.popleft()
+                frame, n = waiting.popleft()
         except Exception as exc:
+            self.failed = True
             # as when frames were handled inline: the link ends, the worker reconnects
             logger.warn(f"link {self.worker} ({self.sid}): a frame about {rid} failed: "
                         f"{exc!r}; closing the link", request_id=rid)
@@ -258,6 +325,9 @@ class LinkSession:
                 logger.warn(f"link {self.worker} ({self.sid}): refused a {what} for request "
                             f"{request_id!r}, which was not dispatched to this worker")
             if self.refused == MAX_REFUSED:  # each costs a storage lookup: no flood of them
+                if self.confirms:  # what was handled need not come again
+                    self._confirm()
+                    self.writer.flush()
                 await self.ws.close(code=WSCloseCode.POLICY_VIOLATION,
                                     message=b"too many frames about requests not dispatched "
                                             b"to this worker")
@@ -295,14 +365,16 @@ async def link(request: web.Request) -> web.StreamResponse:
     named = request.headers.get(WORKER_ID_HEADER)
     worker = f"{LINK_PREFIX}{named or uuid.uuid4().hex}"
     limit = gw.config.max_result_bytes_sync + 1024 * 1024
-    ws = web.WebSocketResponse(max_msg_size=max(limit, gw.config.max_body_bytes + 1024 * 1024))
+    max_message = max(limit, gw.config.max_body_bytes + 1024 * 1024)
+    ws = web.WebSocketResponse(max_msg_size=max_message)
     if not ws.can_prepare(request).ok:
         raise web.HTTPBadRequest(reason="the link is a WebSocket: send an Upgrade request")
     await ws.prepare(request)
     batches = request.headers.get(lp.BATCH_HEADER) == "1"
+    confirms = request.headers.get(lp.STORED_HEADER) == "1"
     agent_base = f"{request.url.origin()}/agent/{sid}{API_PREFIX}"
-    await LinkSession(gw, sid, worker, ws, batches, anonymous=not named,
-                      agent_base=agent_base).run()
+    await LinkSession(gw, sid, worker, ws, batches, anonymous=not named, agent_base=agent_base,
+                      confirms=confirms, max_message=max_message).run()
     return ws
 
 

@@ -28,6 +28,9 @@ from spirit_gpu.protocol import agent
 from spirit_gpu.protocol.agent import Envelope
 
 FEATURES = ("longpoll", "stream", "cancel", "link")
+LINK_WORKER_PREFIX = "link:"  # names of workers on the multiplexed link, as storage records them
+# how long a link worker's webhook call waits for the result its link carries
+RELAY_WAITS_FOR_LINK = 10.0
 
 CancelPusher = Callable[[list[str]], None]
 
@@ -206,6 +209,12 @@ class Gateway:
         rec = await self.storage.get(sid, request_id)
         if rec is None:
             return 404, "request not found"
+        if not rec.terminal and rec.holder.startswith(LINK_WORKER_PREFIX):
+            # a link worker sent its result over the link before this call, after the
+            # request's stream chunks: that result ends the request, once they are stored
+            # (a link cut meanwhile sends them again); this call ends it only when it does
+            # not come, so it never cuts a stream short
+            rec = await self.storage.wait_done(sid, request_id, RELAY_WAITS_FOR_LINK) or rec
         if not rec.terminal:
             await self.report_result(sid, request_id, status_code, "", data)
             rec = await self.storage.get(sid, request_id) or rec

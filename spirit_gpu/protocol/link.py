@@ -6,7 +6,8 @@ messages, each one MessagePack-encoded ``msgspec.Struct`` of the tagged union
 fields may only be appended, with defaults. Payloads (request and result
 bodies, stream chunks) are raw bytes: nothing is base64-encoded on the link.
 
-Gateway -> worker: ``Welcome`` (first frame), ``Dispatch``, ``Cancel``.
+Gateway -> worker: ``Welcome`` (first frame), ``Dispatch``, ``Cancel``,
+``Stored``.
 Worker -> gateway: ``Credit``, ``Metric``, ``Result``, ``Ack``, ``Chunk``,
 ``Heartbeat``.
 
@@ -14,6 +15,15 @@ Flow control: the worker grants credits (``Credit(n)``, n may be negative to
 take back unused ones); the gateway sends at most that many ``Dispatch``
 frames, each using one credit. Every frame the worker sends renews the lease
 on all jobs dispatched to it.
+
+Confirmations (``stored``): a worker that sends ``Spirit-Link-Stored: 1`` on the
+upgrade, to a gateway that names ``stored`` in ``Welcome.features``, is told
+``Stored(upto)`` once the first ``upto`` frames it sent on this link were handled
+(their storage calls returned). It keeps its ``Metric``, ``Result``, ``Ack`` and
+``Chunk`` frames until then and sends the unconfirmed ones again, in order,
+first thing on its next link: what a dying gateway or connection took is not
+lost, and a frame the gateway stored twice changes nothing (chunks count once
+per ``seq``, the first end of a request wins).
 """
 
 from __future__ import annotations
@@ -24,11 +34,13 @@ VERSION = 1
 
 
 class Welcome(msgspec.Struct, tag="welcome", array_like=True):
-    """The gateway accepted the link. ``lease_ms``: silence after which jobs are lost."""
+    """The gateway accepted the link. ``lease_ms``: silence after which jobs are lost;
+    ``max_message``: the largest message it reads, in bytes (0: not said)."""
 
     version: int
     lease_ms: int
     features: list[str] = []
+    max_message: int = 0
 
 
 class Dispatch(msgspec.Struct, tag="dispatch", array_like=True):
@@ -94,7 +106,16 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True):
     request_ids: list[str]
 
 
-Frame = Welcome | Dispatch | Cancel | Credit | Metric | Result | Ack | Chunk | Heartbeat
+class Stored(msgspec.Struct, tag="stored", array_like=True):
+    """The first ``upto`` frames the worker sent on this link were handled (counted
+    from 1, every frame the worker sent, batched or not). Sent only to a worker that
+    asked (``Spirit-Link-Stored: 1``), at most once per short interval."""
+
+    upto: int
+
+
+Frame = (Welcome | Dispatch | Cancel | Credit | Metric | Result | Ack | Chunk | Heartbeat
+         | Stored)
 
 
 class Batch(msgspec.Struct, tag="batch", array_like=True):
@@ -110,6 +131,8 @@ class Batch(msgspec.Struct, tag="batch", array_like=True):
 
 Message = Frame | Batch
 BATCH_HEADER = "Spirit-Link-Batch"
+STORED_HEADER = "Spirit-Link-Stored"  # the worker reads Stored frames
+STORED = "stored"  # the Welcome feature: this gateway confirms, to a worker that asks
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]

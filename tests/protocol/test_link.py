@@ -8,8 +8,8 @@ import pytest
 from spirit_gpu.protocol import link as lp
 
 GOLDEN: list[tuple[lp.Frame, bytes]] = [
-    (lp.Welcome(1, 20000, ["longpoll", "link"]),
-     b"\x94\xa7welcome\x01\xcdN \x92\xa8longpoll\xa4link"),
+    (lp.Welcome(1, 20000, ["longpoll", "link", "stored"], 11534336),
+     b"\x95\xa7welcome\x01\xcdN \x93\xa8longpoll\xa4link\xa6stored\xce\x00\xb0\x00\x00"),
     (lp.Dispatch("r1", "sync", "http://h/w", 1700000000000, 1700000000001, 180000,
                  b'{"input":1}'),
      b"\x98\xa8dispatch\xa2r1\xa4sync\xaahttp://h/w\xcf\x00\x00\x01\x8b\xcf\xe5h\x00"
@@ -22,6 +22,7 @@ GOLDEN: list[tuple[lp.Frame, bytes]] = [
     (lp.Ack("r1"), b"\x92\xa3ack\xa2r1"),
     (lp.Chunk("r1", 0, b'{"i":0}'), b"\x94\xa5chunk\xa2r1\x00\xc4\x07{\"i\":0}"),
     (lp.Heartbeat(["r1"]), b"\x92\xa9heartbeat\x91\xa2r1"),
+    (lp.Stored(70000), b"\x92\xa6stored\xce\x00\x01\x11p"),
 ]
 
 
@@ -39,6 +40,24 @@ def test_payloads_are_raw_bytes_and_old_frames_still_decode() -> None:
     # a frame from an older peer without trailing optional fields decodes with defaults
     assert lp.decode(b"\x94\xa6metric\xa2r1\xa9executing\xa0") == lp.Metric("r1", "executing")
     assert lp.decode(b"\x93\xa7welcome\x01\x00") == lp.Welcome(1, 0, [])
+    # the Welcome of a gateway before confirmations (no max_message) ...
+    old_welcome = b"\x94\xa7welcome\x01\xcdN \x92\xa8longpoll\xa4link"
+    assert lp.decode(old_welcome) == lp.Welcome(1, 20000, ["longpoll", "link"], 0)
+
+
+class _WelcomeBefore(msgspec.Struct, tag="welcome", array_like=True):
+    """Welcome as workers before confirmations declare it."""
+
+    version: int
+    lease_ms: int
+    features: list[str] = []
+
+
+def test_a_worker_before_confirmations_reads_the_new_welcome() -> None:
+    # ... and a worker that knows no max_message reads the new one (a trailing field)
+    welcome = lp.encode(lp.Welcome(1, 20000, ["link", "stored"], 11534336))
+    assert msgspec.msgpack.decode(welcome, type=_WelcomeBefore) == \
+        _WelcomeBefore(1, 20000, ["link", "stored"])
 
 
 @pytest.mark.parametrize("bad", [b"", b"\x92\xa4nope\x00", b"\x91\xa6credit", b"\xc1"])

@@ -7,9 +7,13 @@ jobs dispatched but not yet handed to the worker loop are dropped (the gateway
 redelivers them when their lease runs out), running jobs report on the new link.
 
 Outgoing frames go through one ``BatchWriter``: a loop turn's frames travel as
-one message, and a message that could not be sent is retried whole, in order,
-before anything queued after it (a result never overtakes its ``executing``
-metric, an ack never its result). Each frame has its own number of tries.
+one message, in order. With a gateway that confirms what it stored (``stored``),
+the frames that carry a job's state are kept until confirmed and written again,
+first thing, on the next link (unconfirmed.py): a frame a dying gateway or
+connection took is not lost. With one that does not, a message that could not
+be sent is retried whole, in order, before anything queued after it, each frame
+with its own number of tries. Either way a result never overtakes its
+``executing`` metric, an ack never its result.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -36,6 +41,7 @@ from spirit_gpu.supervisor.transports.base import (
     Outage,
     PullResult,
 )
+from spirit_gpu.supervisor.transports.unconfirmed import KEEP_BYTES, Outgoing, Unconfirmed
 
 PULL_WAIT = 1.0  # seconds pull() waits for a dispatch before answering []
 # A job's "executing" metric waits this long for its result, so a short job's
@@ -44,8 +50,12 @@ EXECUTING_DELAY = 0.05
 CONNECT_TIMEOUT = 10.0
 # a message the link did not take is retried with this backoff; how many tries a
 # frame gets is its own (a result 10, metrics and acks 6, chunks 3, heartbeats 1)
+# unless the gateway confirms: then what carries state is kept until it does
 RESEND_RETRY = RetryPolicy(first=0.1, factor=2.0, max_delay=5.0)
+CLOSE_WAIT = 20.0  # seconds close() gives what is queued or unconfirmed to reach the gateway
 _SEND_ERRORS = (AgentUnavailable, aiohttp.ClientError, ConnectionError, RuntimeError)
+_CONNECT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, RuntimeError,
+                   msgspec.DecodeError)
 
 
 def job_from_dispatch(d: lp.Dispatch) -> Job:
@@ -54,37 +64,35 @@ def job_from_dispatch(d: lp.Dispatch) -> Job:
                ttl_ms=d.ttl_ms or DEFAULT_TTL_MS, body=d.body, received_at=now_ms())
 
 
-class _Out:
-    """A frame waiting to go out, with the tries it has left."""
-
-    __slots__ = ("frame", "tries", "done", "request_id")
-
-    def __init__(self, frame: lp.Frame, tries: int, request_id: str,
-                 done: asyncio.Future[bool] | None) -> None:
-        self.frame = frame
-        self.tries = tries
-        self.request_id = request_id
-        self.done = done
-
-
-def _encode(items: list[_Out]) -> bytes:
-    return lp.encode_many([o.frame for o in items])
-
-
-def _settle(items: list[_Out], ok: bool) -> None:
+def _settle(items: list[Outgoing], ok: bool) -> None:
     for o in items:
         if o.done is not None and not o.done.done():
             o.done.set_result(ok)
 
 
-def _sent(items: list[_Out]) -> None:
+def _sent(items: list[Outgoing]) -> None:
     _settle(items, True)
+
+
+def _given_up(items: list[Outgoing], error: BaseException) -> None:
+    _settle(items, False)
+    for o in items:
+        if o.request_id:  # a job's report is lost: say so for each one
+            logger.error(f"giving up on sending {type(o.frame).__name__.lower()} "
+                         f"over the link: {error}", request_id=o.request_id)
+
+
+def _ids(items: list[Outgoing], most: int = 10) -> str:
+    ids = sorted({o.request_id for o in items})
+    more = f" and {len(ids) - most} more" if len(ids) > most else ""
+    return ", ".join(ids[:most]) + more
 
 
 class LinkTransport:
     capabilities = Capabilities(batched_pulls=True, instant_metrics=True)
 
-    def __init__(self, session: aiohttp.ClientSession, agent_url: str, token: str = "") -> None:
+    def __init__(self, session: aiohttp.ClientSession, agent_url: str, token: str = "",
+                 keep_bytes: int = KEEP_BYTES) -> None:
         self.session = session
         self.url = agent.endpoint(agent_url, agent.LINK)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -96,18 +104,22 @@ class LinkTransport:
         self._lock = asyncio.Lock()
         self._buffer: deque[Job] = deque()
         self._waiters: deque[asyncio.Future[Job | None]] = deque()  # pulls waiting for a job
-        self._writer: BatchWriter[_Out] = BatchWriter(
-            _encode, self._sink, max_batch=1, on_error=self._resend, on_sent=_sent)
+        self._writer: BatchWriter[Outgoing] = BatchWriter(
+            self._encode, self._sink, max_batch=1, on_error=self._unsent, on_sent=_sent)
+        self._writing: list[Outgoing] = []  # the batch just encoded, for the sink
+        self.unconfirmed = Unconfirmed(keep_bytes)
         self._batches = False  # the gateway reads Batch messages
         self._outstanding = 0  # credits granted and not yet used by a dispatch
         self._executing: dict[str, tuple[asyncio.TimerHandle, lp.Metric]] = {}
         self._cancels: set[str] = set()
+        self._closing: set[asyncio.Task[Any]] = set()  # abandoned connections being closed
         self._closed = False
 
     # --- connection --------------------------------------------------------------
     async def connect(self) -> None:
-        """Open the link and read the gateway's Welcome; raises when either fails."""
-        headers = dict(self.headers, **{lp.BATCH_HEADER: "1"})
+        """Open the link and read the gateway's Welcome; then write what the gateway
+        has not confirmed yet. Raises when any of it fails."""
+        headers = dict(self.headers, **{lp.BATCH_HEADER: "1", lp.STORED_HEADER: "1"})
         ws = await self.session.ws_connect(self.url, headers=headers, max_msg_size=0,
                                            timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
         try:
@@ -117,13 +129,21 @@ class LinkTransport:
             welcome = lp.decode(first.data)
             if not isinstance(welcome, lp.Welcome):
                 raise ConnectionError(f"link opened with {type(welcome).__name__}, not Welcome")
+            self.features = set(welcome.features)
+            self._batches = "batch" in self.features
+            self._writer.max_batch = 0 if self._batches else 1  # one message per frame
+            self.lease_ms = welcome.lease_ms
+            confirming = lp.STORED in self.features
+            again = self.unconfirmed.new_link(confirming, welcome.max_message)
+            await self._write(ws, again)  # before anything else goes on this link
+            if not confirming:  # sent once more, as on a link without confirmations
+                self.unconfirmed.forget_all()
+            if again:
+                logger.info(f"sent {len(again)} frame(s) the gateway had not confirmed again "
+                            f"on the new link, of request(s) {_ids(again)}")
         except BaseException:
             await ws.close()
             raise
-        self.features = set(welcome.features)
-        self._batches = "batch" in self.features
-        self._writer.max_batch = 0 if self._batches else 1  # one message per frame
-        self.lease_ms = welcome.lease_ms
         self._buffer.clear()
         self._outstanding = 0
         self._ws = ws
@@ -139,7 +159,7 @@ class LinkTransport:
                     raise AgentUnavailable("link transport closed")
                 try:
                     await self.connect()
-                except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError) as exc:
+                except _CONNECT_ERRORS as exc:
                     self.outage.down(exc)
                     raise AgentUnavailable(str(exc)) from exc
                 self.outage.up()
@@ -160,22 +180,38 @@ class LinkTransport:
                     if isinstance(frame, lp.Dispatch):
                         self._outstanding = max(0, self._outstanding - 1)
                         self._deliver(job_from_dispatch(frame))
+                    elif isinstance(frame, lp.Stored):
+                        if ws is self._ws:  # counted on this link
+                            self.unconfirmed.stored(frame.upto)
                     elif isinstance(frame, lp.Cancel):
                         self._cancels.update(frame.request_ids)
                         gone = set(frame.request_ids)
                         self._buffer = deque(j for j in self._buffer
                                              if j.request_id not in gone)
         finally:
-            if self._ws is ws:
-                self._ws = None
-                self._buffer.clear()  # undelivered: the gateway redelivers them
-                self._outstanding = 0
-                while self._waiters:  # their pulls answer [] and reconnect next time
-                    waiter = self._waiters.popleft()
-                    if not waiter.done():
-                        waiter.set_result(None)
-                if not self._closed:
-                    logger.warn("agent link lost; reconnecting on the next call")
+            self._lost(ws)
+
+    def _lost(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        if self._ws is not ws:
+            return
+        self._ws = None
+        self._buffer.clear()  # undelivered: the gateway redelivers them
+        self._outstanding = 0
+        while self._waiters:  # their pulls answer [] and reconnect next time
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        if not self._closed:
+            logger.warn("agent link lost; reconnecting on the next call")
+
+    def _abandon(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """A write on ``ws`` failed: nothing more goes on it (the frames counted on it
+        would no longer match what the gateway read); the next call opens a new link."""
+        self._lost(ws)
+        if not ws.closed:
+            task = asyncio.ensure_future(ws.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _deliver(self, job: Job) -> None:
         """Hand a dispatched job to the oldest waiting pull, else buffer it."""
@@ -187,19 +223,79 @@ class LinkTransport:
         self._buffer.append(job)
 
     # --- sending ----------------------------------------------------------------
+    def _encode(self, items: list[Outgoing]) -> bytes:
+        self._writing = items  # the writer hands the bytes to _sink at once
+        return lp.encode_many([o.frame for o in items])
+
     def _sink(self, data: bytes) -> Awaitable[None] | None:
+        items, self._writing = self._writing, []
         ws = self._ws
         if ws is None or ws.closed:
-            return self._send_when_up(data)  # the next call reconnects
+            return self._send_when_up(data, items)  # the next call reconnects
+        self.unconfirmed.writing(items)
         coro = ws.send_bytes(data)
-        done, waiting = wsio.start(coro)  # the usual case: written here, no task
-        return None if done else wsio.finish(coro, waiting)
+        try:
+            done, waiting = wsio.start(coro)  # the usual case: written here, no task
+        except BaseException:
+            self._abandon(ws)
+            raise
+        return None if done else self._finish(ws, coro, waiting)
 
-    async def _send_when_up(self, data: bytes) -> None:
+    async def _finish(self, ws: aiohttp.ClientWebSocketResponse, coro: wsio.SendCoro,
+                      waiting: Any) -> None:
+        try:
+            await wsio.finish(coro, waiting)
+        except Exception:
+            self._abandon(ws)
+            raise
+
+    async def _send_when_up(self, data: bytes, items: list[Outgoing]) -> None:
         ws = await self._live()
-        await ws.send_bytes(data)
+        self.unconfirmed.writing(items)
+        try:
+            await ws.send_bytes(data)
+        except Exception:
+            self._abandon(ws)
+            raise
 
-    async def _resend(self, items: list[_Out], error: Exception) -> None:
+    async def _write(self, ws: aiohttp.ClientWebSocketResponse, items: list[Outgoing]) -> None:
+        """Write ``items`` on ``ws`` now, counted, in messages the gateway reads."""
+        self.unconfirmed.writing(items)
+        try:
+            if self._batches:
+                for part in self.unconfirmed.messages(items):
+                    await ws.send_bytes(lp.encode_many([o.frame for o in part]))
+            else:
+                for o in items:
+                    await ws.send_bytes(lp.encode(o.frame))
+        except Exception:
+            self._abandon(ws)
+            raise
+
+    def _unsent(self, items: list[Outgoing], error: Exception) -> Awaitable[None] | None:
+        """A message that did not go out. To a gateway that confirms, what carries state
+        is kept and goes first on the next link; otherwise it is retried (``_resend``)."""
+        if not self.unconfirmed.confirming:
+            return self._resend(items, error)
+        rest = self.unconfirmed.unsent(items)
+        if rest:  # a credit (a new link starts without), a heartbeat (the next one comes)
+            _given_up(rest, error)
+        return self._relink() if len(self.unconfirmed) else None
+
+    async def _relink(self) -> None:
+        """Until the kept frames are written on a link (a new one writes them first);
+        the writer holds everything queued after them meanwhile."""
+        backoff = Backoff(RESEND_RETRY)
+        while not self._closed:
+            await backoff.sleep()
+            try:
+                ws = await self._live()
+                await self._write(ws, self.unconfirmed.unwritten())
+            except _SEND_ERRORS:
+                continue
+            return
+
+    async def _resend(self, items: list[Outgoing], error: Exception) -> None:
         """Retry a message that did not go out, whole and in order; the writer holds
         everything queued after it until this ends."""
         backoff = Backoff(RESEND_RETRY)
@@ -209,22 +305,15 @@ class LinkTransport:
                 o.tries -= 1
                 if o.tries > 0:
                     left.append(o)
-                    continue
-                _settle([o], False)
-                if o.request_id:  # a job's report is lost: say so for each one
-                    logger.error(f"giving up on sending {type(o.frame).__name__.lower()} "
-                                 f"over the link: {error}", request_id=o.request_id)
+                else:
+                    _given_up([o], error)
             items = left
             if not items:
                 return
             await backoff.sleep()
             try:
                 ws = await self._live()
-                if self._batches:
-                    await ws.send_bytes(_encode(items))
-                else:
-                    for o in items:
-                        await ws.send_bytes(lp.encode(o.frame))
+                await self._write(ws, items)
             except _SEND_ERRORS as exc:
                 error = exc
                 continue
@@ -233,12 +322,12 @@ class LinkTransport:
 
     def _send_soon(self, frame: lp.Frame, tries: int, request_id: str = "") -> None:
         """Queue without waiting: frames of one loop turn share a message."""
-        self._writer.send(_Out(frame, tries, request_id, None))
+        self._writer.send(Outgoing(frame, tries, request_id, None))
 
     async def _send(self, frame: lp.Frame, tries: int) -> bool:
         """Queue and wait until it went out (True) or was given up on (False)."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._writer.send(_Out(frame, tries, "", done))
+        self._writer.send(Outgoing(frame, tries, "", done))
         return await done
 
     # --- Transport ------------------------------------------------------------------
@@ -313,13 +402,41 @@ class LinkTransport:
         return HeartbeatReply(cancel=cancel)
 
     async def close(self) -> None:
+        """Send what is queued and, to a gateway that confirms, see it confirmed
+        (linking again if the link is down), for up to ``CLOSE_WAIT`` s; then close."""
         for request_id in list(self._executing):
             self._executing_due(request_id)
-        await self._writer.join()
+        try:
+            async with asyncio.timeout(CLOSE_WAIT):
+                await self._writer.join()
+                await self._all_stored()
+        except TimeoutError:
+            pass
+        if len(self.unconfirmed):
+            logger.error(f"closing the agent link with {len(self.unconfirmed)} frame(s) the "
+                         f"gateway has not confirmed, of request(s) "
+                         f"{_ids(list(self.unconfirmed.frames))}")
         self._closed = True
+        await self._writer.close()  # a resend still waiting for a link ends here
         ws, self._ws = self._ws, None
         if ws is not None:
             await ws.close()
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def _all_stored(self) -> None:
+        backoff = Backoff(RESEND_RETRY)
+        while len(self.unconfirmed) and self.unconfirmed.confirming:
+            try:
+                await self._live()  # a new link writes what is kept first
+            except AgentUnavailable:
+                await backoff.sleep()
+                continue
+            assert self._reader is not None
+            stored = asyncio.ensure_future(self.unconfirmed.none.wait())
+            try:  # until confirmed, or the link is lost (then again)
+                await asyncio.wait((stored, self._reader), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stored.cancel()

@@ -31,11 +31,14 @@ from spirit_gpu.supervisor.transports.base import (
 LONG_POLL_MS = 20_000
 _json = msgspec.json.Encoder()
 _reply = msgspec.json.Decoder(HeartbeatReply)
-# a POST the agent did not take (no answer, 5xx) is retried: a result longest, a chunk
-# (superseded by the result) least, a heartbeat not at all (the next one comes soon)
+# a POST the agent did not take (no answer, 5xx) is retried: a result and a stream chunk
+# longest (a gateway restarting takes seconds, and a stream missing a chunk is a wrong
+# stream), a heartbeat not at all (the next one comes soon). Once a chunk of a job is
+# given up, the job's later chunks get one try: its result does not wait behind them.
 REPORT_RETRY = RetryPolicy(first=0.1, factor=2.0, max_delay=5.0, attempts=6)
 RESULT_RETRY = RetryPolicy(first=0.1, factor=2.0, max_delay=5.0, attempts=10)
-CHUNK_RETRY = RetryPolicy(first=0.1, factor=2.0, max_delay=5.0, attempts=3)
+CHUNK_RETRY = RESULT_RETRY
+CHUNK_AFTER_LOSS_RETRY = RetryPolicy(first=0.1, attempts=1)
 HEARTBEAT_RETRY = RetryPolicy(first=0.1, attempts=1)
 
 
@@ -53,6 +56,7 @@ class PlainTransport:
             self.headers["Authorization"] = f"Bearer {token}"
         self.features: set[str] = set()
         self.outage = Outage(f"agent at {agent_url}")
+        self._chunk_lost: set[str] = set()  # jobs a chunk of which was given up
 
     def _note(self, resp: aiohttp.ClientResponse) -> None:
         offered = resp.headers.get(agent.FEATURES_HEADER)
@@ -120,6 +124,7 @@ class PlainTransport:
                          _json.encode(status_metric(job, report)), job.request_id)
 
     async def result(self, job: Job, status_code: int, message: str, data: bytes) -> None:
+        self._chunk_lost.discard(job.request_id)
         body = ResultBody(statusCode=status_code, message=message,
                           data=base64.b64encode(data).decode())
         await self._post(f"{agent.RESULT}/{job.request_id}", _json.encode(body), job.request_id,
@@ -130,8 +135,11 @@ class PlainTransport:
 
     async def chunk(self, job: Job, seq: int, data: bytes) -> None:
         if "stream" in self.features:
-            await self._post(f"{agent.CHUNK}/{job.request_id}", data, job.request_id,
-                             {agent.CHUNK_SEQ_HEADER: str(seq)}, CHUNK_RETRY)
+            lost = job.request_id in self._chunk_lost
+            if await self._post(f"{agent.CHUNK}/{job.request_id}", data, job.request_id,
+                                {agent.CHUNK_SEQ_HEADER: str(seq)},
+                                CHUNK_AFTER_LOSS_RETRY if lost else CHUNK_RETRY) is None:
+                self._chunk_lost.add(job.request_id)
 
     async def heartbeat(self, request_ids: list[str]) -> HeartbeatReply:
         data = await self._post(agent.HEARTBEAT, _json.encode(agent.Heartbeat(request_ids)),

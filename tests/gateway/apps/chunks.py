@@ -1,4 +1,5 @@
-"""A generator handler: yields input.n items; between items waits for input.gate files."""
+"""A generator handler: yields input.n items; between items waits for input.gate files;
+input.pad=N adds N bytes of padding to each item."""
 
 import os
 import time
@@ -9,7 +10,7 @@ from spirit_gpu import start
 def handler(request: dict, env: object):  # type: ignore[no-untyped-def, type-arg]
     data = request["input"]
     for i in range(int(data.get("n", 3))):
-        yield {"i": i}
+        yield {"i": i, "pad": "x" * int(data["pad"])} if data.get("pad") else {"i": i}
         gate = data.get("gate")
         if gate:  # the test creates <gate>.<i> to let the next item come
             deadline = time.monotonic() + 30

@@ -1,0 +1,87 @@
+"""A replica that dies holding a linked worker's frames it never stored: the worker
+sends them again to the next replica, and the stream has every chunk once."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import until
+from tests.gateway.conftest import APPS, AUTH, Webhooks
+from tests.nats.replicas import Replica, worker_env
+from tests.nats.test_failures import nats, replicas, session  # noqa: F401 - fixtures
+from tests.nats_server import TempNats
+
+CHUNKS = str(APPS / "chunks.py")
+PAD = 48 * 1024  # one chunk this large shows in the stopped replica's socket buffer
+LEASE = 15.0  # longer than the test's outage: the job must not be failed as lost
+
+
+def unread_bytes(port: int) -> int:
+    """Bytes received and not yet read by the process listening on ``port``, summed
+    over its established connections (the kernel's own count, /proc/net/tcp)."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+            total += int(queues.split(":")[1], 16)
+    return total
+
+
+async def read_status(http: aiohttp.ClientSession, replica: Replica, sid: str,
+                      rid: str) -> str:
+    async with http.get(f"{replica.url}/v1/{sid}/status", params={"requestID": rid},
+                           headers=AUTH) as resp:
+        # (read through another replica: 404 for an instant after the submit)
+        return str((await resp.json()).get("status", ""))
+
+
+async def test_a_chunk_the_dead_replica_never_stored_reaches_the_stream_through_the_next(
+        nats: TempNats, replicas: Callable[..., Replica], worker_factory: Any,  # noqa: F811
+        session: aiohttp.ClientSession, webhooks: Webhooks, tmp_path: Path) -> None:  # noqa: F811
+    a = await replicas(nats.url, lease=LEASE).ready(session)
+    b = await replicas(nats.url, lease=LEASE).ready(session)
+    worker = worker_factory(CHUNKS, worker_env(a, "lr", "link"))
+
+    async def up() -> bool:
+        assert worker.proc.poll() is None, worker.output
+        async with session.post(f"{b.url}/v1/lr/sync", headers=AUTH,
+                                json={"input": {"n": 1}}) as resp:
+            return resp.status == 200
+    await until(up, 30, "the worker answering")
+    gate = tmp_path / "gate"
+    async with session.post(f"{b.url}/v1/lr/async", headers=AUTH, json={
+            "input": {"n": 3, "gate": str(gate), "pad": PAD}, "webhook": webhooks.url}) as resp:
+        assert resp.status == 200
+        rid = (await resp.json())["id"]
+
+    async def executing() -> bool:  # through b: the record in NATS says so
+        return await read_status(session, b, "lr", rid) == "executing"
+    await until(executing, 15, "the stream running")
+    # replica a stops reading: chunk 1 reaches its socket and is never handled
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    (tmp_path / "gate.0").touch()
+    await until(lambda: unread_bytes(a.port) >= PAD, 15, "chunk 1 unread in a's socket",
+                detail=lambda: worker.output)
+    a.kill()
+    replicas(nats.url, port=a.port, lease=LEASE)  # the next replica behind a's address
+    (tmp_path / "gate.1").touch()  # chunk 2 comes while the worker has no link
+    (tmp_path / "gate.2").touch()
+
+    async def succeeded() -> bool:
+        return await read_status(session, b, "lr", rid) == "succeed"
+    await until(succeeded, 30, "the request succeeding", detail=lambda: worker.output)
+    async with session.get(f"{b.url}/v1/lr/stream", params={"requestID": rid},
+                           headers=AUTH) as resp:
+        body = (await resp.read()).decode()
+    ids = [int(i) for i in re.findall(r"^id: (\d+)$", body, re.M)]
+    items = [int(i) for i in re.findall(r'^data: \{"i": ?(\d+)', body, re.M)]
+    assert (ids, items) == ([0, 1, 2], [0, 1, 2]), re.sub("x{20,}", "x..", body)
+    assert body.endswith('event: end\ndata: {"statusCode":200,"status":"succeed"}\n\n')
