@@ -27,12 +27,15 @@ N = 2000
 DEPTH = 32
 
 
-async def blast(session: aiohttp.ClientSession, url: str, bodies: list[bytes]) -> tuple[float, int]:
-    """POST every body, DEPTH in flight; (seconds, failures)."""
+async def blast(session: aiohttp.ClientSession, url: str | list[str],
+                bodies: list[bytes]) -> tuple[float, int]:
+    """POST every body, DEPTH in flight; (seconds, failures). Several URLs: the
+    lanes take them in turn (a round-robin balancer in front of replicas)."""
+    urls = [url] if isinstance(url, str) else url
     it = iter(bodies)
     failures = 0
 
-    async def lane() -> None:
+    async def lane(url: str) -> None:
         nonlocal failures
         for body in it:
             async with session.post(url, data=body, headers={**AUTH,
@@ -42,11 +45,13 @@ async def blast(session: aiohttp.ClientSession, url: str, bodies: list[bytes]) -
                     failures += 1
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(DEPTH)))
+    await asyncio.gather(*(lane(urls[i % len(urls)]) for i in range(DEPTH)))
     return time.perf_counter() - t0, failures
 
 
-async def measure(gateway: str, n: int) -> dict[str, float]:
+async def measure(gateway: str | list[str], n: int) -> dict[str, float]:
+    """``gateway``: one, or replicas that the client's lanes take in turn."""
+    gateways = [gateway] if isinstance(gateway, str) else gateway
     got: set[str] = set()
     all_in = asyncio.Event()
 
@@ -68,9 +73,11 @@ async def measure(gateway: str, n: int) -> dict[str, float]:
     async_bodies = [json.dumps({**data, "webhook": hook_url}).encode() for _ in range(n)]
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=DEPTH)) as s:
-            sync_s, sync_fail = await blast(s, f"{gateway}/v1/{SID}/sync", [BODY] * n)
+            sync_s, sync_fail = await blast(s, [f"{g}/v1/{SID}/sync" for g in gateways],
+                                            [BODY] * n)
             t0 = time.perf_counter()
-            submit_s, submit_fail = await blast(s, f"{gateway}/v1/{SID}/async", async_bodies)
+            submit_s, submit_fail = await blast(s, [f"{g}/v1/{SID}/async" for g in gateways],
+                                                async_bodies)
             try:
                 await asyncio.wait_for(all_in.wait(), 120)
             except TimeoutError:

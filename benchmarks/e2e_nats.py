@@ -6,7 +6,8 @@ gateways on that server; echo workers over the link. "2 replicas": the
 client talks to replica 1 while the worker is linked to replica 2 (every
 request crosses replicas: the worst case). Sync: wrk round-robin over the
 targets at c=1 and c=32 (as e2e_sync). Async: e2e_async's submissions and
-webhook results.
+webhook results, with workers on both replicas, the client's lanes either
+taking the replicas in turn (a round-robin balancer) or all on replica 1.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def run(quick: bool) -> list[Result]:
             a1 = run_loop(measure(n1, n))
             start_worker(procs, n2, "link")  # now the sid's workers span both replicas
             a2 = run_loop(measure(n1, n))
+            a2b = run_loop(measure([n1, n2], n))
     finally:
         shutil.rmtree(store_dir, ignore_errors=True)
     m1, m32 = loads["memory"]
@@ -94,7 +96,8 @@ def run(quick: bool) -> list[Result]:
                           check=lambda v: v < 1.0))
         out.append(result(f"e2e_nats sync failed responses, {label}", c1.errors + c32.errors,
                           "", goal="0", check=lambda v: v == 0))
-    for m, label in ((a1, "1 replica"), (a2, "2 replicas")):
+    for m, label in ((a1, "1 replica"), (a2b, "2 replicas behind a round-robin balancer"),
+                     (a2, "2 replicas, every client on replica 1")):
         assert isinstance(m, dict) and isinstance(am, dict)
         out.append(result(f"e2e_nats async accept rate, {label}", n / m["submit_s"], "req/s",
                           "memory", n / am["submit_s"], "≥ 0.8×", lambda r: r >= 0.8))
