@@ -146,8 +146,7 @@ class LinkSession:
                     if self.concurrent and isinstance(frame, _PER_REQUEST):
                         await self._start(frame, n)
                     else:
-                        await self._on_frame(frame)
-                        self._done(n)
+                        self._done(n, await self._on_frame(frame))
         finally:
             dispatcher.cancel()
             if self.confirm_due is not None:
@@ -202,8 +201,12 @@ class LinkSession:
         self.writer.send(lp.Cancel(request_ids=request_ids))
 
     # --- confirmations -----------------------------------------------------------------
-    def _done(self, n: int) -> None:
-        """Frame ``n`` was handled; a confirmation follows within ``CONFIRM_EVERY``."""
+    def _done(self, n: int, kept: asyncio.Future[None] | None = None) -> None:
+        """Frame ``n`` was handled (and, with ``kept``, is kept once that is done); a
+        confirmation follows within ``CONFIRM_EVERY``."""
+        if kept is not None and not kept.done():
+            kept.add_done_callback(lambda _: self._done(n))
+            return
         self.handled.finish(n)
         if self.confirms and self.confirm_due is None:
             self.confirm_due = asyncio.get_running_loop().call_later(CONFIRM_EVERY, self._confirm)
@@ -239,8 +242,7 @@ class LinkSession:
                     # after a frame failed, later ones are neither handled nor confirmed:
                     # the worker sends them again, in order, on its next link
                     if not (self.failed and self.confirms):
-                        await self._on_frame(frame)
-                        self._done(n)
+                        self._done(n, await self._on_frame(frame))
                 finally:
                     self._handled(1)
                 if not waiting:
@@ -263,7 +265,9 @@ class LinkSession:
         if self.unhandled < MAX_CONCURRENT_FRAMES:
             self.room.set()
 
-    async def _on_frame(self, frame: lp.Frame) -> None:
+    async def _on_frame(self, frame: lp.Frame) -> asyncio.Future[None] | None:
+        """Handle one frame; a future when what it said is kept only once that is done
+        (its confirmation waits for it)."""
         gw, sid = self.gw, self.sid
         now = time.monotonic()
         if now - self.last_touch > gw.config.lease_seconds / 8:
@@ -277,6 +281,7 @@ class LinkSession:
             case lp.Metric(request_id=request_id, status=status, message=message):
                 if status == "executing" and await self._holds(request_id, "metric"):
                     await gw.report_started(sid, request_id)
+                    return gw.storage.written(request_id)
                 elif status in ("succeed", "failed") and await self._holds(request_id, "metric"):
                     await gw.report_final(sid, request_id, status, message)
             case lp.Result(request_id=request_id, status_code=code, message=message, data=data):
@@ -299,6 +304,7 @@ class LinkSession:
                     self.writer.send(lp.Cancel(request_ids=cancel))
             case _:
                 pass  # gateway-to-worker frames coming back: ignore
+        return None
 
     async def _holds(self, request_id: str, what: str) -> bool:
         """Whether the request was dispatched to this worker: on this link, or on an

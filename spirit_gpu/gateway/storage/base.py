@@ -16,6 +16,7 @@ Every accepted request reaches exactly one terminal state: the first
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from enum import Enum
 
@@ -234,6 +235,13 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def mark_started(self, sid: str, request_id: str) -> bool:
         """The worker began executing it (from then on it is failed, not redelivered)."""
+
+    def written(self, request_id: str) -> asyncio.Future[None] | None:
+        """What this store noted of ``request_id`` and writes behind (a start), as a
+        future done once it is kept; None when nothing is pending. A link confirms
+        a worker's "executing" only then, so a gateway that dies before the write
+        gets it again from the worker, through another gateway."""
+        return None
 
     @abc.abstractmethod
     async def finish(self, sid: str, request_id: str, status_code: int, message: str,

@@ -109,6 +109,12 @@ class _Held:
     fresh: bool = False
     timer: asyncio.TimerHandle | None = None
     since: int = field(default_factory=lambda: int(time.time() * 1000))
+    kept: asyncio.Future[None] | None = None  # done once written (``written``)
+
+    def settle(self) -> None:
+        """Written (or overtaken: ended, handed back, given up on)."""
+        if self.kept is not None and not self.kept.done():
+            self.kept.set_result(None)
 
     def apply(self, doc: Doc) -> None:
         if self.claim is not None:
@@ -164,6 +170,7 @@ class NatsStorage(Storage):
         # meanwhile goes to its next waiting pull)
         self._behind: dict[str, tuple[int, float]] = {}
         self._held: dict[str, _Held] = {}
+        self._writing: dict[str, _Held] = {}  # taken from _held, being written
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _now(self) -> int:
@@ -806,13 +813,24 @@ class NatsStorage(Storage):
     def _flush_held(self, request_id: str) -> None:
         held = self._held.pop(request_id, None)
         if held is not None:
+            self._writing[request_id] = held
             self._in_background(request_id, self._held_write(request_id, held))
 
     def _drop_held(self, request_id: str) -> _Held | None:
         held = self._held.pop(request_id, None)
-        if held is not None and held.timer is not None:
-            held.timer.cancel()
+        if held is not None:
+            if held.timer is not None:
+                held.timer.cancel()
+            held.settle()
         return held
+
+    def written(self, request_id: str) -> asyncio.Future[None] | None:
+        held = self._held.get(request_id) or self._writing.get(request_id)
+        if held is None:
+            return None
+        if held.kept is None:
+            held.kept = asyncio.get_running_loop().create_future()
+        return held.kept
 
     def _overlay(self, request_id: str, doc: Doc | None) -> Doc | None:
         held = self._held.get(request_id)
@@ -826,6 +844,15 @@ class NatsStorage(Storage):
         return doc
 
     async def _held_write(self, request_id: str, held: _Held) -> None:
+        try:
+            await self._held_write_once(request_id, held)
+        finally:
+            if self._writing.get(request_id) is held:
+                del self._writing[request_id]
+            if self._held.get(request_id) is not held:  # (not held again to retry)
+                held.settle()
+
+    async def _held_write_once(self, request_id: str, held: _Held) -> None:
         try:
             for _ in range(_CAS_TRIES):
                 doc, last = await self._base(held.sid, request_id, settle=False, overlay=False)
