@@ -493,12 +493,14 @@ class NatsStorage(Storage):
                     timer.cancel()
                 if doc is not None:
                     return await self._resolved(doc)
-                rec = await self.get(sid, request_id)
-                if rec is None or rec.terminal:
-                    return rec
+                # the next wake-up's future before the read: one that comes while
+                # reading is not lost
                 futs.remove(fut)
                 fut = loop.create_future()
                 futs.append(fut)
+                rec = await self.get(sid, request_id)
+                if rec is None or rec.terminal:
+                    return rec
         finally:
             if fut in futs:
                 futs.remove(fut)
