@@ -31,7 +31,6 @@ from spirit_gpu.protocol import link as lp
 from spirit_gpu.protocol.agent import API_PREFIX, WORKER_ID_HEADER
 
 PATH = "/agent/{sid}/apis/v1/link"
-LINK_PREFIX = LINK_WORKER_PREFIX  # worker names of link workers, as storage records them
 MAX_REFUSED = 1000  # frames about other workers' requests before the link is closed
 # frames handled at once on one link when storage calls wait on the network; past it
 # the link is read no further until one is done (the worker's writes push back)
@@ -317,7 +316,7 @@ class LinkSession:
             rec.holder == self.worker
             # a worker without an id cannot be recognised: it may take over a job
             # whose own link is gone (and only such a job)
-            or (self.anonymous and rec.holder.startswith(LINK_PREFIX)
+            or (self.anonymous and rec.holder.startswith(LINK_WORKER_PREFIX)
                 and request_id not in self.gw.links))
         if mine:
             assert rec is not None
@@ -369,7 +368,7 @@ async def link(request: web.Request) -> web.StreamResponse:
     require_worker(request, gw.config)
     sid = serverless_id(request)
     named = request.headers.get(WORKER_ID_HEADER)
-    worker = f"{LINK_PREFIX}{named or uuid.uuid4().hex}"
+    worker = f"{LINK_WORKER_PREFIX}{named or uuid.uuid4().hex}"
     limit = gw.config.max_result_bytes_sync + 1024 * 1024
     max_message = max(limit, gw.config.max_body_bytes + 1024 * 1024)
     ws = web.WebSocketResponse(max_msg_size=max_message)

@@ -62,11 +62,12 @@ def hook_counts(webhooks: Webhooks) -> Counter[str]:
 
 
 async def wait_worker(session: aiohttp.ClientSession, replica: Replica, sid: str,
-                      worker: Worker) -> None:
+                      worker: Worker, job: object = None) -> None:
+    """Until a sync request through ``replica`` is answered (``job``: its input)."""
     async def up() -> bool:
         assert worker.proc.poll() is None, worker.output
         async with session.post(f"{replica.url}/v1/{sid}/sync", headers=AUTH,
-                                json={"input": {"x": 1}}) as resp:
+                                json={"input": {"x": 1} if job is None else job}) as resp:
             return resp.status == 200
     await until(up, 30, "worker answering")
 

@@ -15,7 +15,12 @@ import aiohttp
 from tests.conftest import until
 from tests.gateway.conftest import APPS, AUTH, Webhooks
 from tests.nats.replicas import Replica, worker_env
-from tests.nats.test_failures import nats, replicas, session  # noqa: F401 - fixtures
+from tests.nats.test_failures import (  # noqa: F401 - fixtures
+    nats,
+    replicas,
+    session,
+    wait_worker,
+)
 from tests.nats_server import TempNats
 
 CHUNKS = str(APPS / "chunks.py")
@@ -49,13 +54,7 @@ async def test_a_chunk_the_dead_replica_never_stored_reaches_the_stream_through_
     a = await replicas(nats.url, lease=LEASE).ready(session)
     b = await replicas(nats.url, lease=LEASE).ready(session)
     worker = worker_factory(CHUNKS, worker_env(a, "lr", "link"))
-
-    async def up() -> bool:
-        assert worker.proc.poll() is None, worker.output
-        async with session.post(f"{b.url}/v1/lr/sync", headers=AUTH,
-                                json={"input": {"n": 1}}) as resp:
-            return resp.status == 200
-    await until(up, 30, "the worker answering")
+    await wait_worker(session, b, "lr", worker, {"n": 1})
     gate = tmp_path / "gate"
     async with session.post(f"{b.url}/v1/lr/async", headers=AUTH, json={
             "input": {"n": 3, "gate": str(gate), "pad": PAD}, "webhook": webhooks.url}) as resp:
