@@ -12,6 +12,7 @@ handle them as they would its calls'.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import msgspec
@@ -19,7 +20,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, ServiceUnavailableError
 
 _STATUS = "Status"
 
@@ -115,15 +116,11 @@ class JetStreamCalls:
             fut.cancel()
         self._waiting.clear()
         if self._sub is not None:
-            try:
+            with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
-            except nats.errors.Error:
-                pass
 
 
 def _time_out(fut: asyncio.Future[Msg]) -> None:
     if not fut.done():
         fut.set_exception(nats.errors.TimeoutError())
 
-
-__all__ = ["JetStreamCalls", "NotFoundError", "Stored"]
