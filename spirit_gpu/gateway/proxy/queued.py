@@ -39,6 +39,7 @@ import msgspec
 from aiohttp import web
 
 from spirit_gpu.gateway.httpio import ApiError, json_response, read_body
+from spirit_gpu.gateway.proxy.registry import REGISTRY_KEY
 from spirit_gpu.gateway.service import Gateway
 from spirit_gpu.gateway.storage.base import NewRequest, RequestRecord
 from spirit_gpu.log import logger
@@ -210,7 +211,5 @@ async def take_answer(request: web.Request, gw: Gateway, sid: str,
 
 
 def _relay(request: web.Request) -> AnswerRelay | None:
-    from spirit_gpu.gateway.proxy.route import ROUTER_KEY  # (route.py imports this module)
-
-    router = request.app.get(ROUTER_KEY)
-    return router.registry.answer_relay if router is not None else None
+    registry = request.app.get(REGISTRY_KEY)
+    return registry.answer_relay if registry is not None else None

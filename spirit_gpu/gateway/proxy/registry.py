@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from aiohttp import web
 from yarl import URL
 
 from spirit_gpu.gateway.proxy.link import GatewayLink
@@ -131,3 +132,7 @@ class ProxyRegistry:
             if now >= worker.expires_at + self.lease_seconds:  # long gone: forget it
                 del workers[worker_id]
                 logger.info(f"proxy worker {worker_id} of {sid} forgotten (lease expired)")
+
+
+REGISTRY_KEY: web.AppKey[ProxyRegistry] = web.AppKey("spirit_proxy_registry", ProxyRegistry)
+"""Where the proxy route puts its registry (``route.install``)."""

@@ -46,7 +46,7 @@ from spirit_gpu.gateway.proxy import queued
 from spirit_gpu.gateway.proxy.link import GatewayLink, LinkAnswer, LinkStream
 from spirit_gpu.gateway.proxy.metrics import ProxyMetrics
 from spirit_gpu.gateway.proxy.registration import Registration
-from spirit_gpu.gateway.proxy.registry import ProxyRegistry, ProxyWorker
+from spirit_gpu.gateway.proxy.registry import REGISTRY_KEY, ProxyRegistry, ProxyWorker
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.log import logger
 from spirit_gpu.net.relay import (
@@ -401,4 +401,5 @@ def install(app: web.Application, config: GatewayConfig) -> None:
     router = ProxyRouter(config, ProxyMetrics(gateway.metrics.registry if gateway else None,
                                               config.metrics_max_sids))
     app[ROUTER_KEY] = router
+    app[REGISTRY_KEY] = router.registry
     router.install(app)
