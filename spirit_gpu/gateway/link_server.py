@@ -38,7 +38,6 @@ MAX_CONCURRENT_FRAMES = 512
 # how long a confirmation waits for more frames handled: at most one Stored frame this
 # often per link, however many frames it covers
 CONFIRM_EVERY = 0.01
-_PER_REQUEST = (lp.Metric, lp.Result, lp.Ack, lp.Chunk)
 
 
 class Handled:
@@ -142,7 +141,7 @@ class LinkSession:
                     if self.ws.closed:
                         break
                     n = self.handled.start()
-                    if self.concurrent and isinstance(frame, _PER_REQUEST):
+                    if self.concurrent and isinstance(frame, lp.REQUEST_FRAMES):
                         await self._start(frame, n)
                     else:
                         self._done(n, await self._on_frame(frame))

@@ -116,6 +116,9 @@ class Stored(msgspec.Struct, tag="stored", array_like=True):
 
 Frame = (Welcome | Dispatch | Cancel | Credit | Metric | Result | Ack | Chunk | Heartbeat
          | Stored)
+# the worker's frames about one request, which carry its state: the gateway handles a
+# request's in order, and the worker keeps them until the gateway confirms them
+REQUEST_FRAMES = (Metric, Result, Ack, Chunk)
 
 
 class Batch(msgspec.Struct, tag="batch", array_like=True):

@@ -26,8 +26,7 @@ from collections.abc import Iterator
 from spirit_gpu.log import logger
 from spirit_gpu.protocol import link as lp
 
-STATE_FRAMES = (lp.Metric, lp.Result, lp.Ack, lp.Chunk)
-_STATE_TYPES = frozenset(STATE_FRAMES)  # (a set lookup: cheaper than isinstance per frame)
+_STATE_TYPES = frozenset(lp.REQUEST_FRAMES)  # (a set lookup: cheaper than isinstance per frame)
 KEEP_BYTES = 64 * 1024 * 1024
 FRAME_BYTES = 128  # counted per frame on top of its payload: more than msgpack's framing
 RESEND_BYTES = 1024 * 1024  # kept frames are sent again in messages of about this size
@@ -107,7 +106,7 @@ class Unconfirmed:
         Returns the others (credits, heartbeats, a frame too large to keep)."""
         rest = []
         for o in items:
-            if not o.kept and isinstance(o.frame, STATE_FRAMES):
+            if not o.kept and isinstance(o.frame, lp.REQUEST_FRAMES):
                 self._keep(o)
             if not o.kept:
                 rest.append(o)
