@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
-from tests.compat.conftest import Procs, seen
+from tests.compat.conftest import Proc, Procs, seen
 from tests.conftest import until
 from tests.gateway.conftest import GatewayFactory, Gw, Webhooks
 from tests.proxy.fake_llm import FakeLLM
@@ -21,6 +21,46 @@ async def connected(gw: Gw, sid: str = SID) -> None:
     await until(present, 30, "the original worker polling")
 
 
+async def sync_async_webhook_and_raise(client: Gw, readers: tuple[Gw, ...], webhooks: Webhooks,
+                                       worker: Proc) -> None:
+    """Requests through ``client`` to the original worker (sync, a raising handler, async
+    with its webhook, async raising); each one's status read through every one of
+    ``readers``."""
+    code, body, _ = await client.call("POST", f"/v1/{SID}/sync", json_body={"input": {"x": 1}})
+    assert code == 200, (body, worker.output)
+    assert body["echo"] == {"x": 1} and body["requestID"]
+    for gw in readers:
+        assert (await gw.status(SID, body["requestID"]))["status"] == "succeed"
+
+    code, body, _ = await client.call("POST", f"/v1/{SID}/sync",
+                                      json_body={"input": {"raise": "boom"}})
+    assert code == 500 and "boom" in body["error"], body
+
+    code, sent, _ = await client.call("POST", f"/v1/{SID}/async",
+                                      json_body={"input": {"y": 2}, "webhook": webhooks.url})
+    assert code == 200, sent
+    [(query, data)] = await webhooks.wait(1)
+    assert query == {"requestID": sent["id"], "statusCode": "200"}
+    assert json.loads(data) == {"echo": {"y": 2}, "requestID": sent["id"]}
+    for gw in readers:
+        status = await gw.status(SID, sent["id"])
+        assert status["status"] == "succeed" and status["statusCode"] == 200
+        assert json.loads(base64.b64decode(status["result"]))["echo"] == {"y": 2}
+
+    code, failed, _ = await client.call("POST", f"/v1/{SID}/async",
+                                        json_body={"input": {"raise": "async boom"},
+                                                   "webhook": webhooks.url})
+    received = await webhooks.wait(2)
+    query, data = received[1]
+    assert query == {"requestID": failed["id"], "statusCode": "500"}
+    assert "async boom" in json.loads(data)["error"]
+    for gw in readers:
+        status = await gw.status(SID, failed["id"])
+        assert status["status"] == "failed" and status["statusCode"] == 500
+        assert "async boom" in status["message"]
+    assert worker.alive(), worker.output
+
+
 async def test_sync_async_webhook_and_raise_via_the_sidecar(
         gateway_factory: GatewayFactory, procs: Procs, original_python: Path,
         webhooks: Webhooks) -> None:
@@ -29,36 +69,7 @@ async def test_sync_async_webhook_and_raise_via_the_sidecar(
     worker = procs.original(original_python, "orig_handler.py", agent_url)
     await connected(gw)
 
-    code, body, _ = await gw.call("POST", f"/v1/{SID}/sync", json_body={"input": {"x": 1}})
-    assert code == 200, (body, worker.output)
-    assert body["echo"] == {"x": 1} and body["requestID"]
-    assert (await gw.status(SID, body["requestID"]))["status"] == "succeed"
-
-    code, body, _ = await gw.call("POST", f"/v1/{SID}/sync",
-                                  json_body={"input": {"raise": "boom"}})
-    assert code == 500 and "boom" in body["error"], body
-
-    code, sent, _ = await gw.call("POST", f"/v1/{SID}/async",
-                                  json_body={"input": {"y": 2}, "webhook": webhooks.url})
-    assert code == 200, sent
-    [(query, data)] = await webhooks.wait(1)
-    assert query == {"requestID": sent["id"], "statusCode": "200"}
-    assert json.loads(data) == {"echo": {"y": 2}, "requestID": sent["id"]}
-    status = await gw.status(SID, sent["id"])
-    assert status["status"] == "succeed" and status["statusCode"] == 200
-    assert json.loads(base64.b64decode(status["result"]))["echo"] == {"y": 2}
-
-    code, failed, _ = await gw.call("POST", f"/v1/{SID}/async",
-                                    json_body={"input": {"raise": "async boom"},
-                                               "webhook": webhooks.url})
-    received = await webhooks.wait(2)
-    query, data = received[1]
-    assert query == {"requestID": failed["id"], "statusCode": "500"}
-    assert "async boom" in json.loads(data)["error"]
-    status = await gw.status(SID, failed["id"])
-    assert status["status"] == "failed" and status["statusCode"] == 500
-    assert "async boom" in status["message"]
-    assert worker.alive(), worker.output
+    await sync_async_webhook_and_raise(gw, (gw,), webhooks, worker)
 
 
 async def test_agent_url_with_a_path_prefix_says_what_to_do(
