@@ -48,6 +48,7 @@ from spirit_gpu.gateway.storage.base import (
 from spirit_gpu.gateway.storage.nats import names, server
 from spirit_gpu.gateway.storage.nats.jsapi import JetStreamCalls
 from spirit_gpu.gateway.storage.nats.names import Doc, decode, encode
+from spirit_gpu.gateway.storage.nats.pulls import Puller
 from spirit_gpu.log import logger
 
 P = ParamSpec("P")
@@ -65,7 +66,6 @@ _PATIENCE = 10.0  # seconds a submit retries through an outage before answering 
 _DECLARE_PATIENCE = 30.0
 _HOLD_MAX_MS = 120_000  # a delivery not recorded after this long is left to its lease
 _SEQ_HEADER = "Spirit-Seq"
-_NO_MESSAGE = ("404", "408")
 _cancel_note = msgspec.json.Encoder()
 
 
@@ -154,6 +154,7 @@ class NatsStorage(Storage):
         self._blobs: ObjectStore | None = None
         self.blob_at = 900 * 1024
         self._consumers: set[str] = set()
+        self._pullers: dict[str, Puller] = {}  # sid -> its pulls from here
         self._waiting: dict[str, list[asyncio.Future[Doc | None]]] = {}
         self._seen: dict[str, dict[str, float]] = {}  # sid -> worker -> last seen (ms)
         self._touched: dict[tuple[str, str], float] = {}
@@ -234,6 +235,8 @@ class NatsStorage(Storage):
         self._waiting.clear()
         if self._calls is not None:
             await self._calls.close()
+        for puller in self._pullers.values():
+            await puller.close()
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(*_OUTAGE):
                 await asyncio.wait_for(self._nc.drain(), 5.0)
@@ -672,44 +675,25 @@ class NatsStorage(Storage):
 
     async def _next(self, sid: str, wait: float, batch: int = 1) -> list[Msg]:
         """Up to ``batch`` deliveries from the sid's consumer, waiting up to ``wait`` s
-        for the first: a pull request of our own, so a waiter that gives up leaves
-        nothing behind in a shared buffer."""
-        subject = f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS}.{names.consumer(sid)}"
+        for the first."""
         if wait <= 0.01:
             behind, at = self._behind.get(sid, (1, 0.0))
             if not behind and time.monotonic() - at < _BEHIND_FRESH:
                 return []
-            req: dict[str, Any] = {"batch": batch, "no_wait": True}
+            req: dict[str, object] = {"batch": batch, "no_wait": True}
             timeout = 5.0
         else:
             req = {"batch": batch, "expires": int(wait * 1e9)}
             timeout = wait + 5.0
-        # (a pull's deliveries carry their stream subject, not the inbox: no muxed request)
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        got: list[Msg] = []
-        trouble = False
-        try:
-            await self.nc.publish(subject, msgspec.json.encode(req), reply=inbox)
-            while len(got) < batch:
-                msg = await sub.next_msg(timeout=timeout if not got else 5.0)
-                status = (msg.headers or {}).get(Header.STATUS.value)
-                if status or not msg.reply:
-                    trouble = status not in _NO_MESSAGE  # e.g. 503: no consumer leader yet
-                    break
-                got.append(msg)
-        except BaseException:
-            for msg in got:
-                await self._reply(msg.reply or "", b"-NAK")
-            got = []
-            raise
-        finally:
-            await sub.unsubscribe()
-            if not got:  # gave up (cancelled): hand back what came meanwhile
-                while not sub._pending_queue.empty():
-                    late = sub._pending_queue.get_nowait()
-                    if late.reply and Header.STATUS.value not in (late.headers or {}):
-                        await self.nc.publish(late.reply, b"-NAK")
+        puller = self._pullers.get(sid)
+        if puller is None:
+            puller = Puller(self.nc, f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS}."
+                                     f"{names.consumer(sid)}")
+            await puller.start()
+            if sid in self._pullers:  # another caller made one meanwhile
+                await puller.close()
+            puller = self._pullers.setdefault(sid, puller)
+        got, trouble = await puller.pull(req, batch, timeout)
         self._behind[sid] = (got[-1].metadata.num_pending if got else 0, time.monotonic())
         if not got and trouble and wait > 0.01:  # no busy loop while the stream elects
             await asyncio.sleep(min(wait, 0.5))
