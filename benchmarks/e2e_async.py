@@ -89,6 +89,18 @@ async def measure(gateway: str | list[str], n: int) -> dict[str, float]:
             "submit_fail": submit_fail, "done_s": done_s, "lost": n - len(got)}
 
 
+async def accept_only(gateway: str, n: int, sid: str) -> float:
+    """Submissions/s to a serverless id no worker serves: the queue only fills, so
+    nothing else competes for the CPU. They stay queued (cleaning them would end
+    each with a webhook call, and those calls would compete with the next run)."""
+    body = json.dumps({**json.loads(BODY), "webhook": "http://127.0.0.1:9/unused"}).encode()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=DEPTH)) as s:
+        secs, failed = await blast(s, f"{gateway}/v1/{sid}/async", [body] * n)
+    if failed:
+        raise RuntimeError(f"accept_only: {failed} of {n} refused")
+    return n / secs
+
+
 def run(quick: bool) -> list[Result]:
     with servers() as procs:
         gateway = start_gateway(procs)

@@ -8,14 +8,19 @@ request crosses replicas: the worst case). Sync: wrk round-robin over the
 targets at c=1 and c=32 (as e2e_sync). Async: e2e_async's submissions and
 webhook results, with workers on both replicas, the client's lanes either
 taking the replicas in turn (a round-robin balancer) or all on replica 1.
+The accept rate with workers running shares two cores with their work (the
+gateway's dispatch, nats-server, the workers, the webhooks); a report row
+adds the accept rate to a serverless id no worker serves (median of three).
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,7 +35,7 @@ from common import (  # noqa: E402
     skipped,
     spawn,
 )
-from e2e_async import measure  # noqa: E402
+from e2e_async import accept_only, measure  # noqa: E402
 from e2e_sync import AUTH, KEY, SID, _wait_listening, measure_rounds, start_worker  # noqa: E402
 
 from spirit_gpu.loop import run as run_loop  # noqa: E402
@@ -41,7 +46,8 @@ def nats_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("nats-server")
 
 
-def start_gateway(procs: list, name: str, store: str = "memory") -> str:  # noqa: ANN001
+def start_gateway(procs: list[subprocess.Popen[bytes]], name: str,
+                  store: str = "memory") -> str:
     port = free_port()
     procs.append(spawn([PY, "-m", "spirit_gpu.cli", "gateway", "--host", "127.0.0.1",
                         "--port", str(port), "--api-key", KEY, "--store", store], name))
@@ -68,9 +74,10 @@ def run(quick: bool) -> list[Result]:
             start_worker(procs, mem, "link", f"{SID}-s")
             start_worker(procs, n1, "link", f"{SID}-s1")
             start_worker(procs, n2, "link", f"{SID}-s2")
-            targets = {"memory": (f"{mem}/v1/{SID}-s/sync", AUTH),
-                       "nats-1": (f"{n1}/v1/{SID}-s1/sync", AUTH),
-                       "nats-2": (f"{n1}/v1/{SID}-s2/sync", AUTH)}  # worker on replica 2
+            targets: dict[str, tuple[str, dict[str, str] | None]] = {
+                "memory": (f"{mem}/v1/{SID}-s/sync", AUTH),
+                "nats-1": (f"{n1}/v1/{SID}-s1/sync", AUTH),
+                "nats-2": (f"{n1}/v1/{SID}-s2/sync", AUTH)}  # worker on replica 2
             rounds, _ = measure_rounds(targets, {}, quick)
             loads = {name: (median_load(c1), median_load(c32))
                      for name, (c1, c32) in rounds.items()}
@@ -82,6 +89,12 @@ def run(quick: bool) -> list[Result]:
             start_worker(procs, n2, "link")  # now the sid's workers span both replicas
             a2 = run_loop(measure(n1, n))
             a2b = run_loop(measure([n1, n2], n))
+            idle: dict[str, list[float]] = {"memory": [], "nats": []}
+            for i in range(3):  # (alternating: a drifting machine moves both alike)
+                for name, g in (("memory", mem), ("nats", n1)):
+                    rate = run_loop(accept_only(g, n, f"{SID}-idle{i}"))
+                    assert isinstance(rate, float)
+                    idle[name].append(rate)
     finally:
         shutil.rmtree(store_dir, ignore_errors=True)
     m1, m32 = loads["memory"]
@@ -105,6 +118,9 @@ def run(quick: bool) -> list[Result]:
                           "memory", am["done_s"]))
         out.append(result(f"e2e_nats async lost, {label}", m["lost"], "", goal="0",
                           check=lambda v: v == 0))
+    out.append(result("e2e_nats async accept rate, no worker (the queue only fills), "
+                      "1 replica", median(idle["nats"]), "req/s", "memory",
+                      median(idle["memory"]), "report"))
     return out
 
 
