@@ -90,7 +90,9 @@ async def test_a_worker_counts_for_one_lease_after_its_last_sign(
 
 async def test_first_terminal_status_wins(any_store: Storage) -> None:
     rec = await any_store.submit(req())
-    taken = await any_store.take("c", "w", 0)
+    # (waits: a JetStream consumer learns of a message just after its publish is
+    # acknowledged, so a pull that will not wait can miss one submitted this instant)
+    taken = await any_store.take("c", "w", 5.0)
     assert taken is not None and taken.request_id == rec.request_id
     assert await any_store.mark_started("c", rec.request_id)
     assert await any_store.finish("c", rec.request_id, 200, "", b"1")
