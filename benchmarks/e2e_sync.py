@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,17 +47,15 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 BODY = json.dumps({"input": {"data": "x" * 1000}}).encode()  # ≈ 1 KB
 
 
-def start_gateway(procs: list, name: str = "gateway") -> str:  # noqa: ANN001
+def start_gateway(procs: list[subprocess.Popen[bytes]], name: str = "gateway") -> str:
     port = free_port()
     procs.append(spawn([PY, "-m", "spirit_gpu.cli", "gateway", "--host", "127.0.0.1",
                         "--port", str(port), "--api-key", KEY], name))
-    url = f"http://127.0.0.1:{port}"
-    wait_ok(f"{url}/v1/{SID}/status?requestID=x", b"", within=30, proc=procs[-1], method="GET") \
-        if False else _wait_listening(port, procs[-1])
-    return url
+    _wait_listening(port, procs[-1])
+    return f"http://127.0.0.1:{port}"
 
 
-def _wait_listening(port: int, proc) -> None:  # noqa: ANN001
+def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
     import socket
     import time
 
@@ -72,8 +71,8 @@ def _wait_listening(port: int, proc) -> None:  # noqa: ANN001
     raise RuntimeError("gateway did not listen within 30 s")
 
 
-def start_worker(procs: list, gateway: str, transport: str, sid: str = SID,  # noqa: ANN001, ANN201
-                 **env: str):
+def start_worker(procs: list[subprocess.Popen[bytes]], gateway: str, transport: str,
+                 sid: str = SID, **env: str) -> subprocess.Popen[bytes]:
     proc = spawn([PY, "-m", "spirit_gpu.supervisor", str(APPS / "echo.py")],
                  f"worker-{transport}", EASE_AGENT_URL=f"{gateway}/agent/{sid}",
                  SPIRIT_TRANSPORT=transport, BENCH_CONCURRENCY="64", **env)
