@@ -9,27 +9,21 @@ from collections.abc import AsyncIterator
 import nats
 import nats.errors
 import pytest
+from nats.aio.client import Client
 from nats.js.api import StreamConfig
 from nats.js.errors import APIError
 
 from spirit_gpu.gateway.storage.nats.jsapi import JetStreamCalls
-from tests.nats_server import TempNats
 
 
 @pytest.fixture
-async def calls() -> AsyncIterator[JetStreamCalls]:
-    server = TempNats()
-    nc = await nats.connect(server.url)
-    try:
-        await nc.jetstream().add_stream(StreamConfig(
-            name="T", subjects=["t.>"], allow_direct=True, duplicate_window=60.0))
-        c = JetStreamCalls(nc, timeout=1.0)
-        await c.start()
-        yield c
-        await c.close()
-    finally:
-        await nc.close()
-        server.close()
+async def calls(nats_client: Client) -> AsyncIterator[JetStreamCalls]:
+    await nats_client.jetstream().add_stream(StreamConfig(
+        name="T", subjects=["t.>"], allow_direct=True, duplicate_window=60.0))
+    c = JetStreamCalls(nats_client, timeout=1.0)
+    await c.start()
+    yield c
+    await c.close()
 
 
 async def test_publish_answers_the_sequence_and_notices_duplicates(

@@ -17,7 +17,6 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
 from spirit_gpu.gateway.storage.nats.pulls import Puller
-from tests.nats_server import TempNats
 
 ACK_WAIT = 30.0  # far beyond every test: a redelivery seen here came from a -NAK
 
@@ -49,27 +48,22 @@ class Queue:
 
 
 @pytest.fixture
-async def queue() -> AsyncIterator[Queue]:
-    server = TempNats()
-    nc = await nats.connect(server.url)
-    try:
-        js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="Q", subjects=["q.*"],
-                                         retention=RetentionPolicy.WORK_QUEUE))
-        await js.add_consumer("Q", ConsumerConfig(durable_name="c", ack_wait=ACK_WAIT,
-                                                  ack_policy=AckPolicy.EXPLICIT))
-        puller = Puller(nc, "$JS.API.CONSUMER.MSG.NEXT.Q.c")
-        await puller.start()
-        verbs: list[bytes] = []
+async def queue(nats_client: Client) -> AsyncIterator[Queue]:
+    nc = nats_client
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="Q", subjects=["q.*"],
+                                     retention=RetentionPolicy.WORK_QUEUE))
+    await js.add_consumer("Q", ConsumerConfig(durable_name="c", ack_wait=ACK_WAIT,
+                                              ack_policy=AckPolicy.EXPLICIT))
+    puller = Puller(nc, "$JS.API.CONSUMER.MSG.NEXT.Q.c")
+    await puller.start()
+    verbs: list[bytes] = []
 
-        async def seen(msg: Msg) -> None:
-            verbs.append(msg.data)
-        await nc.subscribe("$JS.ACK.Q.c.>", cb=seen)  # (a core subscriber sees them too)
-        yield Queue(nc, puller, verbs)
-        await puller.close()
-    finally:
-        await nc.close()
-        server.close()
+    async def seen(msg: Msg) -> None:
+        verbs.append(msg.data)
+    await nc.subscribe("$JS.ACK.Q.c.>", cb=seen)  # (a core subscriber sees them too)
+    yield Queue(nc, puller, verbs)
+    await puller.close()
 
 
 async def test_a_batch_takes_what_is_queued_and_ends_when_the_queue_runs_dry(

@@ -69,6 +69,10 @@ class Puller:
                     del self._open[reply]  # (and out of the loop at once)
                     pull.finish()
                 return
+        await self._hand_back(msg)
+
+    async def _hand_back(self, msg: Msg) -> None:
+        """Back to the queue now, for the next pull anywhere (not after its lease)."""
         with contextlib.suppress(nats.errors.Error):
             await self.nc.publish(msg.reply, b"-NAK")
 
@@ -86,9 +90,8 @@ class Puller:
             await pull.done
         except BaseException:
             self._open.pop(reply, None)
-            for msg in pull.got:  # not handed over: back to the queue now
-                with contextlib.suppress(nats.errors.Error):
-                    await self.nc.publish(msg.reply, b"-NAK")
+            for msg in pull.got:  # not handed over
+                await self._hand_back(msg)
             raise
         finally:
             timer.cancel()
