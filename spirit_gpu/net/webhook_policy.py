@@ -185,10 +185,14 @@ class WebhookPolicy:
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
     """The addresses ``host`` stands for ([] when it does not resolve: the connection
-    attempt then fails on its own)."""
+    attempt then fails on its own). Answers are kept ``ANSWER_TTL`` s (``_answers``)."""
     literal = _addr(host.strip("[]"))
     if literal is not None:
         return [literal]
+    return await _answers.get(host, port)
+
+
+async def _lookup(host: str, port: int) -> list[IPAddress]:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port,
                                                              type=socket.SOCK_STREAM)
@@ -200,6 +204,41 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
         if ip is not None and ip not in out:
             out.append(ip)
     return out
+
+
+# as long as aiohttp's connector keeps a DNS answer (ttl_dns_cache): the connection
+# checks again what it really resolves (PolicyResolver), so a kept answer decides no
+# more than the accept's early "400, why"
+ANSWER_TTL = 10.0
+
+
+class _Answers:
+    """Host-name answers for ``ANSWER_TTL`` s, one lookup at a time per name.
+
+    Without it every request naming a webhook host waited for a lookup of its own
+    before being accepted (milliseconds, and a thread of the loop's executor, each),
+    and so did every webhook try."""
+
+    def __init__(self, ttl: float, size: int = 1024) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._kept: dict[tuple[str, int], tuple[float, asyncio.Task[list[IPAddress]]]] = {}
+
+    async def get(self, host: str, port: int) -> list[IPAddress]:
+        loop = asyncio.get_running_loop()
+        key = (host.lower(), port)
+        kept = self._kept.get(key)
+        if kept is None or kept[0] <= loop.time() or kept[1].get_loop() is not loop:
+            self._kept.pop(key, None)
+            if len(self._kept) >= self.size:
+                del self._kept[next(iter(self._kept))]
+            # a task of its own: a caller that gives up does not end the others' lookup
+            kept = (loop.time() + self.ttl, loop.create_task(_lookup(host, port)))
+            self._kept[key] = kept
+        return list(await asyncio.shield(kept[1]))
+
+
+_answers = _Answers(ANSWER_TTL)
 
 
 class PolicyResolver(AbstractResolver):

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 
 from spirit_gpu.gateway.webhooks import GatewayWebhooks
-from spirit_gpu.net.webhook_policy import PolicyResolver, WebhookPolicy, WebhookRefused
+from spirit_gpu.net.webhook_policy import (
+    PolicyResolver,
+    WebhookPolicy,
+    WebhookRefused,
+    _Answers,
+)
 from spirit_gpu.supervisor.jobs import metric
 from spirit_gpu.supervisor.transports.link import LinkTransport
 from tests.conftest import free_port, until
@@ -69,6 +75,56 @@ async def test_the_allow_list_takes_names_suffixes_and_networks() -> None:
     names_only = WebhookPolicy(allow=("hooks.example.com",))
     assert "allow-list" in await names_only.refusal("http://localhost:9/h")
     assert "allow-list" in await names_only.refusal("http://127.0.0.1:9/h")
+
+
+class CountingLookups:
+    """The loop's own getaddrinfo, counting the names asked for."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.asked: list[str] = []
+        loop = asyncio.get_running_loop()
+        real = loop.getaddrinfo
+
+        async def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+            self.asked.append(host)
+            return await real(host, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+
+
+async def test_a_webhook_host_is_looked_up_once_while_its_answer_is_fresh(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups = CountingLookups(monkeypatch)
+    answers = _Answers(ttl=0.2)
+    many = await asyncio.gather(*(answers.get("localhost", 9) for _ in range(20)))
+    assert all(ip.is_loopback for got in many for ip in got) and many[0]
+    assert lookups.asked == ["localhost"]  # twenty at once: one lookup
+    assert await answers.get("LOCALHOST", 9) == many[0]
+    assert lookups.asked == ["localhost"]
+    await until(lambda: answers._kept[("localhost", 9)][0] <= asyncio.get_running_loop().time())
+    await answers.get("localhost", 9)
+    assert lookups.asked == ["localhost", "localhost"]  # stale: asked again
+
+
+async def test_a_caller_that_gives_up_does_not_end_the_shared_lookup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups = CountingLookups(monkeypatch)
+    answers = _Answers(ttl=5.0)
+    first = asyncio.create_task(answers.get("localhost", 9))
+    second = asyncio.create_task(answers.get("localhost", 9))
+    await until(lambda: lookups.asked == ["localhost"])
+    first.cancel()
+    assert (await second) and lookups.asked == ["localhost"]
+
+
+async def test_refusals_of_a_named_host_share_one_lookup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups = CountingLookups(monkeypatch)
+    policy = WebhookPolicy.for_gateway("127.0.0.1", 8123)
+    for _ in range(5):
+        assert await policy.refusal("http://localhost:8124/hook") == ""
+        assert "own listener" in await policy.refusal("http://localhost:8123/hook")
+    assert lookups.asked == ["localhost", "localhost"]  # once per (name, port)
 
 
 async def test_the_connection_resolver_refuses_forbidden_addresses() -> None:
