@@ -36,7 +36,8 @@ def import_time(runs: int = 3) -> float:
 
 async def measure(runs: int) -> tuple[list[float], list[float]]:
     pool = await open_pool("sync")
-    report, replace = [], []
+    report: list[float] = []
+    replace: list[float] = []
     try:
         for i in range(runs):
             task = asyncio.ensure_future(pool.run(Job(request_id=f"c{i}",
@@ -71,7 +72,7 @@ async def measure(runs: int) -> tuple[list[float], list[float]]:
 
 def run(quick: bool) -> list[Result]:
     imp = import_time()
-    report, replace = run_loop(measure(3 if quick else 7))  # type: ignore[misc]
+    report, replace = run_loop(measure(3 if quick else 7))
     return [
         result("crash: SIGKILL → failed result", median(report) * 1000, "ms", goal="< 100 ms",
                check=lambda v: v < 100),

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import APPS, Result, main_for, median, result  # noqa: E402
-from pipe_echo import RawEcho, pipelined, sequential  # noqa: E402
+from pipe_echo import Call, RawEcho, pipelined, sequential  # noqa: E402
 
 from spirit_gpu.config import WorkerConfig  # noqa: E402
 from spirit_gpu.loop import run as run_loop  # noqa: E402
@@ -45,7 +45,7 @@ async def open_pool(kind: str = "async") -> Pool:
     return pool
 
 
-def pool_caller(pool: Pool):  # noqa: ANN201
+def pool_caller(pool: Pool) -> Call:
     ids = itertools.count()
 
     async def call(body: bytes) -> bytes:
@@ -96,7 +96,7 @@ async def measure(quick: bool) -> list[Result]:
 
 
 def run(quick: bool) -> list[Result]:
-    return run_loop(measure(quick))  # type: ignore[return-value]
+    return run_loop(measure(quick))
 
 
 if __name__ == "__main__":

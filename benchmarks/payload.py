@@ -46,7 +46,7 @@ async def measure(quick: bool) -> list[Result]:
 
 
 def run(quick: bool) -> list[Result]:
-    return run_loop(measure(quick))  # type: ignore[return-value]
+    return run_loop(measure(quick))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import fcntl
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 from spirit_gpu.protocol import ipc
 
@@ -103,7 +104,10 @@ class RawEcho:
         self._rt.close()
 
 
-async def sequential(call, body: bytes, n: int) -> float:  # noqa: ANN001
+Call = Callable[[bytes], Awaitable[bytes]]
+
+
+async def sequential(call: Call, body: bytes, n: int) -> float:
     """Seconds per round trip, one in flight."""
     t0 = time.perf_counter()
     for _ in range(n):
@@ -111,7 +115,7 @@ async def sequential(call, body: bytes, n: int) -> float:  # noqa: ANN001
     return (time.perf_counter() - t0) / n
 
 
-async def pipelined(call, body: bytes, n: int, depth: int) -> float:  # noqa: ANN001
+async def pipelined(call: Call, body: bytes, n: int, depth: int) -> float:
     """Round trips per second with ``depth`` in flight (``n`` in all)."""
     left = n
 

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -179,9 +178,9 @@ def run(quick: bool) -> list[Result]:
             errors[name] += load.errors
         for (name, kind), us in cpu.items():
             cpu_us.setdefault(name, {})[kind] = us
-        first = cast(dict[str, float], run_loop(ttfc(
+        first = run_loop(ttfc(
             {name: targets[name] for name in ("direct", OURS, LITELLM) if name in targets},
-            n_ttfc)))
+            n_ttfc))
 
     ours = rps[OURS]
     out: list[Result] = []

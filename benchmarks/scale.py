@@ -204,9 +204,9 @@ def streams(quick: bool) -> list[Result]:
         idle = {name: rss_kib(pid) for name, pid in pids.items()}
         gw_port = int(gateway.rsplit(":", 1)[1])
         cpu0 = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
-        ours = cast(dict[str, Any], run_loop(stream_load(gw_port, auth, clients, seconds, pids)))
+        ours = run_loop(stream_load(gw_port, auth, clients, seconds, pids))
         cpu = {name: tree_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
-        direct = cast(dict[str, Any], run_loop(stream_load(llm_port, {}, clients, seconds, {})))
+        direct = run_loop(stream_load(llm_port, {}, clients, seconds, {}))
     p50, p99 = pct(ours["transits"], 0.5), pct(ours["transits"], 0.99)
     d50, d99 = pct(direct["transits"], 0.5), pct(direct["transits"], 0.99)
     errors = len(ours["errors"])
@@ -303,7 +303,7 @@ def queue(quick: bool) -> list[Result]:
     with servers() as procs:
         gateway = start_gateway(procs, "queue-gateway")
         _GATEWAY_PID = procs[-1].pid
-        m = cast(dict[str, float], run_loop(queue_load(gateway, n)))
+        m = run_loop(queue_load(gateway, n))
     per = (m["after"] - m["before"]) * 1024 / n - m["body"]
     return [
         result(f"scale queue: gateway RSS per queued request beyond its body ({n:,})", per, "B",

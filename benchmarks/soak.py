@@ -116,7 +116,7 @@ class Soak:
             return
         stream = kind == "stream"
         n = 5 if stream else self.rng.randint(1, 3)
-        body = {"input": self._input(n), "webhook": self.hook}
+        body: dict[str, object] = {"input": self._input(n), "webhook": self.hook}
         accepted = await self._post(f"/v1/{SID}/async", body)
         if stream and accepted is not None:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):

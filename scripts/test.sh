@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]' >/dev/null 2>&1 || .venv/bin/pip install -e '.[test]'
 .venv/bin/ruff check spirit_gpu tests benchmarks
-.venv/bin/mypy spirit_gpu
+.venv/bin/mypy spirit_gpu benchmarks
 # The original spirit-gpu worker from the registry, in a venv of its own (tests/compat);
 # without it those tests skip, unless SPIRIT_REQUIRE_ORIGINAL=1 (CI) makes that an error.
 if ! .venv/bin/python -m tests.compat.original_venv; then

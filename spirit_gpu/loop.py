@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -14,7 +18,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def run(main: object) -> object:
+def run(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run on the chosen loop."""
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(main)  # type: ignore[arg-type]
+        return runner.run(main)

@@ -8,20 +8,22 @@ once in one child. ``input.sleep`` makes it sleep first (crash benchmark).
 import asyncio
 import os
 import time
+from typing import Any
 
 from spirit_gpu import start
+from spirit_gpu.env import Env
 
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "64"))
 
 
-async def async_handler(request, env):
+async def async_handler(request: dict[str, Any], env: Env) -> Any:
     data = request["input"]
     if isinstance(data, dict) and data.get("sleep"):
         await asyncio.sleep(float(data["sleep"]))
     return data
 
 
-def sync_handler(request, env):
+def sync_handler(request: dict[str, Any], env: Env) -> Any:
     data = request["input"]
     if isinstance(data, dict) and data.get("sleep"):
         time.sleep(float(data["sleep"]))

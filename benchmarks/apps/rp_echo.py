@@ -4,13 +4,14 @@ Run: python rp_echo.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port P
 """
 
 import os
+from typing import Any
 
 import runpod
 
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "64"))
 
 
-async def handler(job):
+async def handler(job: dict[str, Any]) -> Any:
     return job["input"]
 
 
