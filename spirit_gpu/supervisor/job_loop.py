@@ -70,6 +70,7 @@ class Worker:
         """Serve until ``stop`` is set (or the agent says it is unhealthy)."""
         self._stop = stop
         self.pool.listeners.append(self._pool_changed)
+        self.transport.on_cancel(self._cancel)
         pullers: list[asyncio.Task[None]] = []
         heartbeat = asyncio.ensure_future(self._heartbeats())
         stop_wait = asyncio.ensure_future(stop.wait())
@@ -211,6 +212,11 @@ class Worker:
             except AgentUnavailable:
                 reply = None
             for request_id in reply.cancel if reply is not None else []:
-                if self.pool.cancel(request_id, 499, "request cancelled by the client"):
-                    logger.info("cancelling running request", request_id=request_id)
+                self._cancel(request_id)
             await asyncio.sleep(self.cfg.heartbeat_interval)
+
+    def _cancel(self, request_id: str) -> bool:
+        if self.pool.cancel(request_id, 499, "request cancelled by the client"):
+            logger.info("cancelling running request", request_id=request_id)
+            return True
+        return False

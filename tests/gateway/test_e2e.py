@@ -134,6 +134,24 @@ async def test_cancel_running_request(tgw: Gw, worker_factory: Any, webhooks: We
     assert (code, body) == (200, {"slept": 0})
 
 
+async def test_a_link_worker_stops_a_cancelled_job_before_its_next_heartbeat(
+        gateway_factory: GatewayFactory, worker_factory: Any, webhooks: Webhooks) -> None:
+    # the gateway pushes the cancel down the link: the GPU is freed now, not a
+    # heartbeat interval later (the plain protocol hears of it in a heartbeat reply)
+    gw = await gateway_factory(worker_token=TOKEN)
+    worker = await start_worker(gw, worker_factory, "c", "slow_async.py", "link",
+                                EASE_HEARTBEAT_INTERVAL="60")
+    code, acc, _ = await gw.call("POST", "/v1/c/async", json_body={
+        "input": {"sleep": 60}, "webhook": webhooks.url})
+
+    async def running() -> bool:
+        return bool((await gw.status("c", acc["id"]))["status"] == "executing")
+    await until(running, 10, "running")
+    code, _, _ = await gw.call("DELETE", "/v1/c/async", params={"requestID": acc["id"]})
+    assert code == 200
+    await output(worker, "cancelling running request")  # (10 s, not 60)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_worker_killed_mid_request_ends_the_request(
         gateway_factory: GatewayFactory, worker_factory: Any, transport: str) -> None:

@@ -9,6 +9,7 @@ reads what a transport offers from its ``capabilities``, never by probing.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -76,5 +77,11 @@ class Transport(Protocol):
 
     async def heartbeat(self, request_ids: list[str]) -> HeartbeatReply:
         """Raises ``AgentUnavailable`` when it could not be delivered."""
+
+    def on_cancel(self, cancel: Callable[[str], bool]) -> None:
+        """Call ``cancel(request_id)`` the moment the agent cancels a request, where the
+        agent can say so between heartbeats (the link); ``cancel`` answers whether it
+        stopped a running job. Cancels it did not act on still come with the next
+        heartbeat's reply (a job between its delivery and its start)."""
 
     async def close(self) -> None: ...

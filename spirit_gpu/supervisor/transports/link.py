@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -112,6 +112,7 @@ class LinkTransport:
         self._outstanding = 0  # credits granted and not yet used by a dispatch
         self._executing: dict[str, tuple[asyncio.TimerHandle, lp.Metric]] = {}
         self._cancels: set[str] = set()
+        self._cancel_now: Callable[[str], bool] | None = None
         self._closing: set[asyncio.Task[Any]] = set()  # abandoned connections being closed
         self._closed = False
 
@@ -184,12 +185,22 @@ class LinkTransport:
                         if ws is self._ws:  # counted on this link
                             self.unconfirmed.stored(frame.upto)
                     elif isinstance(frame, lp.Cancel):
-                        self._cancels.update(frame.request_ids)
+                        self._cancelled(frame.request_ids)
                         gone = set(frame.request_ids)
                         self._buffer = deque(j for j in self._buffer
                                              if j.request_id not in gone)
         finally:
             self._lost(ws)
+
+    def _cancelled(self, request_ids: list[str]) -> None:
+        """Stop running jobs at once (the GPU is freed now, not at the next heartbeat);
+        the rest wait for the heartbeat (delivered, not started yet)."""
+        for request_id in request_ids:
+            if self._cancel_now is None or not self._cancel_now(request_id):
+                self._cancels.add(request_id)
+
+    def on_cancel(self, cancel: Callable[[str], bool]) -> None:
+        self._cancel_now = cancel
 
     def _lost(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         if self._ws is not ws:

@@ -6,6 +6,7 @@ import base64
 import os
 import socket
 import uuid
+from collections.abc import Callable
 
 import aiohttp
 import msgspec
@@ -152,6 +153,9 @@ class PlainTransport:
             except msgspec.DecodeError:
                 pass  # the reference agent answers without a body of ours
         return HeartbeatReply()
+
+    def on_cancel(self, cancel: Callable[[str], bool]) -> None:
+        return None  # the reference agent names cancels in heartbeat replies only
 
     async def close(self) -> None:
         return None
