@@ -209,13 +209,14 @@ def _code(value: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["call"]:
+        from spirit_gpu.client_cli import call, call_parser
+
+        call_args = call_parser()
+        return call(call_args.parse_intermixed_args(argv[1:]), call_args)
     parser = _parser()
     ns, rest = parser.parse_known_args(argv)
-    if ns.command == "call":
-        from spirit_gpu.client_cli import call
-
-        return call(ns, parser) if not rest else parser.error(
-            f"unrecognized arguments: {' '.join(rest)}")
     if rest and ns.command != "dev":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if ns.command == "agent":

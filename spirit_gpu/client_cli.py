@@ -14,12 +14,24 @@ from spirit_gpu.client import Endpoint, JobFailed, JobStatus, SpiritError
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+HELP = "send one request to a serverless id and print the answer as JSON"
+DESCRIPTION = ("Runs the request (sync by default) and prints the result as JSON (bytes that "
+               "are not JSON as {\"base64\": ...}). Exit status 1 when the request fails, with "
+               "the status code and the server's message on stderr.")
+
+
 def add_call_parser(sub: Any) -> None:
-    call = sub.add_parser(
-        "call", help="send one request to a serverless id and print the answer as JSON",
-        description="Runs the request (sync by default) and prints the result as JSON "
-                    "(bytes that are not JSON as {\"base64\": ...}). Exit status 1 when the "
-                    "request fails, with the status code and the server's message on stderr.")
+    """``call`` in ``spirit-gpu --help``; ``call_parser`` parses its arguments."""
+    _arguments(sub.add_parser("call", help=HELP, description=DESCRIPTION))
+
+
+def call_parser() -> argparse.ArgumentParser:
+    """``spirit-gpu call``'s own parser: parsed with ``parse_intermixed_args``, so the
+    input may come before or after the options (argparse's subcommands cannot)."""
+    return _arguments(argparse.ArgumentParser(prog="spirit-gpu call", description=DESCRIPTION))
+
+
+def _arguments(call: argparse.ArgumentParser) -> argparse.ArgumentParser:
     call.add_argument("sid", help="the serverless id")
     call.add_argument("input", nargs="?", default=None,
                       help="the request's input as JSON (e.g. '{\"x\": 2}'); '-' reads stdin")
@@ -41,6 +53,7 @@ def add_call_parser(sub: Any) -> None:
                       help="seconds the request may wait in the queue (async)")
     call.add_argument("--timeout", type=float, default=200.0,
                       help="seconds to wait for a sync answer (default 200)")
+    return call
 
 
 def _jsonable(value: Any) -> Any:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from spirit_gpu.cli import banner
 from spirit_gpu.client import (
     AsyncEndpoint,
     BadRequest,
@@ -176,6 +178,12 @@ async def test_call_command(tgw: Gw, worker_factory: Any, webhooks: Webhooks) ->
     assert code == 2 and "not JSON" in err
     code, _, err = await call("c", "1", "--stream")
     assert code == 2 and "need --webhook" in err
+    # the input after the options, as `spirit-gpu dev` prints the command
+    code, out, _ = await call("c", "--url", tgw.url, "--api-key", KEY, '{"n": 1}')
+    assert code == 0 and json.loads(out) == [{"i": 0}]
+    printed = banner(tgw.url, "c", KEY, str(APPS / "chunks.py")).split("or: spirit-gpu call ")[1]
+    code, out, err = await call(*shlex.split(printed.splitlines()[0]))
+    assert code == 0 and json.loads(out) == [{"i": 0}, {"i": 1}, {"i": 2}], err
 
 
 async def test_stream_gap_longer_than_timeout_is_a_typed_timeout(
