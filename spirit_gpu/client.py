@@ -86,8 +86,8 @@ class JobFailed(SpiritError):
     (499 for cancelled), ``body`` what the handler answered."""
 
 
-class ResultTimeout(SpiritError, TimeoutError):
-    """``Job.result(timeout=)`` ran out before the job finished."""
+class ResultTimeout(RequestTimeout, TimeoutError):
+    """``Job.result(timeout=)`` ran out before the job finished (the job goes on)."""
 
 
 _BY_STATUS: dict[int, type[SpiritError]] = {400: BadRequest, 401: Unauthorized, 404: NotFound,

@@ -21,6 +21,7 @@ from spirit_gpu.client import (
     JobFailed,
     NotFound,
     RequestTimeout,
+    ResultTimeout,
     Retry,
     ServerError,
     ServiceUnavailable,
@@ -204,4 +205,9 @@ async def test_stream_gap_longer_than_timeout_is_a_typed_timeout(
     async with AsyncEndpoint(tgw.url, "c", KEY, retry=FAST) as aep:
         with pytest.raises(RequestTimeout):
             _ = [item async for item in aep.job(job.id).stream(timeout=0.5)]
+        with pytest.raises(RequestTimeout) as late:  # waiting for the result runs out too
+            await aep.job(job.id).result(timeout=0.3)
+        assert isinstance(late.value, ResultTimeout) and late.value.status == 408
+    with pytest.raises(RequestTimeout):
+        await asyncio.to_thread(job.result, 0.3)
     await asyncio.to_thread(job.cancel)
