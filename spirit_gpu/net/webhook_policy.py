@@ -124,11 +124,12 @@ class WebhookPolicy:
         """What can be said without resolving: scheme, host, agent paths, allow-list names."""
         if url.scheme not in ("http", "https") or not url.host:
             return "webhook must be an http(s) URL with a host"
-        if AGENT_PATH.match(url.path) and not self._relay(url):
+        if AGENT_PATH.match(url.path) and not self.is_relay(url):
             return "webhook must not point at an agent API path (/agent/<sid>/apis/...)"
         return ""
 
-    def _relay(self, url: URL) -> bool:
+    def is_relay(self, url: URL) -> bool:
+        """The gateway's webhook relay (a worker's agent), which passes calls on."""
         return bool(self.relay_prefix) and url.path.startswith(self.relay_prefix)
 
     def address_refusal(self, ip: IPAddress, port: int, own_addresses: list[tuple[IPAddress, int]],
@@ -171,7 +172,7 @@ class WebhookPolicy:
             return ""
         addresses = await resolve(host, port)
         own = await self.own_addresses()
-        relay = self._relay(url)
+        relay = self.is_relay(url)
         for ip in addresses:
             why = self.address_refusal(ip, port, own, relay)
             if why:

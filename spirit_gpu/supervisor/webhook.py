@@ -55,6 +55,7 @@ async def deliver(session: aiohttp.ClientSession, cfg: WorkerConfig, webhook: st
     except (ValueError, TypeError) as exc:
         return _failed(f"webhook {webhook!r} is not a valid URL: {exc}", 0, request_id)
     timeout = aiohttp.ClientTimeout(total=cfg.webhook_timeout)
+    relay = policy is not None and policy.is_relay(url)
     retry = retry_policy(cfg)
     error, tries = "", 0
     async for attempt in retry.attempts_of():
@@ -70,6 +71,13 @@ async def deliver(session: aiohttp.ClientSession, cfg: WorkerConfig, webhook: st
                 answer = await resp.read()
                 if resp.status == 200:
                     return ""
+                if relay and resp.status != 503:
+                    # the gateway's relay tried the client's webhook itself, retries
+                    # included, and answers this call again with what it remembers: its
+                    # words are the failure, and trying again would change nothing
+                    note = _error_of(answer) or f"webhook relay answered {resp.status}"
+                    logger.error(note, request_id=request_id)
+                    return note
                 error = f"webhook answered {resp.status}{_why(answer)}"
                 if resp.status < 500:
                     break
@@ -81,13 +89,18 @@ async def deliver(session: aiohttp.ClientSession, cfg: WorkerConfig, webhook: st
     return _failed(error, tries, request_id)
 
 
-def _why(answer: bytes) -> str:
-    """The ``{"error": ...}`` of an answer (the gateway's relay says why), shortened."""
+def _error_of(answer: bytes) -> str:
+    """The ``{"error": ...}`` of an answer, shortened; "" when it has none."""
     try:
         error = msgspec.json.decode(answer[:2048]).get("error")
     except (msgspec.DecodeError, AttributeError):
         return ""
-    return f" ({str(error)[:300]})" if error else ""
+    return str(error)[:300] if error else ""
+
+
+def _why(answer: bytes) -> str:
+    error = _error_of(answer)
+    return f" ({error})" if error else ""
 
 
 def _failed(error: str, tries: int, request_id: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
-from tests.conftest import Worker, until
+from tests.conftest import Worker, free_port, until
 from tests.gateway.conftest import APPS, AUTH, TOKEN, GatewayFactory, Gw, Webhooks
 
 TRANSPORTS = ["plain", "link"]
@@ -150,6 +150,28 @@ async def test_a_link_worker_stops_a_cancelled_job_before_its_next_heartbeat(
     code, _, _ = await gw.call("DELETE", "/v1/c/async", params={"requestID": acc["id"]})
     assert code == 200
     await output(worker, "cancelling running request")  # (10 s, not 60)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_dead_webhook_is_reported_in_the_relays_words(
+        tgw: Gw, worker_factory: Any, transport: str) -> None:
+    # the worker's webhook goes through the gateway's relay, which tries the client's
+    # URL itself and remembers the outcome: the worker reports that, once, not
+    # "answered 502 (...)" after retrying an answer that cannot change
+    await start_worker(tgw, worker_factory, "d", "double.py", transport,
+                       SPIRIT_WEBHOOK_BACKOFF="0.05")
+    code, acc, _ = await tgw.call("POST", "/v1/d/async", json_body={
+        "input": {"x": 1}, "webhook": f"http://127.0.0.1:{free_port()}/hook"})
+    assert code == 200
+
+    async def noted() -> dict[str, Any] | None:
+        st = await tgw.status("d", acc["id"])
+        return st if "webhook" in st["message"] else None
+    st = await until(noted, 30, "the webhook failure in the status")
+    assert (st["status"], st["statusCode"]) == ("succeed", 200)
+    assert st["message"].startswith("webhook delivery failed after 3 tries: webhook "
+                                    "unreachable"), st["message"]
+    assert st["message"].count("webhook delivery failed") == 1 and "502" not in st["message"]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
