@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import msgspec
@@ -23,6 +21,7 @@ from spirit_gpu.gateway.httpio import (
 from spirit_gpu.gateway.service import GATEWAY_KEY, Gateway
 from spirit_gpu.gateway.storage.base import (
     CANCELLED_CODE,
+    CLIENT_GONE,
     CancelOutcome,
     NewRequest,
     RequestRecord,
@@ -49,15 +48,6 @@ class StatusQuery(msgspec.Struct):
 _body = msgspec.json.Decoder(ClientBody)
 _status_query = msgspec.json.Decoder(StatusQuery)
 MAX_BATCH = 1000
-
-
-_background: set[asyncio.Future[Any]] = set()
-
-
-def _spawn(coro: Coroutine[Any, Any, Any]) -> None:
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 def _gateway(request: web.Request) -> Gateway:
@@ -177,8 +167,8 @@ async def sync_request(request: web.Request) -> web.StreamResponse:
     rec = await gw.submit(NewRequest(sid=sid, mode="sync", body=raw,
                                      webhook=body.webhook or "", ttl_ms=ttl))
     # nobody is left to read the answer: end the request (its worker is told to stop)
-    stop_watching = on_client_gone(request, lambda: _spawn(gw.cancel(
-        sid, rec.request_id, None, CANCELLED_CODE, "client closed the request")))
+    stop_watching = on_client_gone(request, lambda: gw.cancel_soon(
+        sid, rec.request_id, CANCELLED_CODE, CLIENT_GONE))
     try:
         done = await gw.storage.wait_done(sid, rec.request_id, cfg.sync_timeout)
     finally:

@@ -105,6 +105,7 @@ class Gateway:
         storage.on_finish = self._on_finish
         storage.on_remote_cancel = self.push_cancels
         self._sweeper: asyncio.Task[None] | None = None
+        self._cancelling: set[asyncio.Task[CancelOutcome]] = set()
 
     # --- life --------------------------------------------------------------------
     async def start(self) -> None:
@@ -145,6 +146,13 @@ class Gateway:
             if push is not None:
                 push([request_id])
         return outcome
+
+    def cancel_soon(self, sid: str, request_id: str, code: int, message: str) -> None:
+        """``cancel`` from where nothing can wait for it (a client's connection closing,
+        a handler being cancelled)."""
+        task = asyncio.ensure_future(self.cancel(sid, request_id, None, code, message))
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
 
     def push_cancels(self, request_ids: list[str]) -> None:
         """Running requests cancelled (here or through another replica): tell the links

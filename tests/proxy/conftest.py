@@ -1,7 +1,8 @@
 """Shared set-up of the proxy tests: a fake LLM server, gateways and workers.
 
 Everything listens on 127.0.0.1 with ephemeral ports. The gateway is the real
-``create_app`` with aiohttp's production default ``handler_cancellation=False``
+``create_app`` behind the connection guard, with aiohttp's production default
+``handler_cancellation=False``
 unless a test asks otherwise, on the store of ``tests/conftest.py``'s ``store``
 fixture (memory unless a test is marked ``BOTH_STORES``: then also on a NATS
 JetStream server of its own); workers run ``serve_proxy`` as a task (the end-to-end tests start real
@@ -24,6 +25,7 @@ from aiohttp.test_utils import TestServer
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.gateway.app import create_app
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.gateway.conn_guard import ConnGuard
 from spirit_gpu.gateway.proxy.route import ROUTER_KEY, ProxyRouter
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.gateway.service import Gateway as Core
@@ -90,7 +92,7 @@ class Gateway:
 
 @pytest.fixture
 async def make_gateway(store: str) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
-    runners: list[web.AppRunner] = []
+    runners: list[tuple[web.AppRunner, asyncio.Server]] = []
 
     async def make(handler_cancellation: bool = False, **values: Any) -> Gateway:
         values.setdefault("api_keys", [KEY])
@@ -98,16 +100,20 @@ async def make_gateway(store: str) -> AsyncIterator[Callable[..., Awaitable[Gate
         values.setdefault("store", store)
         cfg = GatewayConfig(**values)
         app = create_app(cfg)
+        # behind the connection guard, as the CLI serves it (it tells a handler that
+        # its client left)
+        guard = ConnGuard(cfg.head_timeout, cfg.body_timeout, cfg.max_connections)
+        guard.install(app)
         runner = web.AppRunner(app, handler_cancellation=handler_cancellation, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        port = runner.addresses[0][1]
+        server = await guard.listen(runner, "127.0.0.1", 0)
+        runners.append((runner, server))
+        port = server.sockets[0].getsockname()[1]
         return Gateway(f"http://127.0.0.1:{port}", cfg, app[ROUTER_KEY], app[GATEWAY_KEY])
 
     yield make
-    for runner in runners:
+    for runner, server in runners:
+        server.close()
         await runner.cleanup()
 
 

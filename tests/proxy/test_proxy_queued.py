@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -285,3 +286,26 @@ async def test_an_answer_that_cannot_be_relayed_is_never_a_success_without_its_b
             assert r.status == 502
             error = (await r.json())["error"]
         assert "proxy answer with no client waiting for it" in error["message"]
+
+
+@BOTH_STORES
+async def test_a_client_gone_before_the_answer_cancels_its_queued_job(
+        make_gateway: MakeGateway) -> None:
+    # the worker took the job and has not answered: the client leaving ends it (499),
+    # so the worker hears of it instead of generating for nobody
+    gateway = await make_gateway()
+    async with aiohttp.ClientSession() as s:
+        worker, taking = await polling(gateway, s)
+        client = asyncio.create_task(s.post(gateway.url + "/api/generate", headers=AUTH,
+                                            json={"prompt": "hi"}))
+        rid, _ = await asyncio.wait_for(taking, 15)
+        await worker.metric(rid, "executing")
+        client.cancel()  # the client hangs up
+        with contextlib.suppress(asyncio.CancelledError):
+            await client
+
+        async def cancelled() -> dict[str, Any] | None:
+            found = await status_of(s, gateway, rid)
+            return found if found.get("status") == "cancelled" else None
+        done = await until(cancelled, 10, what="the request cancelled")
+        assert (done["statusCode"], done["message"]) == (499, "client closed the request")

@@ -216,6 +216,26 @@ async def test_response_start_timeout_is_408(llm: FakeLLM, make_gateway: MakeGat
 
 
 @BOTH_STORES
+async def test_a_client_gone_before_the_answer_begins_aborts_the_llm_request(
+        llm: FakeLLM, make_gateway: MakeGateway, make_worker: MakeWorker) -> None:
+    # a whole non-streamed generation (or a long wait for the first token) happens
+    # before the answer's head: the client leaving then must free the GPU at once, not
+    # when the 3-minute response limit passes
+    gateway = await ready_pair(llm, make_gateway, make_worker)
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(TimeoutError):
+            async with s.post(gateway.url + "/v1/slow-head", headers={**AUTH, "X-Tag": "left"},
+                              json={}, timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+                await r.read()
+    await until(lambda: "left" in llm.aborted, 10, what="the LLM request aborted")
+    assert "left" not in llm.finished and len(gateway.ready_workers()) == 1
+    async with aiohttp.ClientSession() as s:  # the worker serves the next one
+        async with s.post(gateway.url + "/api/generate", json={"chunks": 2},
+                          headers=AUTH) as r:
+            assert r.status == 200 and b'"done": true' in await r.read()
+
+
+@BOTH_STORES
 async def test_transfer_limit_cuts_the_stream(llm: FakeLLM, make_gateway: MakeGateway,
                                               make_worker: MakeWorker) -> None:
     gateway = await ready_pair(llm, make_gateway, make_worker, proxy_transfer_timeout=0.4)

@@ -41,7 +41,12 @@ from aiohttp import web
 from spirit_gpu.gateway.httpio import ApiError, json_response, read_body
 from spirit_gpu.gateway.proxy.registry import REGISTRY_KEY
 from spirit_gpu.gateway.service import Gateway
-from spirit_gpu.gateway.storage.base import NewRequest, RequestRecord
+from spirit_gpu.gateway.storage.base import (
+    CANCELLED_CODE,
+    CLIENT_GONE,
+    NewRequest,
+    RequestRecord,
+)
 from spirit_gpu.log import logger
 from spirit_gpu.net.aiohttp_internals import cut_connection
 from spirit_gpu.net.relay import HOP_BY_HOP, filter_pairs, proxy_error
@@ -127,6 +132,10 @@ async def forward(request: web.Request, gw: Gateway, sid: str, rid: str, body: o
                         f"within {cfg.proxy_response_timeout:g} s")
         return proxy_error(request.path, 408, "request timeout: the worker did not start "
                                               "responding in time", ids)
+    except asyncio.CancelledError:  # the client left before the answer (route.py)
+        if not answer.done():
+            gw.cancel_soon(sid, request_id, CANCELLED_CODE, CLIENT_GONE)
+        raise
     finally:
         gw.proxy_answers.pop(request_id, None)
         if relay is not None:

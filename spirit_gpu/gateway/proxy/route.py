@@ -41,6 +41,7 @@ from aiohttp.web_urldispatcher import AbstractResource
 from yarl import URL
 
 from spirit_gpu.gateway.config import GatewayConfig
+from spirit_gpu.gateway.conn_guard import on_client_gone
 from spirit_gpu.gateway.httpio import is_serverless_id
 from spirit_gpu.gateway.proxy import queued
 from spirit_gpu.gateway.proxy.link import GatewayLink, LinkAnswer, LinkStream
@@ -98,6 +99,8 @@ class ProxyRouter:
         self.session: aiohttp.ClientSession | None = None
         self._keys = [key.encode() for key in config.api_keys]
         self._catch_alls: set[AbstractResource] = set()  # ours, skipped by ``not_proxied``
+        # id(request) -> stop watching its client (``middleware``), until its answer began
+        self._watching: dict[int, Callable[[], None]] = {}
 
     async def shutdown(self, app: web.Application) -> None:
         """Close the proxy links, so that the server's shutdown does not wait on them."""
@@ -150,11 +153,33 @@ class ProxyRouter:
         metrics = self.metrics
         metrics.begin(sid)
         code = "500"
+        # a client that leaves before the answer begins (a whole generation, or a long
+        # wait for the first token) ends the exchange now: the worker aborts the LLM
+        # request (link: a cancel frame; HTTP: the closed connection), freeing the GPU.
+        # Once the answer began, the relay's next write finds out (_answer_began).
+        task = asyncio.current_task()
+        gone = asyncio.Event()
+
+        def client_gone() -> None:
+            gone.set()
+            if task is not None:
+                task.cancel()
+        stop_watching = self._watching[id(request)] = on_client_gone(request, client_gone)
         try:
             response, cut = await self.forward(request, sid)
             code = _CUT_CODES.get(cut, "") or str(response.status)
             return response
+        except asyncio.CancelledError:
+            if not gone.is_set() or task is None:
+                raise
+            task.uncancel()  # our own cancel: nobody is left to answer
+            code = _CUT_CODES["client"]
+            logger.info(f"proxy {request.method} {path}: the client left before the answer "
+                        "ended; the exchange is cancelled")
+            return web.Response(status=499)
         finally:
+            stop_watching()
+            self._watching.pop(id(request), None)
             metrics.end(sid, code)
 
     async def forward(self, request: web.Request, sid: str) -> Outcome:
@@ -324,11 +349,17 @@ class ProxyRouter:
                        f"'Auth: <serverless id>-<api key>'")
         return proxy_error(request.path, 404, message)
 
+    async def _answer_began(self, request: web.Request, response: web.StreamResponse) -> None:
+        stop_watching = self._watching.get(id(request))
+        if stop_watching is not None:
+            stop_watching()
+
     def install(self, app: web.Application) -> None:
         app.middlewares.insert(0, self.middleware)
         app.cleanup_ctx.append(self.lifetime)
         app.on_shutdown.append(self.shutdown)
         app.on_response_prepare.append(_announce)
+        app.on_response_prepare.append(self._answer_began)
         Registration(self.config, self.registry).install(app)
         for prefix in _PREFIXES:  # last, so every route of the public API matches first
             route = app.router.add_route("*", prefix + "{tail:.*}", self.not_proxied)

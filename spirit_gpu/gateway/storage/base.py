@@ -31,6 +31,7 @@ CANCELLED = "cancelled"
 TERMINAL = frozenset({SUCCEED, FAILED, CANCELLED})
 
 CANCELLED_CODE = 499
+CLIENT_GONE = "client closed the request"  # the message of a request its client left
 # what one stored stream chunk costs beyond its data (record, list and set slots);
 # counted toward the per-request chunk cap so that empty chunks are bounded too
 CHUNK_OVERHEAD = 128
