@@ -317,8 +317,9 @@ class Pool:
         state = "" if was_ready else " before becoming ready"
         backoff = (f"; {self.crash_streak} crashes in a row, backing off {delay:.1f} s"
                    if delay else "")
-        logger.error(f"handler process {child.pid} {what}{reason}{state}; "
-                     f"starting a replacement{backoff}")
+        then = ("not replaced: the worker is unhealthy" if self.unhealthy
+                else f"starting a replacement{backoff}")
+        logger.error(f"handler process {child.pid} {what}{reason}{state}; {then}")
 
     # ---- dispatch ---------------------------------------------------------------
 
@@ -380,6 +381,8 @@ class Pool:
         return min(max(self.cfg.min_children, want, busy + idle), self.slots or 1)
 
     def _scale(self) -> None:
+        if self.unhealthy:  # the worker is on its way out: loading a model again is waste
+            return
         alive = [c for c in self.children.values() if c.state in ("starting", "ready")]
         missing = self._wanted() - len(alive)
         if missing <= 0:

@@ -12,7 +12,7 @@ from spirit_gpu.config import WorkerConfig
 from spirit_gpu.log import logger
 from spirit_gpu.protocol.agent import result_content_type
 from spirit_gpu.supervisor.jobs import Job, now_ms
-from spirit_gpu.supervisor.pool_api import JobPool
+from spirit_gpu.supervisor.pool_api import EXIT_UNHEALTHY, JobPool
 
 MAX_BODY = 20 * 1024 * 1024
 
@@ -50,9 +50,16 @@ async def serve_test_mode(cfg: WorkerConfig, pool: JobPool, stop: asyncio.Event)
         await runner.cleanup()
         return 1
     logger.info(f"test mode: POST http://{cfg.test_host}:{cfg.test_port}/ runs the handler")
+
+    def unhealthy() -> None:  # as against a platform: answer what runs, then exit 4
+        if pool.unhealthy and not stop.is_set():
+            logger.error(f"worker unhealthy, exiting with status {EXIT_UNHEALTHY}: "
+                         f"{pool.unhealthy}")
+            stop.set()
+    pool.listeners.append(unhealthy)
     try:
         await stop.wait()
     finally:
         await pool.drain(cfg.grace_period)
         await runner.cleanup()
-    return 0
+    return EXIT_UNHEALTHY if pool.unhealthy else 0

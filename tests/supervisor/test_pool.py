@@ -261,6 +261,9 @@ def test_max_crashes_in_a_row_make_the_pool_unhealthy_and_fail_what_waits() -> N
         assert outcome.status_code == 503 and "worker unhealthy" in outcome.message
         assert "3 handler failures in a row" in pool.unhealthy and pool.slots == 0
         assert (await pool.run(job(3))).status_code == 503  # nothing new is taken
+        made = len(children)
+        await asyncio.sleep(60)  # (virtual) past any crash back-off
+        assert len(children) == made  # and no process is started for it
         await pool.close()
     run(main)
 

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import free_port, worker_env
+from tests.conftest import free_port, wait_exit, worker_env
 from tests.fake_agent import FakeAgent
 
 
@@ -129,3 +129,18 @@ async def test_test_mode_serves_post_root(worker_factory, in_process: str) -> No
         huge = b'{"input": "' + b"x" * (20 * 1024 * 1024) + b'"}'
         async with session.post(url, data=huge) as resp:
             assert resp.status == 413 and "too large" in (await resp.json())["error"]
+
+
+async def test_test_mode_exits_unhealthy_after_max_crashes(worker_factory) -> None:
+    port = free_port()
+    w = worker_factory("behave.py", {"EASE_TEST_MODE": "true", "EASE_TEST_PORT": str(port),
+                                     "SPIRIT_MAX_CRASHES": "2",
+                                     "SPIRIT_CRASH_BACKOFF_MAX": "0.1"})
+    url = f"http://127.0.0.1:{port}/"
+    async with aiohttp.ClientSession() as session:
+        await wait_until_serving(session, url)
+        for _ in range(2):
+            async with session.post(url, data=b'{"input": {"exit": 7}}') as resp:
+                assert resp.status == 500  # each crash answers its own request
+    assert await wait_exit(w, 30) == 4  # as against a platform: no third process
+    assert "worker unhealthy" in w.output and "not replaced" in w.output

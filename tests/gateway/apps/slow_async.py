@@ -9,7 +9,7 @@ from spirit_gpu import start
 
 async def handler(request: dict, env: object):  # type: ignore[no-untyped-def, type-arg]
     if request["input"].get("started"):
-        Path(request["input"]["started"]).touch()
+        await asyncio.to_thread(Path(request["input"]["started"]).touch)
     await asyncio.sleep(float(request["input"].get("sleep", 0)))
     return {"slept": request["input"].get("sleep", 0)}
 
