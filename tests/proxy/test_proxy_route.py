@@ -139,6 +139,11 @@ async def test_bad_auth_is_401_and_never_forwarded(
             async with s.post(gateway.url + path, json={}, headers={"Auth": auth}) as r:
                 assert r.status == 401
                 assert "error" in await r.json()
+                assert r.headers["Spirit-Request-Id"]  # the gateway's refusals carry one too
+        huge = {**AUTH, "Content-Length": str(gateway.config.max_body_bytes + 1)}
+        async with s.post(gateway.url + "/api/generate", data=b"", headers=huge,
+                          skip_auto_headers=["Content-Length"]) as r:
+            assert r.status == 400 and r.headers["Spirit-Request-Id"]
     assert llm.seen == []
 
 

@@ -138,18 +138,20 @@ class ProxyRouter:
         if auth is None or not request.path.startswith(_PREFIXES):
             return await handler(request)
         path = request.path
+        rid = request.headers.get(REQUEST_ID_HEADER) or f"{_id_prefix}-{next(_ids)}"
+        ids = {REQUEST_ID_HEADER: rid}  # on every answer, the gateway's refusals too
         if "-" not in auth.strip(" -"):
-            return proxy_error(path, 401, f"invalid Auth header: {AUTH_HELP}")
+            return proxy_error(path, 401, f"invalid Auth header: {AUTH_HELP}", ids)
         sid = self.authorized_sid(auth)
         if sid is None:
             return proxy_error(path, 401, f"invalid api key or serverless id in the Auth "
-                                          f"header ({AUTH_HELP})")
+                                          f"header ({AUTH_HELP})", ids)
         length = request.content_length
         if length is not None and length > self.config.max_body_bytes:
-            return proxy_error(path, 400, "request body too large")
+            return proxy_error(path, 400, "request body too large", ids)
         bad = _not_utf8(request.raw_path, request.headers.items())
         if bad:
-            return proxy_error(path, 400, bad)
+            return proxy_error(path, 400, bad, ids)
         metrics = self.metrics
         metrics.begin(sid)
         code = "500"
@@ -166,7 +168,7 @@ class ProxyRouter:
                 task.cancel()
         stop_watching = self._watching[id(request)] = on_client_gone(request, client_gone)
         try:
-            response, cut = await self.forward(request, sid)
+            response, cut = await self.forward(request, sid, rid)
             code = _CUT_CODES.get(cut, "") or str(response.status)
             return response
         except asyncio.CancelledError:
@@ -182,10 +184,9 @@ class ProxyRouter:
             self._watching.pop(id(request), None)
             metrics.end(sid, code)
 
-    async def forward(self, request: web.Request, sid: str) -> Outcome:
+    async def forward(self, request: web.Request, sid: str, rid: str) -> Outcome:
         """One proxied exchange with a ready worker of ``sid`` (another one if it fails
         before its answer began and the request can be sent again)."""
-        rid = request.headers.get(REQUEST_ID_HEADER) or f"{_id_prefix}-{next(_ids)}"
         headers = filter_pairs(request.headers.items(), _DROP)
         headers.append((REQUEST_ID_HEADER, rid))
         if self.config.worker_token:
