@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -162,12 +163,38 @@ def call_concurrency_modifier(modifier: Callable[[int], Any] | None, current: in
     try:
         value = modifier(current)
     except Exception as exc:
-        logger.error(f"concurrency_modifier raised {type(exc).__name__}: {exc}; using 1")
+        _modifier_complaint.say(f"concurrency_modifier raised {type(exc).__name__}: {exc}; "
+                                "using 1")
         return 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        logger.error(f"concurrency_modifier returned {value!r}, not a positive int; using 1")
+        _modifier_complaint.say(f"concurrency_modifier returned {value!r}, not a positive "
+                                "int; using 1")
         return 1
     return value
+
+
+class _Complaint:
+    """An error line said when it changes and again at most every ``every`` s: the
+    modifier is asked every second, and its error need not fill the log."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.text = ""
+        self.at = 0.0
+        self.held = 0
+
+    def say(self, text: str) -> None:
+        now = time.monotonic()
+        if text == self.text and now - self.at < self.every:
+            self.held += 1
+            return
+        again = f" (said {self.held + 1} times in {now - self.at:.0f} s)" \
+            if text == self.text and self.held else ""
+        logger.error(text + again)
+        self.text, self.at, self.held = text, now, 0
+
+
+_modifier_complaint = _Complaint(every=60.0)
 
 
 def call_check_start(check: Callable[[], Any] | None) -> tuple[bool, str]:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from spirit_gpu import handlers
 from tests.conftest import APPS, ROOT, until, wait_exit, worker_env
 from tests.fake_agent import FakeAgent
 
@@ -193,6 +194,20 @@ async def test_bad_concurrency_modifier_means_one(agent: FakeAgent, worker_facto
     w = worker_factory("behave.py", worker_env(agent, APP_BAD_MODIFIER="1"))
     await agent.wait_for(lambda: "x" in agent.acks)
     assert "concurrency_modifier raised ValueError: boom; using 1" in w.output
+
+
+def test_a_modifier_error_is_said_once_not_every_second(monkeypatch, capsys) -> None:
+    # the modifier is asked every second: the same error is one line a minute
+    monkeypatch.setattr(handlers, "_modifier_complaint", handlers._Complaint(every=60.0))
+
+    def bad(current: int) -> int:
+        raise ValueError("boom")
+    for _ in range(5):
+        assert handlers.call_concurrency_modifier(bad, 3) == 1
+    assert handlers.call_concurrency_modifier(lambda current: "three", 3) == 1
+    out = capsys.readouterr().out
+    assert out.count("concurrency_modifier raised ValueError: boom; using 1") == 1
+    assert out.count("concurrency_modifier returned 'three'") == 1  # a new error: said
 
 
 def test_python_main_py_hands_over_to_the_supervisor(tmp_path) -> None:
