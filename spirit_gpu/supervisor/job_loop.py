@@ -164,6 +164,11 @@ class Worker:
                        f"of {job.ttl_ms} ms")
             await self._report(job, Outcome(408, error_body(message), message))
             return
+        if job.cancelled:  # in the same read as the job, say: it must not start
+            logger.info("cancelled before it started", request_id=job.request_id)
+            message = "request cancelled by the client"
+            await self._report(job, Outcome(499, error_body(message), message))
+            return
         job.started_at = started
         executing: asyncio.Future[None] | None = None
         if self.instant_metrics:  # only queues a frame: no task needed

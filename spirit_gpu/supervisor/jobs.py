@@ -31,6 +31,9 @@ class Job(msgspec.Struct):
     body: bytes = b""
     received_at: int = 0
     started_at: int = 0
+    # the agent cancelled it after handing it over, before it started here: it must
+    # not start (set by a transport that hears of cancels at once, the link)
+    cancelled: bool = False
 
 
 def _first(headers: Mapping[str, Any], name: str) -> str:

@@ -81,7 +81,7 @@ class Transport(Protocol):
     def on_cancel(self, cancel: Callable[[str], bool]) -> None:
         """Call ``cancel(request_id)`` the moment the agent cancels a request, where the
         agent can say so between heartbeats (the link); ``cancel`` answers whether it
-        stopped a running job. Cancels it did not act on still come with the next
-        heartbeat's reply (a job between its delivery and its start)."""
+        stopped a running job. A job handed over and not started yet is marked
+        (``Job.cancelled``) instead; other cancels come with the next heartbeat's reply."""
 
     async def close(self) -> None: ...

@@ -48,6 +48,7 @@ PULL_WAIT = 1.0  # seconds pull() waits for a dispatch before answering []
 # metrics, result and ack share one message; a longer job reports it on time.
 EXECUTING_DELAY = 0.05
 CONNECT_TIMEOUT = 10.0
+UNSTARTED_KEPT = 10_000  # handed-over jobs watched for a cancel before they start
 # a message the link did not take is retried with this backoff; how many tries a
 # frame gets is its own (a result 10, metrics and acks 6, chunks 3, heartbeats 1)
 # unless the gateway confirms: then what carries state is kept until it does
@@ -113,6 +114,9 @@ class LinkTransport:
         self._executing: dict[str, tuple[asyncio.TimerHandle, lp.Metric]] = {}
         self._cancels: set[str] = set()
         self._cancel_now: Callable[[str], bool] | None = None
+        # handed over (to a pull or the buffer), its "executing" not sent yet: a cancel
+        # arriving meanwhile (even in the same read as the job) marks the job itself
+        self._unstarted: dict[str, Job] = {}
         self._closing: set[asyncio.Task[Any]] = set()  # abandoned connections being closed
         self._closed = False
 
@@ -194,9 +198,15 @@ class LinkTransport:
 
     def _cancelled(self, request_ids: list[str]) -> None:
         """Stop running jobs at once (the GPU is freed now, not at the next heartbeat);
-        the rest wait for the heartbeat (delivered, not started yet)."""
+        a job handed over and not started is marked, so that it never starts; the rest
+        come with the next heartbeat's reply."""
         for request_id in request_ids:
-            if self._cancel_now is None or not self._cancel_now(request_id):
+            if self._cancel_now is not None and self._cancel_now(request_id):
+                continue
+            unstarted = self._unstarted.pop(request_id, None)
+            if unstarted is not None:
+                unstarted.cancelled = True
+            else:
                 self._cancels.add(request_id)
 
     def on_cancel(self, cancel: Callable[[str], bool]) -> None:
@@ -206,6 +216,8 @@ class LinkTransport:
         if self._ws is not ws:
             return
         self._ws = None
+        for job in self._buffer:
+            self._unstarted.pop(job.request_id, None)
         self._buffer.clear()  # undelivered: the gateway redelivers them
         self._outstanding = 0
         while self._waiters:  # their pulls answer [] and reconnect next time
@@ -226,6 +238,9 @@ class LinkTransport:
 
     def _deliver(self, job: Job) -> None:
         """Hand a dispatched job to the oldest waiting pull, else buffer it."""
+        if len(self._unstarted) > UNSTARTED_KEPT:  # (entries of jobs a lost link took)
+            self._unstarted.clear()
+        self._unstarted[job.request_id] = job
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -379,6 +394,7 @@ class LinkTransport:
         frame = lp.Metric(request_id=job.request_id, status=report.status,
                           message=report.message, queueing_ms=report.queueing_ms,
                           execution_ms=report.execution_ms)
+        self._unstarted.pop(job.request_id, None)
         if report.status == "executing":
             timer = asyncio.get_running_loop().call_later(EXECUTING_DELAY, self._executing_due,
                                                           job.request_id)
@@ -394,6 +410,7 @@ class LinkTransport:
             self._send_soon(pending[1], 6, request_id)
 
     async def result(self, job: Job, status_code: int, message: str, data: bytes) -> None:
+        self._unstarted.pop(job.request_id, None)
         self._executing_due(job.request_id)  # "executing" always precedes the result
         self._send_soon(lp.Result(request_id=job.request_id, status_code=status_code,
                                    message=message, data=data), 10, job.request_id)
