@@ -265,6 +265,9 @@ class Pool:
         # "killed by SIGKILL (out of memory...)" only when we did not kill it ourselves
         what = ("was stopped by the supervisor" if child.killed_on_purpose
                 else child.protocol_error or describe_exit(code))
+        # the log line names the request it took down, when it was running one
+        ran = [run.job.request_id for run in child.jobs.values()]
+        request_id = ran[0] if len(ran) == 1 else ""
         for run in list(child.jobs.values()):
             self.runs.pop(run.job_id, None)
             if run.reason is not None:
@@ -284,9 +287,9 @@ class Pool:
                 return
             if child.killed_on_purpose:  # a job's cancel or timeout: expected, not a crash
                 logger.info(f"handler process {child.pid} stopped ({child.kill_reason}); "
-                            "starting a replacement")
+                            "starting a replacement", request_id=request_id)
             else:
-                self._crashed(child, what, was_ready)
+                self._crashed(child, what, was_ready, request_id)
         self._pump()
         self._scale()
         self._notify()
@@ -307,7 +310,8 @@ class Pool:
             self._stop_run(run, 503, f"worker unhealthy: {self.unhealthy}")
         self._notify()
 
-    def _crashed(self, child: ChildProcess, what: str, was_ready: bool) -> None:
+    def _crashed(self, child: ChildProcess, what: str, was_ready: bool,
+                 request_id: str) -> None:
         reason = (f" ({child.kill_reason})" if child.kill_reason and not child.protocol_error
                   else "")
         self._count_failure(f"handler process {child.pid} {what}{reason}")
@@ -319,7 +323,8 @@ class Pool:
                    if delay else "")
         then = ("not replaced: the worker is unhealthy" if self.unhealthy
                 else f"starting a replacement{backoff}")
-        logger.error(f"handler process {child.pid} {what}{reason}{state}; {then}")
+        logger.error(f"handler process {child.pid} {what}{reason}{state}; {then}",
+                     request_id=request_id)
 
     # ---- dispatch ---------------------------------------------------------------
 

@@ -139,6 +139,11 @@ async def test_crashes_in_a_row_make_the_worker_exit_unhealthy(agent: FakeAgent,
     assert await wait_exit(w, 30) == 4
     assert {f"c{i}" for i in range(3)} <= set(agent.acks)
     assert "worker unhealthy" in w.output
+    lines = [json.loads(line) for line in w.output.splitlines() if line.startswith("{")]
+    crashes = [x for x in lines if x["message"].startswith("handler process")
+               and "exited with code 7;" in x["message"]]
+    assert len(crashes) == 3  # each names the request it took down
+    assert {c["requestID"] for c in crashes} == {"c0", "c1", "c2"}
     agent.enqueue("later", {"input": {}})
     assert "later" not in agent.results  # nobody took it: a platform replaces this worker
 
