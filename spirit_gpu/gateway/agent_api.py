@@ -66,7 +66,9 @@ async def get_request(request: web.Request) -> web.StreamResponse:
     if request.transport is None or request.transport.is_closing():
         await gw.storage.give_back(sid, rec.request_id)  # the worker left while waiting
         return json_response({"error": "gone"}, 404)
-    base = f"{request.url.origin()}/agent/{sid}{agent.API_PREFIX}"
+    base = request.headers.get(agent.AGENT_BASE_HEADER, "")
+    if not base.startswith(("http://", "https://")):
+        base = f"{request.url.origin()}/agent/{sid}{agent.API_PREFIX}"
     return web.Response(body=envelope(rec, base), content_type="application/json")
 
 

@@ -12,6 +12,9 @@ our gateway: every ``/apis/v1/<rest>`` call is passed on to
 What it adds on the way:
 
 * ``Authorization: Bearer <worker token>`` (the original worker sends none);
+* ``Spirit-Agent-Base``: the sidecar's own ``/apis/v1`` as the worker reaches it, so
+  the gateway's webhook relay URL in a job points here too (our worker refuses an
+  agent path other than its own agent's relay);
 * ``Spirit-Worker-Id: shared:sidecar-<host>-<pid>-<random>`` when the worker
   sends no id of its own. The ``shared:`` prefix asks the gateway for leases
   per request (renewed by heartbeats that name the request), so even two
@@ -40,12 +43,17 @@ from yarl import URL
 from spirit_gpu.log import logger
 from spirit_gpu.net.relay import HOP_BY_HOP, filter_pairs, json_error, new_session
 from spirit_gpu.protocol import agent
-from spirit_gpu.protocol.agent import FEATURES_HEADER, WORKER_ID_HEADER, parse_features
+from spirit_gpu.protocol.agent import (
+    AGENT_BASE_HEADER,
+    FEATURES_HEADER,
+    WORKER_ID_HEADER,
+    parse_features,
+)
 
 SHARED_PREFIX = "shared:"  # the gateway's mark for "leases per request" (storage.base)
 NOT_RELAYED = frozenset({"link", "proxy"})
 SMALL_BODY = 1024 * 1024  # read whole and sent with a length; larger ones are streamed
-_DROP_REQUEST = HOP_BY_HOP | {"authorization", "content-length"}
+_DROP_REQUEST = HOP_BY_HOP | {"authorization", "content-length", AGENT_BASE_HEADER.lower()}
 _DROP_ANSWER = HOP_BY_HOP | {"content-length", "content-encoding"}
 
 
@@ -84,6 +92,9 @@ class Sidecar:
         headers = filter_pairs(request.headers.items(), _DROP_REQUEST)
         if WORKER_ID_HEADER not in request.headers:
             headers.append((WORKER_ID_HEADER, self.identity))
+        # the webhook relay URL the gateway hands out then comes through here too: a
+        # worker of ours calls only its own agent's relay path
+        headers.append((AGENT_BASE_HEADER, f"{request.url.origin()}{agent.API_PREFIX}"))
         if self.worker_token:
             headers.append(("Authorization", f"Bearer {self.worker_token}"))
         body: object = None

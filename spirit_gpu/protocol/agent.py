@@ -40,6 +40,9 @@ HEALTH_HEADER = "X-Agent-Health"
 # Our extensions.
 FEATURES_HEADER = "Spirit-Agent-Features"
 WORKER_ID_HEADER = "Spirit-Worker-Id"
+# where the worker reaches the agent API (an agent sidecar in between: its own root), so
+# that the webhook relay URL handed to the worker goes through the same way
+AGENT_BASE_HEADER = "Spirit-Agent-Base"
 CHUNK_SEQ_HEADER = "Spirit-Chunk-Seq"
 
 

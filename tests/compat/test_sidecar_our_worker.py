@@ -1,9 +1,12 @@
-"""Our proxy-mode worker behind ``spirit-gpu agent``: the sidecar offers no registration
-(as the hosted agent), so the gateway's proxy route sends requests through the queue."""
+"""Our workers behind ``spirit-gpu agent``: the proxy-mode one (the sidecar offers no
+registration, as the hosted agent, so the gateway's proxy route sends requests through
+the queue) and the handler-mode one, whose webhooks go through the sidecar too."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
 
 import aiohttp
 
@@ -11,8 +14,8 @@ from spirit_gpu.config import WorkerConfig
 from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.supervisor.proxy.worker import serve_proxy
 from tests.compat.conftest import Procs
-from tests.conftest import until
-from tests.gateway.conftest import GatewayFactory
+from tests.conftest import Worker, until
+from tests.gateway.conftest import APPS, GatewayFactory, Webhooks
 from tests.proxy.conftest import http_check
 from tests.proxy.fake_llm import FakeLLM
 
@@ -47,3 +50,29 @@ async def test_queued_proxy_jobs_end_to_end(gateway_factory: GatewayFactory, pro
     finally:
         stop.set()
         assert await asyncio.wait_for(worker, 15) == 0
+
+
+async def test_a_handler_workers_webhook_goes_through_the_sidecar(
+        gateway_factory: GatewayFactory, procs: Procs, webhooks: Webhooks,
+        worker_factory: Callable[..., Worker]) -> None:
+    # the gateway hands out its webhook relay as the sidecar's own /apis/v1/webhook/<id>:
+    # our worker calls no agent path but its own agent's relay
+    gw = await gateway_factory(worker_token="tok")
+    agent_url = await procs.sidecar(gw, SID)
+    worker = worker_factory(str(APPS / "double.py"), {
+        "EASE_AGENT_URL": agent_url, "EASE_HEARTBEAT_INTERVAL": "0.2",
+        "SPIRIT_PULL_BACKOFF_MAX": "0.05"})
+
+    async def polling() -> bool:
+        assert worker.proc.poll() is None, worker.output
+        return await gw.app[GATEWAY_KEY].storage.worker_count(SID) > 0
+    await until(polling, 20, "our worker polling through the sidecar")
+    code, body, _ = await gw.call("POST", f"/v1/{SID}/async", json_body={
+        "input": {"x": 4}, "webhook": webhooks.url})
+    assert code == 200
+    ((query, data),) = await webhooks.wait(1)
+    assert query["requestID"] == body["id"] and query["statusCode"] == "200"
+    assert json.loads(data) == {"doubled": 8}
+    status = await gw.status(SID, body["id"])
+    assert (status["status"], status["message"]) == ("succeed", "")
+    assert "webhook refused" not in worker.output
