@@ -16,6 +16,7 @@ from spirit_gpu.builder.inputs import DEFAULT_FILES, INPUT_TYPES, LoadedInput, l
 from spirit_gpu.builder.model import DATA_TYPES, MODEL_FILE, generate_model
 from spirit_gpu.builder.project import (
     HANDLER_TYPES,
+    ApiFile,
     Options,
     PlannedFile,
     plan_project,
@@ -49,15 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _api_json(loaded: LoadedInput, out_dir: Path, notes: list[str]) -> str | None:
-    if loaded.path.parent.resolve() == out_dir.resolve() and loaded.path.name in DEFAULT_FILES:
-        notes.append(f"api.json not written: the project already has {loaded.path.name}")
+def _api_file(loaded: LoadedInput, out_dir: Path, notes: list[str]) -> ApiFile | None:
+    """The description, kept in the project to regenerate from: api.json, or a copy
+    of a CSV, GraphQL or Python input as api.<suffix> (None: it is in there already)."""
+    if loaded.path.parent.resolve() == out_dir.resolve():
+        notes.append(f"the description stays {loaded.path.name}: the project already has it")
         return None
-    if loaded.kind not in _JSON_KINDS:
-        notes.append(f"api.json not written: a {loaded.kind} input has no JSON form; keep "
-                     f"{loaded.path.name} and regenerate with -i {loaded.path.name}")
-        return None
-    return json.dumps(loaded.data, indent=2, ensure_ascii=False, default=str) + "\n"
+    if loaded.kind in _JSON_KINDS:
+        return ApiFile("api.json",
+                       json.dumps(loaded.data, indent=2, ensure_ascii=False, default=str) + "\n")
+    return ApiFile(f"api{loaded.path.suffix.lower()}", loaded.path.read_text(encoding="utf-8"))
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         outcomes = write_files(out_dir, files, args.force, always=frozenset({MODEL_FILE}))
     else:
         options = Options(path.name, loaded.kind, args.data_type, args.handler_type)
-        files = plan_project(options, model_code, _api_json(loaded, out_dir, notes))
+        files = plan_project(options, model_code, _api_file(loaded, out_dir, notes))
         outcomes = write_files(out_dir, files, args.force)
         if any(o.path == MODEL_FILE and o.status == "kept" for o in outcomes):
             notes.append(f"{MODEL_FILE} was kept; regenerate it with --model-only")

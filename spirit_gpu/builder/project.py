@@ -33,6 +33,14 @@ class Options:
 
 
 @dataclass(frozen=True)
+class ApiFile:
+    """The API description as the project keeps it (api.json, api.csv, ...)."""
+
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
 class PlannedFile:
     path: str  # relative to the output directory, with "/"
     content: str | bytes
@@ -83,21 +91,24 @@ def _requirements(data_type: str) -> str:
     return "\n".join(lines)
 
 
-def regenerate_command(options: Options, wrote_api_json: bool) -> str:
-    """The command that regenerates the model, run in the project's directory: from
-    api.json when the project has it (the input file itself may live elsewhere)."""
-    source = "api.json" if wrote_api_json else options.input_name
-    return f"spirit-gpu-builder -i {source} --data-type {options.data_type} --model-only"
+def regenerate_command(options: Options, source: str) -> str:
+    """The command that regenerates the model, run in the project's directory, from the
+    description kept there. The input type is named: a JSON example can look like a
+    schema to the guess, and an api.json of a YAML input is no longer YAML."""
+    return (f"spirit-gpu-builder -i {source} --input-type {options.input_type} "
+            f"--data-type {options.data_type} --model-only")
 
 
-def plan_project(options: Options, model_code: str, api_json: str | None) -> list[PlannedFile]:
-    """Every file of a new project (``api_json`` None: no api.json to write)."""
+def plan_project(options: Options, model_code: str, api: ApiFile | None) -> list[PlannedFile]:
+    """Every file of a new project (``api`` None: the description is in it already)."""
+    source = api.name if api is not None else options.input_name
     values = {
         "input_name": options.input_name, "input_type": options.input_type,
         "data_type": options.data_type, "handler_type": options.handler_type,
         "year": str(datetime.date.today().year),
         "requirements": _requirements(options.data_type),
-        "regenerate": regenerate_command(options, api_json is not None),
+        "regenerate": regenerate_command(options, source),
+        "api_file": source,
     }
     files = [PlannedFile(p, _read("project", p), p.endswith(".sh")) for p in _STATIC]
     files += [PlannedFile(p, string.Template(_read("project", p + ".tmpl")).substitute(values))
@@ -106,8 +117,8 @@ def plan_project(options: Options, model_code: str, api_json: str | None) -> lis
     files.append(PlannedFile(MODEL_FILE, model_code))
     name, data = wheel.build()
     files.append(PlannedFile(f"{WHEELS}/{name}", data))
-    if api_json is not None:
-        files.append(PlannedFile("api.json", api_json))
+    if api is not None:
+        files.append(PlannedFile(api.name, api.text))
     return sorted(files, key=lambda f: f.path)
 
 

@@ -104,7 +104,8 @@ def test_input_already_in_project_is_not_duplicated(
     monkeypatch.chdir(tmp_path)
     assert build() == 0
     assert files_in(tmp_path) == PROJECT_FILES - {"api.json"} | {"api.yaml"}
-    assert "project already has api.yaml" in _out(capsys)
+    assert "stays api.yaml: the project already has it" in _out(capsys)
+    assert "-i api.yaml --input-type openapi" in (tmp_path / "README.md").read_text()
     assert os.access(tmp_path / "scripts/start.sh", os.X_OK)
     start = (tmp_path / "scripts/start.sh").read_text()
     assert "exec python -m spirit_gpu.supervisor src/main.py" in start
@@ -153,7 +154,8 @@ def test_readme_regenerate_command_works_inside_the_project(
     model = model_code()
     readme = (out / "README.md").read_text()
     command = next(line for line in readme.splitlines() if line.startswith("spirit-gpu-builder"))
-    assert command == f"spirit-gpu-builder -i api.json --data-type {data_type} --model-only"
+    assert command == (f"spirit-gpu-builder -i api.json --input-type openapi "
+                       f"--data-type {data_type} --model-only")
     monkeypatch.chdir(out)
     assert build(*shlex.split(command)[1:]) == 0
     assert model_code() == model

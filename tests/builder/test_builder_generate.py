@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -104,15 +106,25 @@ def test_openapi_request_body_input_inline_or_ref(tmp_path: Path, by_ref: bool) 
     ("csv", "prompt,steps\nhi,3\n", "3"),  # CSV has no types: every column is a string
     ("graphql", "input RequestInput {\n  prompt: String!\n  steps: Int\n}\n", 3),
 ])
-def test_text_input_types(tmp_path: Path, kind: str, content: str, steps: object) -> None:
+def test_text_input_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str,
+                          content: str, steps: object) -> None:
     source = write(tmp_path / f"input.{kind}", content)
     assert build("-i", str(source), "--input-type", kind, "-o", str(tmp_path / "o")) == 0
-    # no JSON form to store: the project has no api.json, everything else is there
-    assert files_in(tmp_path / "o") == PROJECT_FILES - {"api.json"}
-    model = load_model(tmp_path / "o/src/spirit_generated_model.py")
+    # no JSON form: the project keeps a copy of the input instead of api.json
+    assert files_in(tmp_path / "o") == PROJECT_FILES - {"api.json"} | {f"api.{kind}"}
+    model_file = tmp_path / "o/src/spirit_generated_model.py"
+    model = load_model(model_file)
     assert model.RequestInput.model_validate({"prompt": "hi", "steps": steps}).steps == steps
     with pytest.raises(pydantic.ValidationError, match="prompt"):
         model.RequestInput.model_validate({"steps": steps})
+    # the README's command regenerates the same model, in the project
+    readme = (tmp_path / "o/README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("spirit-gpu-builder"))
+    assert f"-i api.{kind} --input-type {kind}" in command and f"`api.{kind}`" in readme
+    before = ast.dump(ast.parse(model_file.read_text()))  # (the code, not its layout)
+    monkeypatch.chdir(tmp_path / "o")
+    assert build(*shlex.split(command)[1:]) == 0
+    assert ast.dump(ast.parse(model_file.read_text())) == before
 
 
 def test_auto_detects_each_structured_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]
