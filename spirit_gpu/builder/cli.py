@@ -75,7 +75,14 @@ def run(args: argparse.Namespace, console: Console) -> None:
         "mode": "model only" if args.model_only else "project",
         "force": str(args.force),
     })
-    model_code = generate_model(loaded, args.data_type)
+    try:
+        model_code = generate_model(loaded, args.data_type)
+    except BuilderError as exc:
+        if args.input_type == "auto" and loaded.kind == "jsonschema" and exc.hint is None:
+            # an example whose top level has a "type" (or "properties") looks like a schema
+            exc.hint = (f"{path.name} was read as a JSON schema (auto); if it is an example "
+                        "input, say so with --input-type json (or yaml)")
+        raise
     notes: list[str] = []
     if args.model_only:
         files = [PlannedFile(MODEL_FILE, model_code)]

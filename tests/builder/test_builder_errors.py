@@ -84,6 +84,15 @@ def test_no_input_file_lists_what_was_looked_for(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_example_that_looks_like_a_schema_gets_a_hint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = write(tmp_path / "ex.json", json.dumps({"type": "image", "url": "http://x"}))
+    assert build("-i", str(example), "-o", str(tmp_path / "a")) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unknown type 'image'" in err and "--input-type json" in err
+    assert build("-i", str(example), "-o", str(tmp_path / "b"), "--input-type", "json") == 0
+
+
 def test_missing_and_unreadable_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                       ) -> None:
     assert build("-i", str(tmp_path / "nope.yaml")) == 1
