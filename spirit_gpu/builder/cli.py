@@ -90,6 +90,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
     else:
         options = Options(path.name, loaded.kind, args.data_type, args.handler_type)
         files = plan_project(options, model_code, _api_file(loaded, out_dir, notes))
+        if loaded.kind in ("json", "yaml"):
+            # the example is a valid input: `spirit-gpu dev src/main.py` sends it
+            files.append(PlannedFile("src/test_input.json", json.dumps(
+                {"input": loaded.data}, indent=2, ensure_ascii=False, default=str) + "\n"))
         outcomes = write_files(out_dir, files, args.force)
         if any(o.path == MODEL_FILE and o.status == "kept" for o in outcomes):
             notes.append(f"{MODEL_FILE} was kept; regenerate it with --model-only")

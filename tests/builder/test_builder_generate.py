@@ -16,6 +16,7 @@ import pytest
 
 import spirit_gpu
 from spirit_gpu.builder.project import HANDLER_TYPES, render_main
+from spirit_gpu.cli import example_body
 from spirit_gpu.errors import HandlerError
 from tests.builder.conftest import (
     CASES,
@@ -38,7 +39,10 @@ def test_generates_project_with_working_model(tmp_path: Path, case: str, data_ty
     source = write(tmp_path / "in" / name, content)
     out = tmp_path / "out"
     assert build("-i", str(source), "-o", str(out), "--data-type", data_type) == 0
-    assert files_in(out) == PROJECT_FILES
+    example = case.startswith("example")  # an example is a valid input: dev sends it
+    assert files_in(out) == PROJECT_FILES | ({"src/test_input.json"} if example else set())
+    if example:
+        assert json.loads(example_body(str(out / "src/main.py"))) == {"input": valid}
     model = load_model(out / "src/spirit_generated_model.py")
     request_input = model.RequestInput
     if data_type.startswith("pydantic"):
