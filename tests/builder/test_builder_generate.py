@@ -39,7 +39,7 @@ def test_generates_project_with_working_model(tmp_path: Path, case: str, data_ty
     source = write(tmp_path / "in" / name, content)
     out = tmp_path / "out"
     assert build("-i", str(source), "-o", str(out), "--data-type", data_type) == 0
-    example = case.startswith("example")  # an example is a valid input: dev sends it
+    example = case.startswith("example")  # an example is a valid input: dev prints it
     assert files_in(out) == PROJECT_FILES | ({"src/test_input.json"} if example else set())
     if example:
         assert json.loads(example_body(str(out / "src/main.py"))) == {"input": valid}
