@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from spirit_gpu.gateway.storage.nats import server
@@ -49,6 +51,19 @@ def test_an_unreachable_server_and_a_bad_store_are_refused() -> None:
     assert "cannot reach NATS" in line
     line = one_line(gateway("--store", "redis://somewhere"))
     assert "expected 'memory' or nats://" in line
+    line = one_line(gateway("--store", "nats://127.0.0.1:abc"))  # a port that is no number
+    assert "expected 'memory' or nats://" in line and "nats://127.0.0.1:abc" in line
+
+
+def test_a_listener_that_never_speaks_nats_is_refused_in_bounded_time() -> None:
+    # a wrong port or a firewall: TCP connects, no NATS INFO ever comes
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes connections; nothing is ever written
+        began = time.monotonic()
+        line = one_line(gateway("--store", f"nats://127.0.0.1:{silent.getsockname()[1]}"))
+    assert "no NATS server answered" in line
+    assert time.monotonic() - began < server.FIRST_CONNECT + 3 + 20  # (start-up included)
 
 
 def test_servers_older_than_2_11_are_too_old() -> None:

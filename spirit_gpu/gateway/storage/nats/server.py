@@ -4,6 +4,7 @@ declaring the streams (idempotent: every replica does it at start)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from urllib.parse import urlsplit
 
 import nats
@@ -26,14 +27,24 @@ from spirit_gpu.gateway.storage.nats import names
 from spirit_gpu.log import logger
 
 MIN_VERSION = (2, 11)
+FIRST_CONNECT = 7.0  # seconds the first connection may take, plus 3 s per server
 
 
 def parse_urls(store: str) -> list[str]:
     """``nats://a:4222,nats://b:4222`` -> the server list."""
     urls = [u.strip() for u in store.split(",") if u.strip()]
+    expected = (f"--store {store!r}: expected 'memory' or "
+                "nats://HOST:4222[,nats://HOST2:4222...]")
     if not urls or not all(u.startswith(("nats://", "tls://")) for u in urls):
-        raise StorageRefused(f"--store {store!r}: expected 'memory' or "
-                             "nats://HOST:4222[,nats://HOST2:4222...]")
+        raise StorageRefused(expected)
+    for url in urls:
+        try:
+            parsed = urlsplit(url)
+            parsed.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as exc:
+            raise StorageRefused(f"{expected} ({url}: {exc})") from None
+        if not parsed.hostname:
+            raise StorageRefused(f"{expected} ({url}: no host)")
     return urls
 
 
@@ -73,14 +84,28 @@ async def connect(urls: list[str], name: str) -> Client:
     (the client itself would retry an unreachable first server forever)."""
     if not any(await asyncio.gather(*(_reachable(u) for u in urls))):
         raise StorageRefused(f"cannot reach NATS at {','.join(urls)}: nothing listens there")
+    nc = Client()
     try:
-        return await nats.connect(servers=urls, name=name, connect_timeout=3,
-                                  allow_reconnect=True, max_reconnect_attempts=-1,
-                                  reconnect_time_wait=0.5, ping_interval=5,
-                                  max_outstanding_pings=3, error_cb=_quiet,
-                                  disconnected_cb=_disconnected, reconnected_cb=_reconnected)
+        # bounded: something that accepts TCP and never speaks NATS (a wrong port, a
+        # firewall) keeps the client retrying its first connection forever
+        await asyncio.wait_for(nc.connect(
+            servers=urls, name=name, connect_timeout=3, allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # (typed int, slept as float)
+            ping_interval=5, max_outstanding_pings=3, error_cb=_quiet,
+            disconnected_cb=_disconnected, reconnected_cb=_reconnected),
+            FIRST_CONNECT + 3 * len(urls))
+    except TimeoutError:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise StorageRefused(f"cannot connect to NATS at {','.join(urls)}: it accepts "
+                             f"connections but no NATS server answered within "
+                             f"{FIRST_CONNECT + 3 * len(urls):g} s (the wrong port?)") from None
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the one line below
+        with contextlib.suppress(Exception):
+            await nc.close()
         raise StorageRefused(f"cannot reach NATS at {','.join(urls)}: {exc!r}") from exc
+    return nc
 
 
 async def check(nc: Client, js: JetStreamContext) -> None:
