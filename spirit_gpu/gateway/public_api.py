@@ -114,8 +114,10 @@ NO_GPU = "not enough gpu now"
 
 
 def never_connected(sid: str) -> str:
-    return (f"no worker has ever connected for serverless id '{sid}': check the id (workers "
-            f"connect with EASE_AGENT_URL=<gateway>/agent/{sid})")
+    # "since this gateway started": what a replica knows (a restart forgets, on either
+    # store), so a correct id after a restart is not called a typo outright
+    return (f"no worker has connected for serverless id '{sid}' since this gateway started: "
+            f"check the id (workers connect with EASE_AGENT_URL=<gateway>/agent/{sid})")
 
 
 async def _no_worker_message(gw: Gateway, sid: str) -> str:

@@ -8,7 +8,8 @@ from spirit_gpu.gateway.service import GATEWAY_KEY
 from tests.conftest import until
 from tests.gateway.conftest import GatewayFactory, Gw, PlainWorker
 
-NEVER = ("no worker has ever connected for serverless id 'typo': check the id (workers "
+NEVER = ("no worker has connected for serverless id 'typo' since this gateway started: "
+         "check the id (workers "
          "connect with EASE_AGENT_URL=<gateway>/agent/typo)")
 
 
