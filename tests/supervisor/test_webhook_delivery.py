@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
+from spirit_gpu.config import WorkerConfig
+from spirit_gpu.net.relay import new_session
+from spirit_gpu.supervisor.webhook import deliver, worker_policy
 from tests.conftest import free_port, worker_env
 from tests.fake_agent import FakeAgent
 
@@ -122,3 +125,18 @@ async def test_the_allow_list_restricts_webhook_targets(agent: FakeAgent, worker
     assert "not in the allow-list" in agent.metrics["no"][-1]["message"]
     assert hanging_hook.calls == []
     assert json.loads(agent.result_body("no"))["y"] == 0
+
+
+async def test_an_unreachable_relay_is_named_as_the_gateways() -> None:
+    # a worker's webhook goes to its gateway's relay: when that is away, the status
+    # must not blame the client's webhook
+    agent = f"http://127.0.0.1:{free_port()}/agent/s"  # nothing listens there
+    cfg = WorkerConfig(agent_url=agent, webhook_attempts=2, webhook_backoff=0.01)
+    async with new_session() as session:
+        note = await deliver(session, cfg, f"{agent}/apis/v1/webhook/r1", "r1", 200, b"{}",
+                             worker_policy(cfg))
+        other = await deliver(session, cfg, f"http://127.0.0.1:{free_port()}/hook", "r2", 200,
+                              b"{}", worker_policy(cfg))
+    assert note.startswith("webhook delivery failed after 2 tries: the gateway's webhook "
+                           "relay unreachable"), note
+    assert "after 2 tries: webhook unreachable" in other  # the client's own: as before
