@@ -177,7 +177,7 @@ class ProxyRouter:
             task.uncancel()  # our own cancel: nobody is left to answer
             code = _CUT_CODES["client"]
             logger.info(f"proxy {request.method} {path}: the client left before the answer "
-                        "ended; the exchange is cancelled")
+                        "began; the exchange is cancelled")
             return web.Response(status=499)
         finally:
             stop_watching()
