@@ -39,11 +39,13 @@ def test_a_server_without_jetstream_is_refused() -> None:
             probe = NatsServer(Path(d), port=port)
             probe.proc = proc
             probe.wait_ready()
-            line = one_line(gateway("--store", f"nats://127.0.0.1:{port}"))
+            done = gateway("--store", f"nats://127.0.0.1:{port}")
+            line = one_line(done)
         finally:
             proc.kill()
             proc.wait()
     assert "JetStream off" in line and "-js" in line
+    assert "disconnected" not in done.stdout  # closing it ourselves is no outage
 
 
 def test_an_unreachable_server_and_a_bad_store_are_refused() -> None:

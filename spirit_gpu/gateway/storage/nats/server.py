@@ -71,10 +71,6 @@ async def _quiet(exc: Exception) -> None:
     logger.warn(f"NATS: {exc!r}")
 
 
-async def _disconnected() -> None:
-    logger.warn("NATS: disconnected; reconnecting (requests wait or fail meanwhile)")
-
-
 async def _reconnected() -> None:
     logger.info("NATS: reconnected")
 
@@ -85,6 +81,10 @@ async def connect(urls: list[str], name: str) -> Client:
     if not any(await asyncio.gather(*(_reachable(u) for u in urls))):
         raise StorageRefused(f"cannot reach NATS at {','.join(urls)}: nothing listens there")
     nc = Client()
+
+    async def disconnected() -> None:
+        if not nc.is_closed:  # (our own close, at a refusal or the shutdown, says nothing)
+            logger.warn("NATS: disconnected; reconnecting (requests wait or fail meanwhile)")
     try:
         # bounded: something that accepts TCP and never speaks NATS (a wrong port, a
         # firewall) keeps the client retrying its first connection forever
@@ -93,7 +93,7 @@ async def connect(urls: list[str], name: str) -> Client:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,  # type: ignore[arg-type]  # (typed int, slept as float)
             ping_interval=5, max_outstanding_pings=3, error_cb=_quiet,
-            disconnected_cb=_disconnected, reconnected_cb=_reconnected),
+            disconnected_cb=disconnected, reconnected_cb=_reconnected),
             FIRST_CONNECT + 3 * len(urls))
     except TimeoutError:
         with contextlib.suppress(Exception):
