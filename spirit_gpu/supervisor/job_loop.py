@@ -16,6 +16,7 @@ from spirit_gpu.supervisor.transports.base import AgentUnavailable, Transport
 from spirit_gpu.supervisor.webhook import WebhookSender
 
 STREAMING_KINDS = (GENERATOR, ASYNC_GENERATOR)
+CANCELLED = "request cancelled by the client"  # a cancel's message, running or not yet
 # an unreachable agent: wait longer each time, at most 5 s
 AGENT_DOWN_RETRY = RetryPolicy(first=0.2, factor=2.0, max_delay=5.0)
 
@@ -166,8 +167,7 @@ class Worker:
             return
         if job.cancelled:  # in the same read as the job, say: it must not start
             logger.info("cancelled before it started", request_id=job.request_id)
-            message = "request cancelled by the client"
-            await self._report(job, Outcome(499, error_body(message), message))
+            await self._report(job, Outcome(499, error_body(CANCELLED), CANCELLED))
             return
         job.started_at = started
         executing: asyncio.Future[None] | None = None
@@ -221,7 +221,7 @@ class Worker:
             await asyncio.sleep(self.cfg.heartbeat_interval)
 
     def _cancel(self, request_id: str) -> bool:
-        if self.pool.cancel(request_id, 499, "request cancelled by the client"):
+        if self.pool.cancel(request_id, 499, CANCELLED):
             logger.info("cancelling running request", request_id=request_id)
             return True
         return False

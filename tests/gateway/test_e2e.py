@@ -114,18 +114,26 @@ async def test_sse_chunks_arrive_before_the_handler_ends(
         {"i": 0}, {"i": 1}, {"i": 2}]
 
 
+async def cancel_once_running(gw: Gw, webhooks: Webhooks, tmp_path: Path) -> str:
+    """Submit a 60 s job to serverless id ``c`` (slow_async.py) and cancel it once the
+    handler itself runs ("executing" shows from the dispatch on: a cancel before the
+    start is another case); its request id."""
+    started = tmp_path / "started"
+    code, acc, _ = await gw.call("POST", "/v1/c/async", json_body={
+        "input": {"sleep": 60, "started": str(started)}, "webhook": webhooks.url})
+    assert code == 200
+    await until(started.exists, 10, "the handler running")
+    code, _, _ = await gw.call("DELETE", "/v1/c/async", params={"requestID": acc["id"]})
+    assert code == 200
+    return str(acc["id"])
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_cancel_running_request(tgw: Gw, worker_factory: Any, webhooks: Webhooks,
                                       transport: str, tmp_path: Path) -> None:
     worker = await start_worker(tgw, worker_factory, "c", "slow_async.py", transport)
-    started = tmp_path / "started"
-    code, acc, _ = await tgw.call("POST", "/v1/c/async", json_body={
-        "input": {"sleep": 60, "started": str(started)}, "webhook": webhooks.url})
-    # ("executing" shows from the dispatch on: a cancel before the start is another case)
-    await until(started.exists, 10, "the handler running")
-    code, _, _ = await tgw.call("DELETE", "/v1/c/async", params={"requestID": acc["id"]})
-    assert code == 200
-    st = await tgw.status("c", acc["id"])
+    rid = await cancel_once_running(tgw, webhooks, tmp_path)
+    st = await tgw.status("c", rid)
     assert (st["status"], st["statusCode"]) == ("cancelled", 499)
     await output(worker, "cancelling running request")
     # the worker is free again: a new request runs at once
@@ -141,13 +149,7 @@ async def test_a_link_worker_stops_a_cancelled_job_before_its_next_heartbeat(
     gw = await gateway_factory(worker_token=TOKEN)
     worker = await start_worker(gw, worker_factory, "c", "slow_async.py", "link",
                                 EASE_HEARTBEAT_INTERVAL="60")
-    started = tmp_path / "started"
-    code, acc, _ = await gw.call("POST", "/v1/c/async", json_body={
-        "input": {"sleep": 60, "started": str(started)}, "webhook": webhooks.url})
-    # ("executing" shows from the dispatch on; the handler itself says it runs)
-    await until(started.exists, 10, "the handler running")
-    code, _, _ = await gw.call("DELETE", "/v1/c/async", params={"requestID": acc["id"]})
-    assert code == 200
+    await cancel_once_running(gw, webhooks, tmp_path)
     await output(worker, "cancelling running request")  # (10 s, not 60)
 
 

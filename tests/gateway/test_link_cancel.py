@@ -22,17 +22,25 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-@BOTH_STORES
-async def test_a_job_cancelled_before_it_started_is_marked_not_to_start(
-        gw: Gw, session: aiohttp.ClientSession) -> None:
-    link = LinkTransport(session, f"{gw.url}/agent/lc")
+async def linked(gw: Gw, session: aiohttp.ClientSession, sid: str,
+                 running: bool) -> tuple[LinkTransport, list[str]]:
+    """A link of ``sid`` whose job loop stand-in answers each cancel with ``running``
+    (it stopped a running job, or nothing of it runs here); the ids it was asked."""
+    link = LinkTransport(session, f"{gw.url}/agent/{sid}")
     await link.connect()
     asked: list[str] = []
 
-    def not_running(request_id: str) -> bool:  # the job loop: nothing of it runs here
+    def cancel(request_id: str) -> bool:
         asked.append(request_id)
-        return False
-    link.on_cancel(not_running)
+        return running
+    link.on_cancel(cancel)
+    return link, asked
+
+
+@BOTH_STORES
+async def test_a_job_cancelled_before_it_started_is_marked_not_to_start(
+        gw: Gw, session: aiohttp.ClientSession) -> None:
+    link, asked = await linked(gw, session, "lc", running=False)
     rid = await submit(gw, "lc")
     job = await pulled(link)  # handed over; the job loop has not started it
     code, _, _ = await gw.call("DELETE", "/v1/lc/async", params={"requestID": rid})
@@ -45,14 +53,7 @@ async def test_a_job_cancelled_before_it_started_is_marked_not_to_start(
 @BOTH_STORES
 async def test_a_started_job_is_left_to_the_job_loop(
         gw: Gw, session: aiohttp.ClientSession) -> None:
-    link = LinkTransport(session, f"{gw.url}/agent/ls")
-    await link.connect()
-    stopped: list[str] = []
-
-    def stop(request_id: str) -> bool:  # the job loop: it was running, now stopped
-        stopped.append(request_id)
-        return True
-    link.on_cancel(stop)
+    link, stopped = await linked(gw, session, "ls", running=True)
     rid = await submit(gw, "ls")
     job = await pulled(link)
     await link.metric(job, metric(job, "executing"))  # the job loop starts it
