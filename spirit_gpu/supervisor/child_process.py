@@ -111,10 +111,12 @@ class ChildProcess:
             os.close(up_w)
         self.pid = self.proc.pid
         loop = self._loop
-        self._reader, _ = await loop.connect_read_pipe(
-            lambda: _Reader(self, max_frame), os.fdopen(up_r, "rb", buffering=0))
+        # writing first: its Hello may be read as soon as the read side is connected,
+        # and the Run answering it must have a pipe to go down (else it is lost)
         self._writer, _ = await loop.connect_write_pipe(
             asyncio.Protocol, os.fdopen(down_w, "wb", buffering=0))
+        self._reader, _ = await loop.connect_read_pipe(
+            lambda: _Reader(self, max_frame), os.fdopen(up_r, "rb", buffering=0))
 
     def send(self, msg: ipc.Message, alone: bool = False) -> None:
         """Queue a frame; what one loop turn queues goes out in one write.
