@@ -13,6 +13,7 @@ import runpy
 import signal
 import sys
 import traceback
+from typing import NoReturn
 
 from spirit_gpu.child import channel as channel_mod
 from spirit_gpu.protocol import ipc
@@ -36,14 +37,18 @@ def _guard_group(keep_closed: tuple[int, ...]) -> None:
     process dies, however it dies, and ends the group. It is forked before the
     script runs (a small copy-on-write process) and holds none of the pipes.
     """
+    handler_pid = os.getpid()  # (not getppid() in the guard: by then it may be gone)
     try:
         pid = os.fork()
     except OSError:
         return  # no guard: the supervisor still kills the group when it can
-    if pid:
-        return
+    if not pid:
+        _guard(handler_pid, keep_closed)
+
+
+def _guard(handler_pid: int, keep_closed: tuple[int, ...]) -> NoReturn:
+    """The guard's life: wait for the handler process to die, then kill the group."""
     try:
-        handler_pid = os.getppid()
         for fd in keep_closed:
             os.close(fd)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

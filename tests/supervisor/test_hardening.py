@@ -3,11 +3,14 @@ supervisor survives it, leaves nothing behind, and says what happened."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 
-from tests.conftest import until, wait_exit, worker_env
+from tests.conftest import ROOT, until, wait_exit, worker_env
 from tests.fake_agent import FakeAgent
 
 APP = "hostile.py"
@@ -172,3 +175,32 @@ async def test_a_request_over_the_frame_limit_fails_413_before_the_pipe(
     assert code == 413 and "request too large" in body["error"], body
     assert result(agent, "small")[0] == 200
     assert "exited" not in w.output and "crash" not in w.output
+
+
+GUARD_AFTER_ITS_HANDLER = """
+import os, sys, time
+from spirit_gpu.child.__main__ import _guard
+handler = os.getpid()
+if os.fork() == 0:  # the guard, starting only once its handler is already gone
+    while os.getppid() == handler:
+        time.sleep(0.01)
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    _guard(handler, ())
+os._exit(0)
+"""
+
+
+async def test_a_guard_whose_handler_died_before_it_started_does_not_linger(
+        tmp_path: Path) -> None:
+    marker = tmp_path / "guard"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", GUARD_AFTER_ITS_HANDLER, str(marker),
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    await until(lambda: marker.exists() and marker.read_text() != "", 10, "the guard started")
+    guard = int(marker.read_text())
+    try:
+        await until(lambda: not alive(guard), 10, "the guard gone")
+    finally:
+        if alive(guard):
+            os.kill(guard, signal.SIGKILL)
