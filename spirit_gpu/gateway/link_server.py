@@ -317,6 +317,10 @@ class LinkSession:
             # whose own link is gone (and only such a job)
             or (self.anonymous and rec.holder.startswith(LINK_WORKER_PREFIX)
                 and request_id not in self.gw.links))
+        if not mine and rec is not None and not rec.terminal and not rec.delivered:
+            # no delivery on record: the replica that made it may have died before
+            # writing it down, while this worker ran the job
+            mine = await self.gw.storage.adopt(self.sid, request_id, self.worker)
         if mine:
             assert rec is not None
             if not rec.terminal:

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats as nats_lib
 
+from spirit_gpu.gateway.storage.nats import names
 from tests.conftest import until
 from tests.gateway.conftest import APPS, AUTH, Webhooks
 from tests.nats.replicas import Replica, worker_env
@@ -84,3 +86,56 @@ async def test_a_chunk_the_dead_replica_never_stored_reaches_the_stream_through_
     items = [int(i) for i in re.findall(r'^data: \{"i": ?(\d+)', body, re.M)]
     assert (ids, items) == ([0, 1, 2], [0, 1, 2]), re.sub("x{20,}", "x..", body)
     assert body.endswith('event: end\ndata: {"statusCode":200,"status":"succeed"}\n\n')
+
+
+async def test_a_job_whose_delivery_died_unrecorded_with_its_replica_runs_once_whole(
+        nats: TempNats, replicas: Callable[..., Replica], worker_factory: Any,  # noqa: F811
+        session: aiohttp.ClientSession, webhooks: Webhooks, tmp_path: Path) -> None:  # noqa: F811
+    # a replica writes a delivery down a moment after handing it over; one that dies in
+    # that moment leaves the job looking queued. The worker running it reports it to the
+    # next replica, which must take its frames and not hand the job out again when the
+    # stream delivers it anew (its lease ran out: nobody could extend it).
+    lease = 2.0
+    a = await replicas(nats.url, lease=lease).ready(session)
+    b = await replicas(nats.url, lease=lease).ready(session)
+    worker = worker_factory(CHUNKS, worker_env(a, "ad", "link"))
+    await wait_worker(session, b, "ad", worker, {"n": 1})
+    gate, runs = tmp_path / "gate", tmp_path / "runs"
+    async with session.post(f"{b.url}/v1/ad/async", headers=AUTH, json={
+            "input": {"n": 3, "gate": str(gate), "runs": str(runs), "stop": a.proc.pid},
+            "webhook": webhooks.url}) as resp:
+        assert resp.status == 200
+        rid = (await resp.json())["id"]
+    await until(lambda: runs.exists(), 15, "the job running", detail=lambda: worker.output)
+    # the handler stopped a as it started: its delivery was never written down
+    assert await read_status(session, b, "ad", rid) == "queueing", "stopped too late"
+    a.kill()
+    replicas(nats.url, port=a.port, lease=lease)  # the next replica behind a's address
+    (tmp_path / "gate.0").touch()  # chunk 1 reaches the next replica
+    # a second worker pulls: the stream delivers the job again once its lease ran out
+    other = worker_factory(CHUNKS, worker_env(b, "ad", "link"))
+    await wait_worker(session, b, "ad", other, {"n": 1})
+    seen: list[Any] = []
+
+    async def delivered_again() -> bool:
+        info = await js.consumer_info(names.JOBS, names.consumer("ad"))
+        seen.append(info)
+        return info.num_redelivered >= 1
+    nc = await nats_lib.connect(nats.url)
+    js = nc.jetstream()
+    try:
+        await until(delivered_again, 20, "the job delivered again", detail=lambda: f"{seen[-1]}")
+    finally:
+        await nc.close()
+    (tmp_path / "gate.1").touch()
+    (tmp_path / "gate.2").touch()
+
+    async def succeeded() -> bool:
+        return await read_status(session, b, "ad", rid) == "succeed"
+    await until(succeeded, 30, "the request succeeding", detail=lambda: worker.output)
+    async with session.get(f"{b.url}/v1/ad/stream", params={"requestID": rid},
+                           headers=AUTH) as resp:
+        body = (await resp.read()).decode()
+    ids = [int(i) for i in re.findall(r"^id: (\d+)$", body, re.M)]
+    assert ids == [0, 1, 2], body
+    assert runs.read_text() == "run\n"  # handed out once

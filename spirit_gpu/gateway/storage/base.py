@@ -233,6 +233,14 @@ class Storage(abc.ABC):
     async def touch_worker(self, sid: str, worker: str) -> None:
         """A sign of life: renews the lease on every request ``worker`` holds."""
 
+    async def adopt(self, sid: str, request_id: str, worker: str) -> bool:
+        """``worker`` reports a job this store has no delivery of on record: a replica
+        handed it over and died before writing that down. When the queue shows it was
+        delivered, record it as running on ``worker`` (so its frames are taken, and its
+        redelivery when the lease runs out does not start it a second time). True when
+        ``worker`` holds it now. A store that always records deliveries keeps this."""
+        return False
+
     @abc.abstractmethod
     async def mark_started(self, sid: str, request_id: str) -> bool:
         """The worker began executing it (from then on it is failed, not redelivered)."""

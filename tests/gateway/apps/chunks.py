@@ -1,7 +1,9 @@
 """A generator handler: yields input.n items; between items waits for input.gate files;
-input.pad=N adds N bytes of padding to each item."""
+input.pad=N adds N bytes of padding to each item; input.runs=PATH appends a line to
+PATH per run; input.stop=PID sends SIGSTOP to that process as the run starts."""
 
 import os
+import signal
 import time
 
 from spirit_gpu import start
@@ -9,6 +11,11 @@ from spirit_gpu import start
 
 def handler(request: dict, env: object):  # type: ignore[no-untyped-def, type-arg]
     data = request["input"]
+    if data.get("runs"):
+        with open(data["runs"], "a") as f:
+            f.write("run\n")
+    if data.get("stop"):
+        os.kill(int(data["stop"]), signal.SIGSTOP)
     for i in range(int(data.get("n", 3))):
         yield {"i": i, "pad": "x" * int(data["pad"])} if data.get("pad") else {"i": i}
         gate = data.get("gate")

@@ -890,6 +890,12 @@ class NatsStorage(Storage):
             if doc.terminal:
                 await self._reply(msg.reply, b"+ACK")
                 return None
+            if doc.delivered and not doc.ack and doc.holder:
+                # adopted (adopt): its worker has it; from now on its lease can be extended
+                doc.ack = msg.reply
+                if not await self._write(doc, last):
+                    continue
+                return None
             if self._replayed(doc):  # the same, written already (maybe by another replica)
                 doc.ack = msg.reply or doc.ack
                 if not await self._write(doc, last):
@@ -960,6 +966,36 @@ class NatsStorage(Storage):
         self._seen.setdefault(sid, {})[key.rsplit(".", 1)[1]] = at
         with contextlib.suppress(*_OUTAGE):
             await self.nc.publish(key, str(at).encode())
+
+    @_guarded
+    async def adopt(self, sid: str, request_id: str, worker: str) -> bool:
+        for _ in range(_CAS_TRIES):
+            doc, last = await self._base(sid, request_id)
+            if doc is None or doc.terminal:
+                return False
+            if doc.delivered:
+                return doc.holder == worker
+            # a record that says "queued" (given back, or its lease ran out) is believed;
+            # so is a queued message that was never delivered (the worker is wrong)
+            if last or not await self._was_delivered(sid, doc.sequence):
+                return False
+            at = self._now()
+            doc.delivered = True
+            doc.delivered_at = doc.started_at = at
+            doc.holder = worker
+            doc.deliveries = 1
+            doc.ack = ""  # (learnt when the stream delivers it again: _claim)
+            if await self._write(doc, last):
+                logger.info(f"NATS store: {request_id} is running on {worker}, which reports "
+                            "it; the replica that delivered it died before recording that",
+                            request_id=request_id)
+                return True
+        return False
+
+    async def _was_delivered(self, sid: str, sequence: int) -> bool:
+        # a work queue's consumer delivers in stream order: what it has passed was handed out
+        info = await self.js.consumer_info(names.JOBS, names.consumer(sid))
+        return bool(sequence) and info.delivered.stream_seq >= sequence
 
     @_guarded
     async def mark_started(self, sid: str, request_id: str) -> bool:
@@ -1053,6 +1089,8 @@ class NatsStorage(Storage):
                 # (a worker asking about it holds it, even if the record missed that)
                 if doc.ended_by_gateway:
                     cancel.append(doc.request_id)
+            elif not doc.delivered:  # its delivery died with a replica: not run twice
+                await self.adopt(sid, doc.request_id, worker)
             else:
                 await self._reply(doc.ack, b"+WPI")
         return cancel
