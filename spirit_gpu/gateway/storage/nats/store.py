@@ -975,15 +975,17 @@ class NatsStorage(Storage):
                 return False
             if doc.delivered:
                 return doc.holder == worker
-            # a record that says "queued" (given back, or its lease ran out) is believed;
-            # so is a queued message that was never delivered (the worker is wrong)
-            if last or not await self._was_delivered(sid, doc.sequence):
+            # handed out before: a record of a delivery whose lease ran out while no
+            # replica heard from its worker (queued again, the start not written yet),
+            # or no record and a consumer that passed the message. A job never handed
+            # out (or handed back unused) is not the worker's: it is wrong.
+            if not (doc.deliveries if last else await self._was_delivered(sid, doc.sequence)):
                 return False
             at = self._now()
             doc.delivered = True
             doc.delivered_at = doc.started_at = at
             doc.holder = worker
-            doc.deliveries = 1
+            doc.deliveries = max(1, doc.deliveries)
             doc.ack = ""  # (learnt when the stream delivers it again: _claim)
             if await self._write(doc, last):
                 logger.info(f"NATS store: {request_id} is running on {worker}, which reports "
