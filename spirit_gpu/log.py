@@ -71,6 +71,7 @@ class Logger:
         self._lock = threading.Lock()
         self._console: bool | None = None  # decided at the first line written
         self.level = logging.INFO
+        self._invalid_said: set[str | int] = set()
         self.set_level(os.environ.get("EASE_LOG_LEVEL", "INFO") or "INFO")
 
     def set_level(self, level: str | int) -> None:
@@ -81,7 +82,9 @@ class Logger:
         parsed = parse_level(level)
         if parsed is None:
             self.level = logging.INFO
-            self.warn(f"invalid log level {level!r}, using INFO")
+            if level not in self._invalid_said:  # (the env is read again once start() runs)
+                self._invalid_said.add(level)
+                self.warn(f"invalid log level {level!r}, using INFO")
         else:
             self.level = parsed
 

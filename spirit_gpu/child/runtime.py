@@ -14,6 +14,7 @@ from spirit_gpu.child.channel import Channel, exit_process
 from spirit_gpu.config import WorkerConfig
 from spirit_gpu.env import Env
 from spirit_gpu.handlers import BadRequest, Outcome, error_body, prepare_request
+from spirit_gpu.log import logger
 from spirit_gpu.net.batch_writer import BatchWriter
 from spirit_gpu.protocol import ipc
 from spirit_gpu.settings import SettingError
@@ -207,6 +208,7 @@ def serve(channel: Channel, config: dict[str, Any]) -> NoReturn:
     options = start_options(config)
     cfg = child_config(options)
     channel.set_beat_interval(cfg.ping_interval)  # start()'s, unless a flag or env var says
+    logger.set_level(cfg.log_level)  # the same
     check_start = config.get("check_start")
     if options["mode"] == "proxy":
         SyncRuntime(channel, None, "proxy", None, check_start, options, cfg.agent_url).serve()

@@ -134,6 +134,7 @@ def run_in_process(config: dict[str, Any]) -> int:
     from spirit_gpu.supervisor.app import Supervisor
 
     cfg = WorkerConfig.from_sources(start_options(config))
+    logger.set_level(cfg.log_level)  # start()'s "log_level", unless env or a flag says
     logger.warn("SPIRIT_IN_PROCESS: handlers run inside the worker process, without "
                 "isolation (debugging only)")
 

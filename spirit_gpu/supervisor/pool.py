@@ -226,6 +226,7 @@ class Pool:
                     if not self.startup_error.done():
                         self.startup_error.set_result(str(exc))
                     return
+                logger.set_level(self.cfg.log_level)  # start()'s "log_level" may set it
         self.ever_ready = True
         logger.debug(f"handler process {msg.pid} ready ({msg.kind} handler)")
         self.ready.set()

@@ -251,3 +251,14 @@ def test_supervisor_flags_after_the_script_and_passthrough_args() -> None:
     assert rest == ["--model", "x", "--max-children", "9"]
     ns, rest = parse(["--max-children", "2", "main.py"])
     assert (ns.script, ns.max_children, rest) == ("main.py", "2", [])
+
+
+@pytest.mark.parametrize(("env", "debug"), [({}, True), ({"EASE_LOG_LEVEL": "INFO"}, False)])
+async def test_start_log_level_sets_both_processes_unless_the_environment_does(
+        agent: FakeAgent, worker_factory, env: dict[str, str], debug: bool) -> None:
+    agent.enqueue("l", {"input": {}})
+    w = worker_factory("log_level.py", worker_env(agent, **env))
+    await agent.wait_for(lambda: "l" in agent.acks)
+    await until(lambda: "ready (sync handler)" in w.output or not debug, 10, "the ready line")
+    assert ("a debug line from the handler" in w.output) is debug, w.output  # the handler's
+    assert ("ready (sync handler)" in w.output) is debug, w.output  # the supervisor's
