@@ -99,7 +99,11 @@ def create_app(config: GatewayConfig, storage: Storage | None = None) -> web.App
         yield
         await gateway.close()
 
+    async def shutting_down(_: web.Application) -> None:
+        gateway.stop_waiting()
+
     app.cleanup_ctx.insert(0, lifecycle)
+    app.on_shutdown.append(shutting_down)
     return app
 
 

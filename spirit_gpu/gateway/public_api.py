@@ -155,6 +155,14 @@ def result_response(rec: RequestRecord) -> web.Response:
     return json_response({"error": rec.message or rec.status}, rec.status_code)
 
 
+def shutdown_message(gw: Gateway, request_id: str) -> str:
+    if gw.storage.waits_on_network:  # the NATS store: the request lives on
+        return (f"gateway shutting down: request {request_id} has not ended; read its "
+                "status through another gateway replica")
+    return (f"gateway shutting down: request {request_id} had not ended and is lost with "
+            "it (the memory store; --store nats://... keeps requests across restarts)")
+
+
 async def sync_request(request: web.Request) -> web.StreamResponse:
     gw = _gateway(request)
     sid = serverless_id(request)
@@ -175,6 +183,8 @@ async def sync_request(request: web.Request) -> web.StreamResponse:
         done = await gw.storage.wait_done(sid, rec.request_id, cfg.sync_timeout)
     finally:
         stop_watching()
+    if done is None and gw.stopping:
+        raise ApiError(503, shutdown_message(gw, rec.request_id))
     if done is None:
         message = f"request timeout: no result within {cfg.sync_timeout:g} s"
         await gw.cancel(sid, rec.request_id, None, 408, message)

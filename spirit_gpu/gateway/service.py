@@ -92,6 +92,7 @@ class Gateway:
         self.storage = storage
         self.metrics = metrics
         self.links: dict[str, CancelPusher] = {}  # request id -> its link's cancel pusher
+        self.stopping = False  # shutting down: sync clients still waiting are answered 503
         self.webhooks = GatewayWebhooks(config)
         self.webhooks.on_failure = self._webhook_failed
         # request id -> the proxy-route client waiting for its queued job's answer
@@ -111,6 +112,11 @@ class Gateway:
     async def start(self) -> None:
         await self.storage.start()
         self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    def stop_waiting(self) -> None:
+        """Shutting down: sync requests still waiting are answered now (503), not cut."""
+        self.stopping = True
+        self.storage.stop_waiting()
 
     async def close(self) -> None:
         if self._sweeper is not None:

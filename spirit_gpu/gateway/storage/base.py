@@ -175,6 +175,11 @@ class Storage(abc.ABC):
         """The request once terminal; None when it is not terminal within ``wait`` s."""
 
     @abc.abstractmethod
+    def stop_waiting(self) -> None:
+        """The gateway is shutting down: every ``wait_done`` returns now (None when its
+        request has not ended), and any that starts later returns at once."""
+
+    @abc.abstractmethod
     def stream(self, sid: str, request_id: str) -> AsyncIterator[ChunkEvent | EndEvent]:
         """All chunks so far and then as they come, ending with one EndEvent."""
 

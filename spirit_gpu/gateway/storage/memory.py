@@ -87,6 +87,7 @@ class MemoryStorage(Storage):
         self.max_deliveries = max_deliveries
         self.max_chunk_bytes = max_chunk_bytes
         self._entries: dict[str, _Entry] = {}
+        self._stopping = False  # stop_waiting() was called
         self._sids: dict[str, _Sid] = {}
         self._finished: deque[tuple[int, str]] = deque()  # (finished_at, id), for retention
 
@@ -189,7 +190,7 @@ class MemoryStorage(Storage):
         e = self._entry(sid, request_id)
         if e is None:
             return None
-        if not e.rec.terminal:
+        if not e.rec.terminal and not self._stopping:
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
             if e.done_waiters is None:
@@ -205,6 +206,12 @@ class MemoryStorage(Storage):
             if not e.rec.terminal:
                 return None
         return e.rec
+
+    def stop_waiting(self) -> None:
+        self._stopping = True
+        for e in list(self._entries.values()):  # (once, at shutdown)
+            for fut in e.done_waiters or ():
+                _wake(fut)
 
     async def stream(self, sid: str, request_id: str) -> AsyncIterator[ChunkEvent | EndEvent]:
         e = self._entry(sid, request_id)

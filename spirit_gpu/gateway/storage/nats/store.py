@@ -146,6 +146,7 @@ class NatsStorage(Storage):
         self.stream_replicas = replicas
         self.max_chunk_bytes = max_chunk_bytes
         self._chunk_bytes: dict[str, int] = {}  # stream bytes counted per request, here
+        self._stopping = False  # stop_waiting() was called
         self.clock = clock
         self.replica = uuid.uuid4().hex[:12]
         self._nc: Client | None = None
@@ -476,6 +477,8 @@ class NatsStorage(Storage):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         early = self._early.pop(request_id, None)  # registered by submit: no first read
+        if self._stopping:
+            return None
         futs = self._waiting.setdefault(request_id, [])
         fut: asyncio.Future[Doc | None] = early or loop.create_future()
         if early is None:
@@ -496,6 +499,8 @@ class NatsStorage(Storage):
                     timer.cancel()
                 if doc is not None:
                     return await self._resolved(doc)
+                if self._stopping:
+                    return None
                 # the next wake-up's future before the read: one that comes while
                 # reading is not lost
                 futs.remove(fut)
@@ -521,6 +526,12 @@ class NatsStorage(Storage):
         for fut in self._waiting.get(doc.request_id, ()):
             if not fut.done():
                 fut.set_result(doc)
+
+    def stop_waiting(self) -> None:
+        self._stopping = True
+        for futs in self._waiting.values():
+            for fut in futs:
+                _time_to_read(fut)
 
     async def stream(self, sid: str, request_id: str) -> AsyncIterator[ChunkEvent | EndEvent]:
         try:
