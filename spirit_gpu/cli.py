@@ -18,7 +18,9 @@ from spirit_gpu.gateway.config import GatewayConfig
 from spirit_gpu.settings import SettingError, add_flags
 
 DEV_SID = "local"
-STOP_GRACE = 40.0  # seconds the worker gets to finish on Ctrl-C (its own grace is 30)
+# after a second Ctrl-C (the worker's "stop now"), seconds before it is killed; after the
+# first, the worker ends itself once its own grace period (--grace-period) is over
+STOP_NOW_WAIT = 15.0
 # answered by the README's and examples/hello's main.py
 EXAMPLE_INPUT: Any = {"x": 21}
 _PROXY_MODE = re.compile(r"""["']mode["']\s*:\s*["']proxy["']|mode\s*=\s*["']proxy["']""")
@@ -183,16 +185,19 @@ async def _dev(config: GatewayConfig, script: str, worker_args: list[str]) -> in
     while not exited.done():
         got = asyncio.create_task(signals.get())
         await asyncio.wait({exited, got}, return_when=asyncio.FIRST_COMPLETED,
-                           timeout=STOP_GRACE if signalled else None)
+                           timeout=STOP_NOW_WAIT if signalled >= 2 else None)
         if not got.done():
             got.cancel()
-            if signalled and not exited.done():
-                _err(f"the worker did not stop within {STOP_GRACE:g} s; killing it")
+            if not exited.done():
+                _err(f"the worker did not stop within {STOP_NOW_WAIT:g} s; killing it")
                 proc.kill()
                 await exited
             break
         signalled += 1
-        if proc.returncode is None:
+        if proc.returncode is None and signalled > 2:
+            _err("killing the worker")
+            proc.kill()
+        elif proc.returncode is None:
             proc.send_signal(signal.SIGTERM)  # the first drains, the second stops at once
     if not signalled:
         code = proc.returncode or 0
@@ -239,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             check(config)
             return _code(run(_gateway(config)))
         if not os.path.isfile(ns.script):
-            _err(f"no such script: {ns.script}")
+            flags_first = [a for a in rest if a.endswith(".py")]
+            hint = (f" (worker flags go after the script: spirit-gpu dev {flags_first[0]} "
+                    "--flag value)") if flags_first else ""
+            _err(f"no such script: {ns.script}{hint}")
             return 2
         config = _config(ns)
         forced: dict[str, Any] = {}

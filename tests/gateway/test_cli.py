@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from spirit_gpu import cli
 from spirit_gpu.gateway.config import GatewayConfig
 from tests.conftest import ROOT, free_port, until
 from tests.gateway.conftest import APPS
@@ -93,7 +94,8 @@ async def test_dev_runs_gateway_and_worker(session: aiohttp.ClientSession) -> No
     assert proc.returncode == 0
 
 
-async def test_dev_stops_with_the_workers_exit_code() -> None:
+async def test_dev_stops_with_the_workers_exit_code(
+        capsys: pytest.CaptureFixture[str]) -> None:
     proc = await spawn("dev", str(APPS / "broken.py"), "--port", str(free_port()))
     out, _ = await asyncio.wait_for(proc.communicate(), 40)
     assert proc.returncode not in (0, None), out.decode()
@@ -101,6 +103,10 @@ async def test_dev_stops_with_the_workers_exit_code() -> None:
     proc = await spawn("dev", "no/such/file.py")
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2 and b"no such script" in out
+    script = str(APPS / "marker.py")  # a worker flag before the script: its value taken for it
+    assert cli.main(["dev", "--job-timeout", "30", script]) == 2
+    assert f"no such script: 30 (worker flags go after the script: spirit-gpu dev {script} " \
+        "--flag value)" in capsys.readouterr().err
 
 
 def test_dev_banner_is_plain_and_uses_test_input(tmp_path: Path) -> None:
