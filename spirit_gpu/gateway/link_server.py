@@ -330,8 +330,11 @@ class LinkSession:
         if what:
             self.refused += 1
             if self.refused == 1:
+                known = "no record" if rec is None else (
+                    f"its record: {rec.status}, held by {rec.holder or 'nobody'}")
                 logger.warn(f"link {self.worker} ({self.sid}): refused a {what} for request "
-                            f"{request_id!r}, which was not dispatched to this worker")
+                            f"{request_id!r}, which was not dispatched to this worker "
+                            f"({known})")
             if self.refused == MAX_REFUSED:  # each costs a storage lookup: no flood of them
                 if self.confirms:  # what was handled need not come again
                     self._confirm()
