@@ -101,7 +101,7 @@ def call(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"spirit-gpu call: the request failed ({exc.status}): {exc.message}",
               file=sys.stderr)
         return 1
-    except SpiritError as exc:
-        where = f" ({exc.status})" if exc.status else ""
-        print(f"spirit-gpu call{where}: {exc.message}", file=sys.stderr)
+    except SpiritError as exc:  # (worded as a failed stream is: one shape for both)
+        why = f"the request failed ({exc.status}): " if exc.status else ""
+        print(f"spirit-gpu call: {why}{exc.message}", file=sys.stderr)
         return 1

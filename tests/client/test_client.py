@@ -174,7 +174,7 @@ async def test_call_command(tgw: Gw, worker_factory: Any, webhooks: Webhooks) ->
     st = json.loads(out)
     assert (code, st["status"], st["statusCode"], st["result"]) == (0, "succeed", 200, [{"i": 0}])
     code, out, err = await call("c", '{"n": 1}', "--api-key", "wrong")
-    assert code == 1 and out == "" and "(401)" in err
+    assert code == 1 and out == "" and "spirit-gpu call: the request failed (401): " in err
     code, _, err = await call("c", "{not json")
     assert code == 2 and "not JSON" in err
     code, _, err = await call("c", "1", "--stream")
