@@ -311,6 +311,8 @@ class LinkSession:
         if request_id in self.held:
             return True
         rec = await self.gw.storage.get(self.sid, request_id)
+        if request_id in self.held:  # taken over meanwhile (a heartbeat naming it)
+            return True
         mine = rec is not None and rec.delivered and (
             rec.holder == self.worker
             # a worker without an id cannot be recognised: it may take over a job

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from spirit_gpu.protocol import link as lp
 from spirit_gpu.supervisor.jobs import Job, metric
 from spirit_gpu.supervisor.transports.base import AgentUnavailable
 from spirit_gpu.supervisor.transports.link import LinkTransport
@@ -189,3 +190,38 @@ async def test_a_cut_link_resends_a_turns_frames_together_and_in_order(
     for i in ids:
         assert base64.b64decode((await gw.status("lx", i))["result"]) == b'{"ok": true}'
     await link.close()
+
+
+async def test_a_new_link_takes_over_a_running_job_with_its_heartbeat_and_chunks_at_once(
+        gateway_factory: GatewayFactory, session: aiohttp.ClientSession) -> None:
+    # the worker's link was cut mid-job; on its next link the first message names the
+    # job in a heartbeat and brings the job's next chunks: none is refused, whichever
+    # of the two is handled first
+    gw = await gateway_factory(lease_seconds=5.0)
+    first = LinkTransport(session, f"{gw.url}/agent/to")
+    await first.connect()
+    rid = await submit(gw, "to", 1)
+    (job,) = await pull_until(first, 1, 1)
+    job.started_at = job.received_at
+    await first.metric(job, metric(job, "executing"))
+    await until(lambda: _status(gw, "to", rid, "executing"), 5, "the job executing")
+    await first.close()
+    async with session.ws_connect(f"{gw.url}/agent/to/apis/v1/link",
+                                  headers={lp.BATCH_HEADER: "1"}) as ws:
+        assert isinstance(lp.decode((await ws.receive()).data), lp.Welcome)
+        chunks: list[lp.Frame] = [lp.Chunk(request_id=rid, seq=i, data=b'{"i": %d}' % i)
+                                  for i in range(3)]
+        await ws.send_bytes(lp.encode_many(
+            [chunks[0], lp.Heartbeat(request_ids=[rid]), *chunks[1:],
+             lp.Result(request_id=rid, status_code=200, message="", data=b'"ok"'),
+             lp.Ack(request_id=rid)]))
+        await until(lambda: _status(gw, "to", rid, "succeed"), 5, "the job succeeding")
+    async with session.get(f"{gw.url}/v1/to/stream", params={"requestID": rid},
+                           headers=AUTH) as resp:
+        body = await resp.text()
+    assert [line for line in body.splitlines() if line.startswith("id: ")] == \
+        ["id: 0", "id: 1", "id: 2"], body
+
+
+async def _status(gw: Gw, sid: str, rid: str, want: str) -> bool:
+    return bool((await gw.status(sid, rid))["status"] == want)
