@@ -13,8 +13,10 @@ platform alike::
 Results are decoded from JSON; a result that is not JSON comes back as bytes.
 Errors are ``SpiritError`` subclasses carrying the status code and the server's
 message. Connection failures and 503 answers are retried with backoff; a POST
-is retried after a connection error only when nothing was sent (connect
-refused), so a submit is never enqueued twice by the client.
+is retried only when nothing was run: after a connection error when nothing was
+sent (connect refused), after a 503 only the gateway's "not enough gpu now"
+(no worker, nothing queued). A submit is never enqueued twice by the client,
+and a handler's own 503 is not run again.
 """
 
 from __future__ import annotations
@@ -112,9 +114,19 @@ def error_for(status: int, body: bytes) -> SpiritError:
 
 # --- what both clients share ----------------------------------------------------------
 
+NO_WORKER = "not enough gpu now"  # the gateway's 503 before it queued anything
+
+
+def _retry_503(method: str, error: SpiritError) -> bool:
+    """A 503 is tried again when nothing ran: a read, or a submit the gateway refused for
+    want of a worker. A handler's own 503, or a gateway shutting down with the request
+    queued, would run it twice."""
+    return error.status == 503 and (method == "GET" or error.message.startswith(NO_WORKER))
+
+
 @dataclass(frozen=True)
 class Retry:
-    """Retries of connection failures and 503 answers: ``attempts`` tries in all,
+    """Retries of connection failures and 503 answers (``_retry_503``): ``attempts`` tries in all,
     sleeping ``base * factor**n`` seconds (at most ``cap``) between them."""
 
     attempts: int = 4
@@ -323,7 +335,7 @@ class Endpoint:
                 body = exc.read()
                 exc.close()
                 error = error_for(exc.code, body)
-                retry = exc.code == 503
+                retry = _retry_503(method, error)
             except (urllib.error.URLError, OSError) as exc:
                 reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
                 if isinstance(reason, TimeoutError | socket.timeout):
@@ -484,7 +496,7 @@ class AsyncEndpoint:
                     return resp
                 async with resp:
                     error = error_for(resp.status, await resp.read())
-                retry = resp.status == 503
+                retry = _retry_503(method, error)
             delay = next(delays, None) if retry else None
             if delay is None:
                 raise error

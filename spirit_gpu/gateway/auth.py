@@ -19,7 +19,9 @@ def bearer(request: web.Request) -> str:
 def _matches(token: str, allowed: list[str]) -> bool:
     found = False
     for key in allowed:  # no early exit: timing does not tell which key matched
-        found |= hmac.compare_digest(token.encode(), key.encode())
+        # (a header's bytes that are not UTF-8 arrive as surrogates: no match, no error)
+        found |= hmac.compare_digest(token.encode("utf-8", "surrogateescape"),
+                                     key.encode("utf-8", "surrogateescape"))
     return found
 
 

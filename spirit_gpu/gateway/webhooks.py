@@ -71,7 +71,7 @@ async def deliver(session: aiohttp.ClientSession, webhook: str, request_id: str,
                 if status < 500:
                     break
         except (aiohttp.ClientError, TimeoutError) as exc:
-            status, error = 0, f"webhook unreachable: {exc or type(exc).__name__}"
+            status, error = 0, f"webhook unreachable: {str(exc) or type(exc).__name__}"
         if attempt < ATTEMPTS:
             await asyncio.sleep(delay)
             delay *= 2

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from spirit_gpu.cli import banner
 from spirit_gpu.client import (
@@ -211,3 +212,32 @@ async def test_stream_gap_longer_than_timeout_is_a_typed_timeout(
     with pytest.raises(RequestTimeout):
         await asyncio.to_thread(job.result, 0.3)
     await asyncio.to_thread(job.cancel)
+
+
+@pytest.mark.parametrize(("error", "tries"), [
+    ("model still loading", 1),  # the handler's own 503: it ran; running it again is wrong
+    ("not enough gpu now: no worker", FAST.attempts),  # nothing was queued: try again
+])
+async def test_a_503_is_tried_again_only_when_nothing_ran(error: str, tries: int) -> None:
+    calls: list[str] = []
+
+    async def sync(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.json_response({"error": error}, status=503)
+    app = web.Application()
+    app.router.add_post("/v1/x/sync", sync)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        with pytest.raises(ServiceUnavailable):
+            await asyncio.to_thread(Endpoint(f"http://127.0.0.1:{port}", "x", KEY,
+                                             retry=FAST).run_sync, 1)
+        assert len(calls) == tries
+        async with AsyncEndpoint(f"http://127.0.0.1:{port}", "x", KEY, retry=FAST) as aep:
+            with pytest.raises(ServiceUnavailable):
+                await aep.run_sync(1)
+        assert len(calls) == 2 * tries
+    finally:
+        await runner.cleanup()

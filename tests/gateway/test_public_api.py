@@ -37,6 +37,18 @@ async def test_auth_negatives(gw: Gw) -> None:
             assert "unauthorized" in body["error"]
 
 
+async def test_a_key_that_is_not_utf8_is_401_not_500(gw: Gw) -> None:
+    port = int(gw.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v1/s/status HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), answer
+    assert b"unauthorized" in body
+
+
 async def test_bad_bodies_are_400(gw: Gw) -> None:
     cases = [
         (b"", "failed to get request data"),

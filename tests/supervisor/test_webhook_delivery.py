@@ -140,3 +140,13 @@ async def test_an_unreachable_relay_is_named_as_the_gateways() -> None:
     assert note.startswith("webhook delivery failed after 2 tries: the gateway's webhook "
                            "relay unreachable"), note
     assert "after 2 tries: webhook unreachable" in other  # the client's own: as before
+
+
+async def test_a_webhook_too_slow_to_answer_is_named_as_such(
+        agent: FakeAgent, worker_factory, hanging_hook: HangingHook) -> None:
+    agent.enqueue("slow", {"input": {}, "webhook": hanging_hook.url}, mode="async")
+    worker_factory("behave.py", worker_env(agent, SPIRIT_WEBHOOK_TIMEOUT="0.3",
+                                           SPIRIT_WEBHOOK_ATTEMPTS="1"))
+    await agent.wait_for(lambda: "slow" in agent.acks, 20)
+    message = agent.metrics["slow"][-1]["message"]
+    assert message.endswith("webhook unreachable: TimeoutError"), message
