@@ -83,8 +83,8 @@ async def deliver(session: aiohttp.ClientSession, cfg: WorkerConfig, webhook: st
                     break
         except (aiohttp.ClientError, TimeoutError) as exc:
             # through the relay it is our gateway that is away, not the client's webhook
-            error = (f"the gateway's webhook relay unreachable: {str(exc) or type(exc).__name__}"
-                     if relay else f"webhook unreachable: {str(exc) or type(exc).__name__}")
+            away = "the gateway's webhook relay" if relay else "webhook"
+            error = f"{away} unreachable: {str(exc) or type(exc).__name__}"
         if attempt < (retry.attempts or 0):
             logger.warn(f"{error}; retrying in {retry.delay(attempt):g} s (attempt {attempt} "
                         f"of {retry.attempts})", request_id=request_id)

@@ -44,6 +44,22 @@ async def pull_until(link: LinkTransport, n: int, limit: int) -> list[Job]:
     return jobs
 
 
+async def running_job(gw: Gw, session: aiohttp.ClientSession,
+                      sid: str) -> tuple[LinkTransport, str]:
+    """A link that took one job and reported it executing."""
+    link = LinkTransport(session, f"{gw.url}/agent/{sid}")
+    await link.connect()
+    rid = await submit(gw, sid, 1)
+    (job,) = await pull_until(link, 1, 1)
+    job.started_at = job.received_at
+    await link.metric(job, metric(job, "executing"))
+    return link, rid
+
+
+async def _status(gw: Gw, sid: str, rid: str, want: str) -> bool:
+    return bool((await gw.status(sid, rid))["status"] == want)
+
+
 async def test_connect_refused_without_token(gateway_factory: GatewayFactory,
                                              session: aiohttp.ClientSession) -> None:
     gw = await gateway_factory(worker_token=TOKEN)
@@ -135,17 +151,9 @@ async def test_reconnects_and_gateway_redelivers_lost_jobs(
 async def test_worker_gone_mid_job_fails_the_job(gateway_factory: GatewayFactory,
                                                  session: aiohttp.ClientSession) -> None:
     gw = await gateway_factory(lease_seconds=0.3)
-    link = LinkTransport(session, f"{gw.url}/agent/lg")
-    await link.connect()
-    rid = await submit(gw, "lg", 1)
-    (job,) = await pull_until(link, 1, 1)
-    job.started_at = job.received_at
-    await link.metric(job, metric(job, "executing"))
+    link, rid = await running_job(gw, session, "lg")
     await link.close()
-
-    async def failed() -> bool:
-        return bool((await gw.status("lg", rid))["status"] == "failed")
-    await until(failed, 5, "lease expiry")
+    await until(lambda: _status(gw, "lg", rid, "failed"), 5, "lease expiry")
     assert "worker lost" in (await gw.status("lg", rid))["message"]
 
 
@@ -198,12 +206,7 @@ async def test_a_new_link_takes_over_a_running_job_with_its_heartbeat_and_chunks
     # job in a heartbeat and brings the job's next chunks: none is refused, whichever
     # of the two is handled first
     gw = await gateway_factory(lease_seconds=5.0)
-    first = LinkTransport(session, f"{gw.url}/agent/to")
-    await first.connect()
-    rid = await submit(gw, "to", 1)
-    (job,) = await pull_until(first, 1, 1)
-    job.started_at = job.received_at
-    await first.metric(job, metric(job, "executing"))
+    first, rid = await running_job(gw, session, "to")
     await until(lambda: _status(gw, "to", rid, "executing"), 5, "the job executing")
     await first.close()
     async with session.ws_connect(f"{gw.url}/agent/to/apis/v1/link",
@@ -222,6 +225,3 @@ async def test_a_new_link_takes_over_a_running_job_with_its_heartbeat_and_chunks
     assert [line for line in body.splitlines() if line.startswith("id: ")] == \
         ["id: 0", "id: 1", "id: 2"], body
 
-
-async def _status(gw: Gw, sid: str, rid: str, want: str) -> bool:
-    return bool((await gw.status(sid, rid))["status"] == want)

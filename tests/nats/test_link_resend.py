@@ -50,6 +50,17 @@ async def read_status(http: aiohttp.ClientSession, replica: Replica, sid: str,
         return str((await resp.json()).get("status", ""))
 
 
+async def stream_once_done(http: aiohttp.ClientSession, replica: Replica, sid: str,
+                           rid: str, worker: Any) -> str:
+    """The request's whole SSE stream, read through ``replica`` once it succeeded."""
+    async def succeeded() -> bool:
+        return await read_status(http, replica, sid, rid) == "succeed"
+    await until(succeeded, 30, "the request succeeding", detail=lambda: worker.output)
+    async with http.get(f"{replica.url}/v1/{sid}/stream", params={"requestID": rid},
+                           headers=AUTH) as resp:
+        return (await resp.read()).decode()
+
+
 async def test_a_chunk_the_dead_replica_never_stored_reaches_the_stream_through_the_next(
         nats: TempNats, replicas: Callable[..., Replica], worker_factory: Any,  # noqa: F811
         session: aiohttp.ClientSession, webhooks: Webhooks, tmp_path: Path) -> None:  # noqa: F811
@@ -76,12 +87,7 @@ async def test_a_chunk_the_dead_replica_never_stored_reaches_the_stream_through_
     (tmp_path / "gate.1").touch()  # chunk 2 comes while the worker has no link
     (tmp_path / "gate.2").touch()
 
-    async def succeeded() -> bool:
-        return await read_status(session, b, "lr", rid) == "succeed"
-    await until(succeeded, 30, "the request succeeding", detail=lambda: worker.output)
-    async with session.get(f"{b.url}/v1/lr/stream", params={"requestID": rid},
-                           headers=AUTH) as resp:
-        body = (await resp.read()).decode()
+    body = await stream_once_done(session, b, "lr", rid, worker)
     ids = [int(i) for i in re.findall(r"^id: (\d+)$", body, re.M)]
     items = [int(i) for i in re.findall(r'^data: \{"i": ?(\d+)', body, re.M)]
     assert (ids, items) == ([0, 1, 2], [0, 1, 2]), re.sub("x{20,}", "x..", body)
@@ -130,12 +136,7 @@ async def test_a_job_whose_delivery_died_unrecorded_with_its_replica_runs_once_w
     (tmp_path / "gate.1").touch()
     (tmp_path / "gate.2").touch()
 
-    async def succeeded() -> bool:
-        return await read_status(session, b, "ad", rid) == "succeed"
-    await until(succeeded, 30, "the request succeeding", detail=lambda: worker.output)
-    async with session.get(f"{b.url}/v1/ad/stream", params={"requestID": rid},
-                           headers=AUTH) as resp:
-        body = (await resp.read()).decode()
+    body = await stream_once_done(session, b, "ad", rid, worker)
     ids = [int(i) for i in re.findall(r"^id: (\d+)$", body, re.M)]
     assert ids == [0, 1, 2], body
     assert runs.read_text() == "run\n"  # handed out once
