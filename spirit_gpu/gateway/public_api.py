@@ -156,7 +156,7 @@ def result_response(rec: RequestRecord) -> web.Response:
 
 
 def shutdown_message(gw: Gateway, request_id: str) -> str:
-    if gw.storage.waits_on_network:  # the NATS store: the request lives on
+    if gw.storage.outlives_gateway:  # the NATS store: the request lives on
         return (f"gateway shutting down: request {request_id} has not ended; read its "
                 "status through another gateway replica")
     return (f"gateway shutting down: request {request_id} had not ended and is lost with "

@@ -152,6 +152,8 @@ class Storage(abc.ABC):
     # its calls wait on the network (a round trip each): callers with many independent
     # calls to make (a link's frames) make them concurrently instead of one by one
     waits_on_network: bool = False
+    # requests outlive this gateway process (kept elsewhere, readable through a replica)
+    outlives_gateway: bool = False
 
     async def start(self) -> None:
         """Open connections, start background work."""

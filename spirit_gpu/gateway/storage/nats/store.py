@@ -132,6 +132,7 @@ class _Held:
 
 class NatsStorage(Storage):
     waits_on_network = True
+    outlives_gateway = True
 
     def __init__(self, urls: list[str], lease_seconds: float = 20.0,
                  retention_seconds: float = 1800.0, max_deliveries: int = 3,
