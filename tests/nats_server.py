@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,8 @@ class NatsServer:
 
     def __init__(self, store_dir: Path, port: int = 0, name: str = "n1",
                  cluster_port: int = 0, routes: list[int] | None = None,
-                 max_payload: int = 0) -> None:
+                 max_payload: int = 0, user: str = "", password: str = "") -> None:
+        self.user, self.password = user, password
         self.bin = require_binary()
         self.store_dir = store_dir
         self.port = port or free_port()
@@ -53,6 +55,9 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def url_as(self, user: str, password: str) -> str:
+        return f"nats://{user}:{password}@127.0.0.1:{self.port}"
+
     def args(self) -> list[str]:
         args = [self.bin, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
                 str(self.store_dir / self.name), "-n", self.name]
@@ -64,6 +69,8 @@ class NatsServer:
             conf = self.store_dir / f"{self.name}.conf"
             conf.write_text(f"max_payload: {self.max_payload}\n")
             args += ["-c", str(conf)]
+        if self.user:
+            args += ["--user", self.user, "--pass", self.password]
         return args
 
     def start(self, wait: bool = True) -> NatsServer:
@@ -109,7 +116,7 @@ class NatsServer:
 class TempNats:
     """A standalone server in its own temp dir (removed on close)."""
 
-    def __init__(self, **kw: int) -> None:
+    def __init__(self, **kw: Any) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="spirit-nats-"))
         self.server = NatsServer(self.dir, **kw).start()
 

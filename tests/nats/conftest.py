@@ -1,27 +1,44 @@
 """NATS tests reuse the gateway fixtures (real gateways, the ``store`` switch), and
 have a client of a nats-server of their own."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import nats
 import pytest
 from nats.aio.client import Client
 
+from spirit_gpu.gateway.storage.nats.wire import Wire
 from tests.gateway.conftest import gateway_factory, webhooks
 from tests.nats_server import TempNats
 
-__all__ = ["gateway_factory", "nats_client", "webhooks"]
+__all__ = ["gateway_factory", "nats_client", "nats_server", "webhooks", "wire"]
 
 
 @pytest.fixture
-async def nats_client() -> AsyncIterator[Client]:
-    """Connected to a nats-server of the test's own (JetStream on, loopback)."""
+def nats_server() -> Iterator[TempNats]:
+    """A nats-server of the test's own (JetStream on, loopback)."""
     server = TempNats()
     try:
-        nc = await nats.connect(server.url)
-        try:
-            yield nc
-        finally:
-            await nc.close()
+        yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+async def nats_client(nats_server: TempNats) -> AsyncIterator[Client]:
+    nc = await nats.connect(nats_server.url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+async def wire(nats_server: TempNats) -> AsyncIterator[Wire]:
+    """The store's lean connection, to the same server."""
+    w = Wire([nats_server.url], "test-wire", ping_every=0.2)
+    await w.connect()
+    try:
+        yield w
+    finally:
+        await w.close()

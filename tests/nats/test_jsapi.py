@@ -14,13 +14,14 @@ from nats.js.api import StreamConfig
 from nats.js.errors import APIError
 
 from spirit_gpu.gateway.storage.nats.jsapi import JetStreamCalls
+from spirit_gpu.gateway.storage.nats.wire import Wire
 
 
 @pytest.fixture
-async def calls(nats_client: Client) -> AsyncIterator[JetStreamCalls]:
+async def calls(nats_client: Client, wire: Wire) -> AsyncIterator[JetStreamCalls]:
     await nats_client.jetstream().add_stream(StreamConfig(
         name="T", subjects=["t.>"], allow_direct=True, duplicate_window=60.0))
-    c = JetStreamCalls(nats_client, timeout=1.0)
+    c = JetStreamCalls(wire, timeout=1.0)
     await c.start()
     yield c
     await c.close()
@@ -56,8 +57,10 @@ async def test_a_subject_no_stream_takes_is_no_responders(calls: JetStreamCalls)
         await calls.publish("elsewhere.x", b"lost")
 
 
-async def test_a_call_nobody_answers_times_out(calls: JetStreamCalls) -> None:
-    sub = await calls.nc.subscribe("silent")  # takes the message and never replies
+async def test_a_call_nobody_answers_times_out(calls: JetStreamCalls,
+                                               nats_client: Client) -> None:
+    sub = await nats_client.subscribe("silent")  # takes the message and never replies
+    await nats_client.flush()
     with pytest.raises(nats.errors.TimeoutError):
         await calls.publish("silent", b"hello")
     await sub.unsubscribe()

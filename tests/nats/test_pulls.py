@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
 from spirit_gpu.gateway.storage.nats.pulls import Puller
+from spirit_gpu.gateway.storage.nats.wire import Wire
 
 ACK_WAIT = 30.0  # far beyond every test: a redelivery seen here came from a -NAK
 
@@ -48,20 +49,21 @@ class Queue:
 
 
 @pytest.fixture
-async def queue(nats_client: Client) -> AsyncIterator[Queue]:
+async def queue(nats_client: Client, wire: Wire) -> AsyncIterator[Queue]:
     nc = nats_client
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="Q", subjects=["q.*"],
                                      retention=RetentionPolicy.WORK_QUEUE))
     await js.add_consumer("Q", ConsumerConfig(durable_name="c", ack_wait=ACK_WAIT,
                                               ack_policy=AckPolicy.EXPLICIT))
-    puller = Puller(nc, "$JS.API.CONSUMER.MSG.NEXT.Q.c")
+    puller = Puller(wire, nc, "$JS.API.CONSUMER.MSG.NEXT.Q.c")
     await puller.start()
     verbs: list[bytes] = []
 
     async def seen(msg: Msg) -> None:
         verbs.append(msg.data)
     await nc.subscribe("$JS.ACK.Q.c.>", cb=seen)  # (a core subscriber sees them too)
+    await nc.flush()
     yield Queue(nc, puller, verbs)
     await puller.close()
 
@@ -126,6 +128,7 @@ async def test_a_server_that_says_nothing_is_a_timeout(queue: Queue) -> None:
     async def silent(msg: Msg) -> None:
         pass
     await queue.nc.subscribe("silent", cb=silent)
+    await queue.nc.flush()
     queue.puller.subject = "silent"
     with pytest.raises(nats.errors.TimeoutError):
         await queue.pull(1, timeout=0.3)

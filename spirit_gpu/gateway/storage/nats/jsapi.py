@@ -3,10 +3,10 @@ acknowledgement) and direct get by subject.
 
 nats-py's ``JetStreamContext.publish`` and ``get_msg`` cost about 50 us of CPU each
 (a JSON decode into dataclasses, ``asyncio.wait_for``, timestamp parsing); a
-request makes several. These speak the same wire (a core publish whose reply
-comes to an inbox of ours) with one wildcard subscription, one future and one
-timer per call: about half the cost. Errors are nats-py's own, so callers
-handle them as they would its calls'.
+request makes several. These speak the same protocol (a core publish whose reply
+comes to an inbox of ours) over the store's lean connection (``wire``), with one
+wildcard subscription, one future and one timer per call. Errors are nats-py's
+own, so callers handle them as they would its calls'.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import itertools
 
 import msgspec
 import nats.errors
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.errors import APIError, ServiceUnavailableError
+
+from spirit_gpu.gateway.storage.nats.wire import Wire, new_inbox
 
 _STATUS = "Status"
 
@@ -48,38 +47,55 @@ class Stored(msgspec.Struct):
     headers: dict[str, str]
 
 
+class _Reply(msgspec.Struct):
+    headers: dict[str, str]
+    data: bytes
+
+
+_NO_HEADERS: dict[str, str] = {}
+
+
 class JetStreamCalls:
-    def __init__(self, nc: Client, prefix: str = "$JS.API", timeout: float = 5.0) -> None:
-        self.nc = nc
+    def __init__(self, wire: Wire, prefix: str = "$JS.API", timeout: float = 5.0) -> None:
+        self.wire = wire
         self.prefix = prefix
         self.timeout = timeout
-        self._inbox = nc.new_inbox()
+        self._inbox = new_inbox()
         self._ids = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._sub: Subscription | None = None
+        self._waiting: dict[str, asyncio.Future[_Reply]] = {}
+        self._sid = 0
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
+        self._sid = self.wire.subscribe(f"{self._inbox}.*", self._on_reply)
+        self.wire.on_lost.append(self._lost)
 
-    async def _on_reply(self, msg: Msg) -> None:
-        fut = self._waiting.pop(msg.subject, None)
+    def _on_reply(self, subject: str, _reply: str, headers: dict[str, str] | None,
+                  data: bytes) -> None:
+        fut = self._waiting.pop(subject, None)
         if fut is not None and not fut.done():
-            fut.set_result(msg)
+            fut.set_result(_Reply(headers or _NO_HEADERS, data))
+
+    def _lost(self) -> None:
+        """The connection dropped: no answer to a call in flight will come."""
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(nats.errors.ConnectionClosedError())
 
     async def _call(self, subject: str, payload: bytes,
-                    headers: dict[str, str] | None = None) -> Msg:
+                    headers: dict[str, str] | None = None) -> _Reply:
         reply = f"{self._inbox}.{next(self._ids)}"
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Msg] = loop.create_future()
+        fut: asyncio.Future[_Reply] = loop.create_future()
+        self.wire.publish(subject, payload, reply=reply, headers=headers)
         self._waiting[reply] = fut
         timer = loop.call_later(self.timeout, _time_out, fut)
         try:
-            await self.nc.publish(subject, payload, reply=reply, headers=headers)
             msg = await fut
         finally:
             timer.cancel()
             self._waiting.pop(reply, None)
-        status = (msg.headers or {}).get(_STATUS) if not msg.data else None
+        status = msg.headers.get(_STATUS) if not msg.data else None
         if status == "503":
             raise nats.errors.NoRespondersError
         return msg
@@ -102,7 +118,7 @@ class JetStreamCalls:
         """The last message on ``subject`` (the stream allows direct get); None when
         there is none."""
         msg = await self._call(f"{self.prefix}.DIRECT.GET.{stream}.{subject}", b"")
-        hdrs = msg.headers or {}
+        hdrs = msg.headers
         if not msg.data:
             status = hdrs.get(_STATUS)
             if status == "404":
@@ -115,12 +131,13 @@ class JetStreamCalls:
         for fut in self._waiting.values():
             fut.cancel()
         self._waiting.clear()
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
+        if self._sid:
+            self.wire.unsubscribe(self._sid)
+        with contextlib.suppress(ValueError):
+            self.wire.on_lost.remove(self._lost)
 
 
-def _time_out(fut: asyncio.Future[Msg]) -> None:
+def _time_out(fut: asyncio.Future[_Reply]) -> None:
     if not fut.done():
         fut.set_exception(nats.errors.TimeoutError())
 

@@ -9,7 +9,8 @@ their stream subject, so they go to the oldest open pull that wants more: the
 server serves a consumer's pulls first come, first served, and this replica
 sent its pulls in that order on one connection. A delivery nobody here wants
 any more (its pull gave up) is handed back at once (``-NAK``) rather than left
-to its lease.
+to its lease. Pulls and deliveries go over the store's lean connection
+(``wire``); a delivery is handed on as nats-py's ``Msg`` (its metadata).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+
+from spirit_gpu.gateway.storage.nats.wire import Wire, new_inbox
 
 _STATUS = "Status"
 NO_MESSAGE = ("404", "408")  # the pull ended empty-handed: nothing queued, or expired
@@ -43,38 +45,49 @@ class _Pull:
 
 
 class Puller:
-    def __init__(self, nc: Client, subject: str) -> None:
-        self.nc = nc
+    def __init__(self, wire: Wire, nc: Client, subject: str) -> None:
+        self.wire = wire
+        self.nc = nc  # (what a Msg names as its client)
         self.subject = subject  # the consumer's $JS.API.CONSUMER.MSG.NEXT subject
-        self._inbox = nc.new_inbox()
+        self._inbox = new_inbox()
         self._ids = itertools.count(1)
         self._open: dict[str, _Pull] = {}  # by reply subject, oldest first
-        self._sub: Subscription | None = None
+        self._sid = 0
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        self._sid = self.wire.subscribe(f"{self._inbox}.*", self._on_msg)
+        self.wire.on_lost.append(self._lost)
 
-    async def _on_msg(self, msg: Msg) -> None:
-        status = msg.headers.get(_STATUS) if msg.headers else None
-        if status or not msg.reply:
-            pull = self._open.pop(msg.subject, None)
+    def _lost(self) -> None:
+        """The connection dropped, and the server forgot these pulls with it."""
+        pulls, self._open = self._open, {}
+        for pull in pulls.values():
+            pull.trouble = True
+            pull.finish()
+
+    def _on_msg(self, subject: str, reply: str, headers: dict[str, str] | None,
+                data: bytes) -> None:
+        status = headers.get(_STATUS) if headers else None
+        if status or not reply:
+            pull = self._open.pop(subject, None)
             if pull is not None:
                 pull.trouble = status not in NO_MESSAGE  # e.g. 409: leader changed
                 pull.finish()
             return
-        for reply, pull in self._open.items():
+        msg = Msg(_client=self.nc, subject=subject, reply=reply, data=data, headers=headers)
+        for open_reply, pull in self._open.items():
             if len(pull.got) < pull.want:
                 pull.got.append(msg)
                 if len(pull.got) >= pull.want:
-                    del self._open[reply]  # (and out of the loop at once)
+                    del self._open[open_reply]  # (and out of the loop at once)
                     pull.finish()
                 return
-        await self._hand_back(msg)
+        self._hand_back(msg)
 
-    async def _hand_back(self, msg: Msg) -> None:
+    def _hand_back(self, msg: Msg) -> None:
         """Back to the queue now, for the next pull anywhere (not after its lease)."""
         with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(msg.reply, b"-NAK")
+            self.wire.publish(msg.reply, b"-NAK")
 
     async def pull(self, request: dict[str, object], want: int,
                    timeout: float) -> tuple[list[Msg], bool]:
@@ -86,12 +99,12 @@ class Puller:
         self._open[reply] = pull
         timer = loop.call_later(timeout, pull.finish)
         try:
-            await self.nc.publish(self.subject, msgspec.json.encode(request), reply=reply)
+            self.wire.publish(self.subject, msgspec.json.encode(request), reply=reply)
             await pull.done
         except BaseException:
             self._open.pop(reply, None)
             for msg in pull.got:  # not handed over
-                await self._hand_back(msg)
+                self._hand_back(msg)
             raise
         finally:
             timer.cancel()
@@ -103,6 +116,7 @@ class Puller:
         for pull in self._open.values():
             pull.finish()
         self._open.clear()
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
+        if self._sid:
+            self.wire.unsubscribe(self._sid)
+        with contextlib.suppress(ValueError):
+            self.wire.on_lost.remove(self._lost)

@@ -49,6 +49,7 @@ from spirit_gpu.gateway.storage.nats import names, server
 from spirit_gpu.gateway.storage.nats.jsapi import JetStreamCalls
 from spirit_gpu.gateway.storage.nats.names import Doc, decode, encode
 from spirit_gpu.gateway.storage.nats.pulls import Puller
+from spirit_gpu.gateway.storage.nats.wire import Wire
 from spirit_gpu.log import logger
 
 P = ParamSpec("P")
@@ -152,6 +153,7 @@ class NatsStorage(Storage):
         self.replica = uuid.uuid4().hex[:12]
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._wire: Wire | None = None
         self._calls: JetStreamCalls | None = None
         self._blobs: ObjectStore | None = None
         self.blob_at = 900 * 1024
@@ -185,6 +187,11 @@ class NatsStorage(Storage):
         return self._nc
 
     @property
+    def wire(self) -> Wire:
+        assert self._wire is not None, "NatsStorage.start() first"
+        return self._wire
+
+    @property
     def calls(self) -> JetStreamCalls:
         assert self._calls is not None, "NatsStorage.start() first"
         return self._calls
@@ -199,7 +206,13 @@ class NatsStorage(Storage):
         self._nc = await server.connect(self.urls, f"spirit-gateway-{self.replica}")
         try:
             self._js = self.nc.jetstream(timeout=5.0)
-            self._calls = JetStreamCalls(self.nc, timeout=5.0)
+            self._wire = Wire(self.urls, f"spirit-gateway-{self.replica}-wire")
+            try:
+                await self._wire.connect()
+            except nats.errors.Error as exc:
+                raise StorageRefused(f"cannot connect to NATS at {','.join(self.urls)}: "
+                                     f"{exc!r}") from exc
+            self._calls = JetStreamCalls(self._wire, timeout=5.0)
             await self._calls.start()
             await server.check(self.nc, self.js)
             self._blobs = await self._declare()
@@ -211,6 +224,8 @@ class NatsStorage(Storage):
                 "spirit.workers.>", cb=self._on_presence, ordered_consumer=True,
                 deliver_policy=DeliverPolicy.LAST_PER_SUBJECT))
         except BaseException:
+            if self._wire is not None:
+                await self._wire.close()
             await self.nc.close()
             raise
 
@@ -239,6 +254,8 @@ class NatsStorage(Storage):
             await self._calls.close()
         for puller in self._pullers.values():
             await puller.close()
+        if self._wire is not None:
+            await self._wire.close()
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(*_OUTAGE):
                 await asyncio.wait_for(self._nc.drain(), 5.0)
@@ -335,7 +352,13 @@ class NatsStorage(Storage):
         return res.data or b""
 
     async def _reply(self, subject: str, verb: bytes) -> None:
-        if subject:
+        """Ack (or nak, term) a delivery; while the lean connection reconnects, through
+        the main one, which keeps it for after its own reconnect."""
+        if not subject:
+            return
+        if self.wire.connected:
+            self.wire.publish(subject, verb)
+        else:
             await self.nc.publish(subject, verb)
 
     async def _end(self, sid: str, request_id: str, status_code: int, message: str,
@@ -699,8 +722,8 @@ class NatsStorage(Storage):
             timeout = wait + 5.0
         puller = self._pullers.get(sid)
         if puller is None:
-            puller = Puller(self.nc, f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS}."
-                                     f"{names.consumer(sid)}")
+            puller = Puller(self.wire, self.nc, f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS}."
+                                                f"{names.consumer(sid)}")
             await puller.start()
             if sid in self._pullers:  # another caller made one meanwhile
                 await puller.close()

@@ -1,0 +1,184 @@
+"""Wire (the store's lean NATS connection) against a real nats-server: messages
+whole however the socket cuts them, headers and inline statuses, publishes of
+one turn in one write, credentials, and the connection lost and found again
+(calls in flight fail at once, subscriptions come back)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from spirit_gpu.gateway.storage.nats.jsapi import JetStreamCalls
+from spirit_gpu.gateway.storage.nats.wire import Wire, parse_headers
+from tests.nats_server import TempNats
+
+Got = tuple[str, str, dict[str, str] | None, bytes]
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.got: list[Got] = []
+        self.more = asyncio.Event()
+
+    def __call__(self, subject: str, reply: str, headers: dict[str, str] | None,
+                 data: bytes) -> None:
+        self.got.append((subject, reply, headers, data))
+        self.more.set()
+
+    async def wait_for(self, n: int, within: float = 5.0) -> list[Got]:
+        async with asyncio.timeout(within):
+            while len(self.got) < n:
+                self.more.clear()
+                await self.more.wait()
+        return self.got
+
+
+async def until(check: object, within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not check():  # type: ignore[operator]
+        assert loop.time() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+def test_headers_and_inline_statuses_parse_as_nats_py_reads_them() -> None:
+    assert parse_headers(b"NATS/1.0\r\nNats-Sequence: 7\r\nX-Mark:  a b \r\n\r\n") == {
+        "Nats-Sequence": "7", "X-Mark": "a b"}
+    assert parse_headers(b"NATS/1.0 404 No Messages\r\n\r\n") == {
+        "Status": "404", "Description": "No Messages"}
+    assert parse_headers(b"NATS/1.0 503\r\n\r\n") == {"Status": "503"}
+    assert parse_headers(b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Stream: 4\r\n\r\n") == {
+        "Status": "100", "Description": "Idle Heartbeat", "Nats-Last-Stream": "4"}
+
+
+async def test_messages_arrive_whole_with_reply_and_headers(
+        wire: Wire, nats_client: Client) -> None:
+    inbox = Inbox()
+    wire.subscribe("w.>", inbox)
+    await wire_ready(wire)
+    big = bytes(range(256)) * 3000  # many socket reads for one message
+    await nats_client.publish("w.big", big, reply="r.1")
+    await nats_client.publish("w.h", b"with\r\nheaders", headers={"K": "v"})
+    for i in range(200):  # many messages in one read
+        await nats_client.publish(f"w.n.{i}", str(i).encode())
+    got = await inbox.wait_for(202)
+    assert got[0] == ("w.big", "r.1", None, big)
+    assert got[1] == ("w.h", "", {"K": "v"}, b"with\r\nheaders")
+    assert [g[3] for g in got[2:]] == [str(i).encode() for i in range(200)]
+
+
+async def wire_ready(wire: Wire) -> None:
+    """A round trip through the server: the SUBs sent before it are in place."""
+    calls = JetStreamCalls(wire, timeout=5.0)
+    await calls.start()
+    with pytest.raises(nats.errors.NoRespondersError):
+        await calls.publish("nobody.listens", b"")
+    await calls.close()
+
+
+async def test_what_is_published_in_one_turn_leaves_in_order_with_its_headers(
+        wire: Wire, nats_client: Client) -> None:
+    seen: list[Msg] = []
+    done = asyncio.Event()
+
+    async def cb(msg: Msg) -> None:
+        seen.append(msg)
+        if len(seen) == 50:
+            done.set()
+    await nats_client.subscribe("p.*", cb=cb)
+    await nats_client.flush()
+    for i in range(50):
+        wire.publish(f"p.{i}", str(i).encode(), reply=f"back.{i}" if i % 2 else "",
+                     headers={"N": str(i)} if i % 3 == 0 else None)
+    await asyncio.wait_for(done.wait(), 5.0)
+    assert [(m.subject, m.data, m.reply, (m.headers or {}).get("N")) for m in seen] == [
+        (f"p.{i}", str(i).encode(), f"back.{i}" if i % 2 else "",
+         str(i) if i % 3 == 0 else None) for i in range(50)]
+
+
+async def test_a_payload_over_the_servers_limit_is_refused_here(wire: Wire) -> None:
+    assert wire.max_payload == 1024 * 1024  # (the server's INFO said so)
+    with pytest.raises(nats.errors.MaxPayloadError):
+        wire.publish("x", b"x" * (wire.max_payload + 1))
+
+
+async def test_credentials_in_the_url_are_used_and_wrong_ones_refused() -> None:
+    server = TempNats(user="spirit", password="s3cret")
+    try:
+        good = Wire([server.server.url_as("spirit", "s3cret")], "t")
+        await good.connect()
+        assert good.connected
+        await good.close()
+        bad = Wire([server.server.url_as("spirit", "wrong")], "t")
+        with pytest.raises(nats.errors.NoServersError):
+            await bad.connect()
+        await bad.close()
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def restartable() -> AsyncIterator[TempNats]:
+    server = TempNats()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def test_a_lost_connection_fails_calls_at_once_and_comes_back_with_its_subscriptions(
+        restartable: TempNats) -> None:
+    wire = Wire([restartable.url], "t", ping_every=0.2)
+    await wire.connect()
+    calls = JetStreamCalls(wire, timeout=30.0)
+    await calls.start()
+    inbox = Inbox()
+    wire.subscribe("back.here", inbox)
+    listener = await nats.connect(restartable.url)
+    await listener.subscribe("silent")  # takes the call and never answers
+    await listener.flush()
+    try:
+        in_flight = asyncio.create_task(calls.publish("silent", b"?"))
+        await until(lambda: calls._waiting)
+        restartable.server.kill()
+        # long before its 30 s timeout: the connection is gone, so is the answer
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await asyncio.wait_for(in_flight, 5.0)
+        assert not wire.connected
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            wire.publish("anything", b"")  # nothing is kept for later: callers retry
+        restartable.server.start()
+        await until(lambda: wire.connected)
+        await until(lambda: listener.is_connected)
+        await listener.flush()
+        await listener.publish("back.here", b"again")
+        assert (await inbox.wait_for(1))[0][3] == b"again"
+    finally:
+        await listener.close()
+        await calls.close()
+        await wire.close()
+
+
+async def test_a_server_that_stops_answering_is_dropped_and_found_again(
+        restartable: TempNats) -> None:
+    wire = Wire([restartable.url], "t", ping_every=0.2)
+    await wire.connect()
+    lost = asyncio.Event()
+    wire.on_lost.append(lost.set)
+    proc = restartable.server.proc
+    assert proc is not None
+    try:
+        proc.send_signal(signal.SIGSTOP)  # the socket stays open; nothing answers
+        await asyncio.wait_for(lost.wait(), 5.0)  # three unanswered pings
+        proc.send_signal(signal.SIGCONT)
+        await until(lambda: wire.connected)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        await wire.close()
