@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
-from spirit_gpu.gateway.storage.nats.pulls import Puller
+from spirit_gpu.gateway.storage.nats.pulls import Puller, delivery
 from spirit_gpu.gateway.storage.nats.wire import Wire
 
 ACK_WAIT = 30.0  # far beyond every test: a redelivery seen here came from a -NAK
@@ -44,7 +44,7 @@ class Queue:
                                   else {"batch": want, "no_wait": True})
         got, trouble = await self.puller.pull(req, want, timeout)
         for msg in got:
-            await msg.ack()
+            await self.nc.publish(msg.reply, b"+ACK")
         return [m.data.decode() for m in got], trouble
 
 
@@ -56,7 +56,7 @@ async def queue(nats_client: Client, wire: Wire) -> AsyncIterator[Queue]:
                                      retention=RetentionPolicy.WORK_QUEUE))
     await js.add_consumer("Q", ConsumerConfig(durable_name="c", ack_wait=ACK_WAIT,
                                               ack_policy=AckPolicy.EXPLICIT))
-    puller = Puller(wire, nc, "$JS.API.CONSUMER.MSG.NEXT.Q.c")
+    puller = Puller(wire, "$JS.API.CONSUMER.MSG.NEXT.Q.c")
     await puller.start()
     verbs: list[bytes] = []
 
@@ -133,3 +133,12 @@ async def test_a_server_that_says_nothing_is_a_timeout(queue: Queue) -> None:
     with pytest.raises(nats.errors.TimeoutError):
         await queue.pull(1, timeout=0.3)
     assert not queue.puller._open
+
+
+def test_a_delivery_reads_its_ack_subject_in_both_forms() -> None:
+    old = delivery(b"d", "$JS.ACK.JOBS.c-sid.2.41.40.1700000000000000000.5")
+    assert (old.delivered, old.sequence, old.pending) == (2, 41, 5)
+    new = delivery(b"d", "$JS.ACK.hub.ACCHASH.JOBS.c-sid.1.7.6.1700000000000000000.0.tok")
+    assert (new.delivered, new.sequence, new.pending) == (1, 7, 0)
+    with pytest.raises(ValueError):
+        delivery(b"d", "_INBOX.abc.1")

@@ -16,10 +16,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from spirit_gpu.gateway.storage.nats.jsapi import JetStreamCalls
-from spirit_gpu.gateway.storage.nats.wire import Wire, parse_headers
+from spirit_gpu.gateway.storage.nats.wire import Wire, parse_headers, status_of
 from tests.nats_server import TempNats
 
-Got = tuple[str, str, dict[str, str] | None, bytes]
+Got = tuple[str, str, bytes, bytes]
 
 
 class Inbox:
@@ -27,8 +27,7 @@ class Inbox:
         self.got: list[Got] = []
         self.more = asyncio.Event()
 
-    def __call__(self, subject: str, reply: str, headers: dict[str, str] | None,
-                 data: bytes) -> None:
+    def __call__(self, subject: str, reply: str, headers: bytes, data: bytes) -> None:
         self.got.append((subject, reply, headers, data))
         self.more.set()
 
@@ -49,6 +48,10 @@ async def until(check: object, within: float = 10.0) -> None:
 
 
 def test_headers_and_inline_statuses_parse_as_nats_py_reads_them() -> None:
+    assert status_of(b"NATS/1.0 404 No Messages\r\n\r\n") == "404"
+    assert status_of(b"NATS/1.0 408\r\n\r\n") == "408"
+    assert status_of(b"NATS/1.0\r\nNats-Msg-Id: x\r\n\r\n") == ""
+    assert status_of(b"") == ""
     assert parse_headers(b"NATS/1.0\r\nNats-Sequence: 7\r\nX-Mark:  a b \r\n\r\n") == {
         "Nats-Sequence": "7", "X-Mark": "a b"}
     assert parse_headers(b"NATS/1.0 404 No Messages\r\n\r\n") == {
@@ -69,8 +72,9 @@ async def test_messages_arrive_whole_with_reply_and_headers(
     for i in range(200):  # many messages in one read
         await nats_client.publish(f"w.n.{i}", str(i).encode())
     got = await inbox.wait_for(202)
-    assert got[0] == ("w.big", "r.1", None, big)
-    assert got[1] == ("w.h", "", {"K": "v"}, b"with\r\nheaders")
+    assert got[0] == ("w.big", "r.1", b"", big)
+    assert got[1][:2] == ("w.h", "") and got[1][3] == b"with\r\nheaders"
+    assert parse_headers(got[1][2]) == {"K": "v"}
     assert [g[3] for g in got[2:]] == [str(i).encode() for i in range(200)]
 
 

@@ -19,7 +19,7 @@ import msgspec
 import nats.errors
 from nats.js.errors import APIError, ServiceUnavailableError
 
-from spirit_gpu.gateway.storage.nats.wire import Wire, new_inbox
+from spirit_gpu.gateway.storage.nats.wire import Wire, new_inbox, parse_headers, status_of
 
 _STATUS = "Status"
 
@@ -48,11 +48,8 @@ class Stored(msgspec.Struct):
 
 
 class _Reply(msgspec.Struct):
-    headers: dict[str, str]
+    headers: bytes  # the raw block (``parse_headers``)
     data: bytes
-
-
-_NO_HEADERS: dict[str, str] = {}
 
 
 class JetStreamCalls:
@@ -69,11 +66,10 @@ class JetStreamCalls:
         self._sid = self.wire.subscribe(f"{self._inbox}.*", self._on_reply)
         self.wire.on_lost.append(self._lost)
 
-    def _on_reply(self, subject: str, _reply: str, headers: dict[str, str] | None,
-                  data: bytes) -> None:
+    def _on_reply(self, subject: str, _reply: str, headers: bytes, data: bytes) -> None:
         fut = self._waiting.pop(subject, None)
         if fut is not None and not fut.done():
-            fut.set_result(_Reply(headers or _NO_HEADERS, data))
+            fut.set_result(_Reply(headers, data))
 
     def _lost(self) -> None:
         """The connection dropped: no answer to a call in flight will come."""
@@ -95,8 +91,7 @@ class JetStreamCalls:
         finally:
             timer.cancel()
             self._waiting.pop(reply, None)
-        status = msg.headers.get(_STATUS) if not msg.data else None
-        if status == "503":
+        if not msg.data and status_of(msg.headers) == "503":
             raise nats.errors.NoRespondersError
         return msg
 
@@ -118,7 +113,7 @@ class JetStreamCalls:
         """The last message on ``subject`` (the stream allows direct get); None when
         there is none."""
         msg = await self._call(f"{self.prefix}.DIRECT.GET.{stream}.{subject}", b"")
-        hdrs = msg.headers
+        hdrs = parse_headers(msg.headers) if msg.headers else {}
         if not msg.data:
             status = hdrs.get(_STATUS)
             if status == "404":

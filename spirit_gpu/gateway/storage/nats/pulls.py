@@ -10,7 +10,7 @@ server serves a consumer's pulls first come, first served, and this replica
 sent its pulls in that order on one connection. A delivery nobody here wants
 any more (its pull gave up) is handed back at once (``-NAK``) rather than left
 to its lease. Pulls and deliveries go over the store's lean connection
-(``wire``); a delivery is handed on as nats-py's ``Msg`` (its metadata).
+(``wire``); a delivery is handed on as a ``Delivery``: what its ack subject says.
 """
 
 from __future__ import annotations
@@ -21,13 +21,32 @@ import itertools
 
 import msgspec
 import nats.errors
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 
-from spirit_gpu.gateway.storage.nats.wire import Wire, new_inbox
+from spirit_gpu.gateway.storage.nats.wire import Wire, new_inbox, status_of
 
-_STATUS = "Status"
 NO_MESSAGE = ("404", "408")  # the pull ended empty-handed: nothing queued, or expired
+
+
+class Delivery(msgspec.Struct):
+    """A job delivered by a consumer, and what its ack subject says of it."""
+
+    data: bytes
+    reply: str  # the ack subject
+    delivered: int  # times delivered, this one included
+    sequence: int  # in the stream
+    pending: int  # queued behind it when it was delivered
+
+
+def delivery(data: bytes, reply: str) -> Delivery:
+    """``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.
+    <pending>``, or the newer form with a domain and an account hash after ACK and a
+    token at the end."""
+    tokens = reply.split(".")
+    at = 4 if len(tokens) == 9 else 6
+    if len(tokens) != 9 and len(tokens) < 11:
+        raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    return Delivery(data, reply, delivered=int(tokens[at]), sequence=int(tokens[at + 1]),
+                    pending=int(tokens[at + 4]))
 
 
 class _Pull:
@@ -35,7 +54,7 @@ class _Pull:
 
     def __init__(self, want: int, done: asyncio.Future[None]) -> None:
         self.want = want
-        self.got: list[Msg] = []
+        self.got: list[Delivery] = []
         self.done = done
         self.trouble = False  # ended by a status other than "nothing for you"
 
@@ -45,9 +64,8 @@ class _Pull:
 
 
 class Puller:
-    def __init__(self, wire: Wire, nc: Client, subject: str) -> None:
+    def __init__(self, wire: Wire, subject: str) -> None:
         self.wire = wire
-        self.nc = nc  # (what a Msg names as its client)
         self.subject = subject  # the consumer's $JS.API.CONSUMER.MSG.NEXT subject
         self._inbox = new_inbox()
         self._ids = itertools.count(1)
@@ -65,16 +83,18 @@ class Puller:
             pull.trouble = True
             pull.finish()
 
-    def _on_msg(self, subject: str, reply: str, headers: dict[str, str] | None,
-                data: bytes) -> None:
-        status = headers.get(_STATUS) if headers else None
+    def _on_msg(self, subject: str, reply: str, headers: bytes, data: bytes) -> None:
+        status = status_of(headers)
         if status or not reply:
             pull = self._open.pop(subject, None)
             if pull is not None:
                 pull.trouble = status not in NO_MESSAGE  # e.g. 409: leader changed
                 pull.finish()
             return
-        msg = Msg(_client=self.nc, subject=subject, reply=reply, data=data, headers=headers)
+        try:
+            msg = delivery(data, reply)
+        except ValueError:
+            return  # (nothing a consumer sends)
         for open_reply, pull in self._open.items():
             if len(pull.got) < pull.want:
                 pull.got.append(msg)
@@ -84,13 +104,13 @@ class Puller:
                 return
         self._hand_back(msg)
 
-    def _hand_back(self, msg: Msg) -> None:
+    def _hand_back(self, msg: Delivery) -> None:
         """Back to the queue now, for the next pull anywhere (not after its lease)."""
         with contextlib.suppress(nats.errors.Error):
             self.wire.publish(msg.reply, b"-NAK")
 
     async def pull(self, request: dict[str, object], want: int,
-                   timeout: float) -> tuple[list[Msg], bool]:
+                   timeout: float) -> tuple[list[Delivery], bool]:
         """Up to ``want`` deliveries, and whether the pull ended in trouble. Raises
         nats' TimeoutError when the server said nothing for ``timeout`` s."""
         reply = f"{self._inbox}.{next(self._ids)}"

@@ -48,7 +48,7 @@ from spirit_gpu.gateway.storage.base import (
 from spirit_gpu.gateway.storage.nats import names, server
 from spirit_gpu.gateway.storage.nats.jsapi import JetStreamCalls
 from spirit_gpu.gateway.storage.nats.names import Doc, decode, encode
-from spirit_gpu.gateway.storage.nats.pulls import Puller
+from spirit_gpu.gateway.storage.nats.pulls import Delivery, Puller
 from spirit_gpu.gateway.storage.nats.wire import Wire
 from spirit_gpu.log import logger
 
@@ -217,8 +217,7 @@ class NatsStorage(Storage):
             await server.check(self.nc, self.js)
             self._blobs = await self._declare()
             self.blob_at = max(1024, self.nc.max_payload - 64 * 1024)
-            self._subs.append(await self.nc.subscribe(names.done(self.replica),
-                                                      cb=self._on_done))
+            self.wire.subscribe(names.done(self.replica), self._on_done)
             self._subs.append(await self.nc.subscribe(names.CANCEL_SUBJECT, cb=self._on_cancel))
             self._subs.append(await self.js.subscribe(
                 "spirit.workers.>", cb=self._on_presence, ordered_consumer=True,
@@ -396,8 +395,8 @@ class NatsStorage(Storage):
         # the waiting client first (it is on the critical path), then the delivery
         if doc.waiter == self.replica:
             self._wake(doc)
-        elif doc.waiter:
-            await self.nc.publish(names.done(doc.waiter), encode(doc))
+        elif doc.waiter and self.wire.connected:  # (else its waiter's re-read finds it)
+            self.wire.publish(names.done(doc.waiter), encode(doc))
         if doc.ack:  # release the delivery: done, or never to run again
             await self._reply(doc.ack, b"+TERM" if by_gateway else b"+ACK")
         elif not doc.delivered and doc.sequence:
@@ -539,9 +538,9 @@ class NatsStorage(Storage):
             if not futs:
                 self._waiting.pop(request_id, None)
 
-    async def _on_done(self, msg: Msg) -> None:
+    def _on_done(self, _subject: str, _reply: str, _headers: bytes, data: bytes) -> None:
         try:
-            doc = decode(msg.data)
+            doc = decode(data)
         except msgspec.DecodeError:
             return
         self._wake(doc)
@@ -708,7 +707,7 @@ class NatsStorage(Storage):
             await server.ensure_consumer(self.js, sid, self.lease)
             self._consumers.add(sid)
 
-    async def _next(self, sid: str, wait: float, batch: int = 1) -> list[Msg]:
+    async def _next(self, sid: str, wait: float, batch: int = 1) -> list[Delivery]:
         """Up to ``batch`` deliveries from the sid's consumer, waiting up to ``wait`` s
         for the first."""
         if wait <= 0.01:
@@ -722,14 +721,14 @@ class NatsStorage(Storage):
             timeout = wait + 5.0
         puller = self._pullers.get(sid)
         if puller is None:
-            puller = Puller(self.wire, self.nc, f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS}."
-                                                f"{names.consumer(sid)}")
+            puller = Puller(self.wire, f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS}."
+                                       f"{names.consumer(sid)}")
             await puller.start()
             if sid in self._pullers:  # another caller made one meanwhile
                 await puller.close()
             puller = self._pullers.setdefault(sid, puller)
         got, trouble = await puller.pull(req, batch, timeout)
-        self._behind[sid] = (got[-1].metadata.num_pending if got else 0, time.monotonic())
+        self._behind[sid] = (got[-1].pending if got else 0, time.monotonic())
         if not got and trouble and wait > 0.01:  # no busy loop while the stream elects
             await asyncio.sleep(min(wait, 0.5))
         return got
@@ -757,7 +756,7 @@ class NatsStorage(Storage):
         """One pull for up to ``n`` (no more: nothing is fetched that the link cannot
         take now, so nothing goes back to be delivered again)."""
         out: list[RequestRecord] = []
-        msgs: list[Msg] = []
+        msgs: list[Delivery] = []
         try:
             msgs = await self._next(sid, 0, min(n, _BATCH_MAX))
             while msgs:
@@ -769,10 +768,10 @@ class NatsStorage(Storage):
             logger.warn(f"NATS store: take for {sid} failed: {exc!r}")
             for msg in msgs:  # not handed over: back to the queue now, not after a lease
                 with contextlib.suppress(*_OUTAGE):
-                    await self._reply(msg.reply or "", b"-NAK")
+                    await self._reply(msg.reply, b"-NAK")
         return out
 
-    async def _deliver(self, sid: str, worker: str, msg: Msg) -> Doc | None:
+    async def _deliver(self, sid: str, worker: str, msg: Delivery) -> Doc | None:
         rec = self._hand_over(sid, worker, msg)
         if rec is None:
             return await self._claim(sid, worker, msg)
@@ -780,15 +779,14 @@ class NatsStorage(Storage):
             rec.body = await self._blob_get(rec.body_blob)
         return rec
 
-    def _hand_over(self, sid: str, worker: str, msg: Msg) -> Doc | None:
+    def _hand_over(self, sid: str, worker: str, msg: Delivery) -> Doc | None:
         """A first delivery within its TTL goes out at once; its record is written
         meanwhile (what acts on it next here waits for that write). A cancel that
         came first is found by that write, and the worker told to stop."""
         job = decode(msg.data)
-        meta = msg.metadata
-        if meta.num_delivered != 1 or self._expired(job):
+        if msg.delivered != 1 or self._expired(job):
             return None
-        job.sequence = meta.sequence.stream
+        job.sequence = msg.sequence
         job.delivered = True
         job.delivered_at = self._now()
         job.holder = worker
@@ -904,13 +902,12 @@ class NatsStorage(Storage):
                 logger.warn(f"NATS store: recording the delivery of {request_id} failed: "
                             f"{exc!r}")
 
-    async def _claim(self, sid: str, worker: str | None, msg: Msg) -> Doc | None:
+    async def _claim(self, sid: str, worker: str | None, msg: Delivery) -> Doc | None:
         """Hand ``msg`` to ``worker`` unless its record says otherwise (ended, past its
         TTL, lost while running, delivered too often). ``worker`` None: a sweep's probe,
         which settles lost deliveries and puts everything else back."""
         job = decode(msg.data)
-        meta = msg.metadata
-        job.sequence = meta.sequence.stream
+        job.sequence = msg.sequence
         rid = job.request_id
         held = self._held.get(rid)
         if held is not None and held.claim is not None:

@@ -30,8 +30,8 @@ import nats.errors
 
 from spirit_gpu.log import logger
 
-# subject, reply, headers (None when there are none), data
-Handler = Callable[[str, str, dict[str, str] | None, bytes], None]
+# subject, reply, header block (b"" when none: ``parse_headers`` reads one), data
+Handler = Callable[[str, str, bytes, bytes], None]
 
 _CRLF = b"\r\n"
 _HDR_LINE = b"NATS/1.0"
@@ -48,6 +48,13 @@ class _Info(msgspec.Struct):
 
 def new_inbox() -> str:
     return f"_INBOX.{secrets.token_hex(11)}"
+
+
+def status_of(block: bytes) -> str:
+    """The inline status of a header block (``NATS/1.0 404 ...``), or ""."""
+    if not block.startswith(b"NATS/1.0 "):
+        return ""
+    return block[9:block.find(b"\r\n")].split(b" ", 1)[0].decode()
 
 
 def parse_headers(block: bytes) -> dict[str, str]:
@@ -113,8 +120,7 @@ class _Protocol(asyncio.Protocol):
                         break  # the rest of this message is still on its way
                     hdr_len = int(args[-2]) if hmsg else 0
                     reply = args[3].decode() if len(args) == (6 if hmsg else 5) else ""
-                    headers = (parse_headers(bytes(buf[start:start + hdr_len]))
-                               if hmsg else None)
+                    headers = bytes(buf[start:start + hdr_len]) if hmsg else b""
                     data_ = bytes(buf[start + hdr_len:start + total])
                     pos = start + total + 2
                     self.wire._deliver(int(args[2]), args[1].decode(), reply, headers, data_)
@@ -319,7 +325,7 @@ class Wire:
             self._proto.write(b"".join(self._out))
             self._out.clear()
 
-    def _deliver(self, sid: int, subject: str, reply: str, headers: dict[str, str] | None,
+    def _deliver(self, sid: int, subject: str, reply: str, headers: bytes,
                  data: bytes) -> None:
         sub = self._subs.get(sid)
         if sub is None:
