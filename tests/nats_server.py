@@ -39,8 +39,10 @@ class NatsServer:
 
     def __init__(self, store_dir: Path, port: int = 0, name: str = "n1",
                  cluster_port: int = 0, routes: list[int] | None = None,
-                 max_payload: int = 0, user: str = "", password: str = "") -> None:
+                 max_payload: int = 0, user: str = "", password: str = "",
+                 tls: tuple[str, str] | None = None) -> None:
         self.user, self.password = user, password
+        self.tls = tls  # (certificate, key): clients must speak TLS
         self.bin = require_binary()
         self.store_dir = store_dir
         self.port = port or free_port()
@@ -71,6 +73,8 @@ class NatsServer:
             args += ["-c", str(conf)]
         if self.user:
             args += ["--user", self.user, "--pass", self.password]
+        if self.tls:
+            args += ["--tls", "--tlscert", self.tls[0], "--tlskey", self.tls[1]]
         return args
 
     def start(self, wait: bool = True) -> NatsServer:
