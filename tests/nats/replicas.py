@@ -115,6 +115,8 @@ async def settle(session: aiohttp.ClientSession, url: str, sid: str, tally: Tall
         for i in range(0, len(pending), 500):
             async with session.post(f"{url}/v1/{sid}/status", headers=AUTH,
                                     json={"requestIDs": pending[i:i + 500]}) as resp:
+                if resp.status != 200:  # (a store failing over answers 500 a while)
+                    break
                 for st in (await resp.json())["statuses"]:
                     tally.final[st["requestID"]] = st["status"]
         if not tally.lost or time.monotonic() > deadline:

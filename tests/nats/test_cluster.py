@@ -104,3 +104,29 @@ async def make_ready(replicas: Callable[..., Replica], urls: str,
 def _replicas_r3(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPIRIT_STORE_REPLICAS", "3")  # the replicas inherit it
 
+
+
+async def test_a_gateway_given_one_node_carries_on_through_the_others_when_it_dies(
+        cluster: list[NatsServer], replicas: Callable[..., Replica], worker_factory: Any,
+        session: aiohttp.ClientSession, webhooks: Webhooks) -> None:
+    """--store names only n0: both of the gateway's connections go on through the nodes
+    the cluster told it of."""
+    gateway = await make_ready(replicas, cluster[0].url, session)
+    worker = worker_factory(DOUBLE, worker_env(gateway, "c", "link"))
+    await wait_worker(session, gateway, "c", worker)
+    tally = Tally()
+    for i in range(10):
+        await submit_async(session, gateway.url, "c", {"x": i}, webhooks.url, tally)
+    await settle(session, gateway.url, "c", tally, within=20)
+    cluster[0].kill()
+    for i in range(10, 20):
+        for _ in range(40):  # refused (500) until its connections found another node
+            before = len(tally.accepted)
+            await submit_async(session, gateway.url, "c", {"x": i}, webhooks.url, tally)
+            if len(tally.accepted) > before:
+                break
+            await asyncio.sleep(0.5)
+    await settle(session, gateway.url, "c", tally, within=40)
+    assert len(tally.accepted) == 20, tally.report()
+    assert not tally.lost, tally.report()
+    assert not tally.duplicated, tally.report()

@@ -108,6 +108,23 @@ async def connect(urls: list[str], name: str) -> Client:
     return nc
 
 
+def known_urls(nc: Client, configured: list[str]) -> list[str]:
+    """The servers ``nc`` knows, the one it is connected to first: the configured ones
+    and those the cluster told it of, which get the configured credentials."""
+    userinfo = next((u.netloc.rpartition("@")[0] for u in map(urlsplit, configured)
+                     if "@" in u.netloc), "")
+    out: list[str] = []
+    current = nc.connected_url
+    for uri in ([current] if current is not None else []) + nc.servers:
+        netloc = uri.netloc
+        if userinfo and "@" not in netloc:
+            netloc = f"{userinfo}@{netloc}"
+        url = f"{uri.scheme}://{netloc}"
+        if url not in out:
+            out.append(url)
+    return out
+
+
 async def check(nc: Client, js: JetStreamContext) -> None:
     """One clear line when the server cannot keep our promises."""
     version = nc.connected_server_version

@@ -206,7 +206,8 @@ class NatsStorage(Storage):
         self._nc = await server.connect(self.urls, f"spirit-gateway-{self.replica}")
         try:
             self._js = self.nc.jetstream(timeout=5.0)
-            self._wire = Wire(self.urls, f"spirit-gateway-{self.replica}-wire")
+            self._wire = Wire(self.urls, f"spirit-gateway-{self.replica}-wire",
+                              known=lambda: server.known_urls(self.nc, self.urls))
             try:
                 await self._wire.connect()
             except nats.errors.Error as exc:

@@ -150,8 +150,12 @@ class _Protocol(asyncio.Protocol):
 
 
 class Wire:
-    def __init__(self, urls: list[str], name: str, ping_every: float = 5.0) -> None:
+    def __init__(self, urls: list[str], name: str, ping_every: float = 5.0,
+                 known: Callable[[], list[str]] | None = None) -> None:
         self.urls = urls
+        # where to reconnect, best first (the store's: the servers its main connection
+        # knows, the cluster's discovered ones included); else ``urls`` in turn
+        self.known = known
         self.name = name
         # (as the main connection's: a peer gone silent is noticed in about 20 s)
         self.ping_every = ping_every
@@ -237,10 +241,14 @@ class Wire:
 
     async def _reconnect(self) -> None:
         pause = _RECONNECT_WAIT[0]
+        tries = 0
         while not self._closed and self._proto is None:
+            urls = (self.known() if self.known is not None else []) or self.urls
             self._at = (self._at + 1) % len(self.urls)
+            url = urls[tries % len(urls)] if self.known is not None else self.urls[self._at]
+            tries += 1
             try:
-                await self._open(self.urls[self._at])
+                await self._open(url)
                 logger.info("NATS (store wire): reconnected")
                 return
             except (OSError, TimeoutError, nats.errors.Error, ssl.SSLError):
