@@ -53,7 +53,8 @@ class GatewayConfig(EnvSettings):
                                  "Seconds between lease, TTL and retention sweeps")
     store: str = _opt("memory", "SPIRIT_STORE",
                       "Where queues and results live: 'memory' (this process) or "
-                      "nats://HOST:4222[,nats://HOST2:4222...] (JetStream, shared by replicas)")
+                      "nats://[USER:PASS@]HOST:4222[,nats://HOST2:4222...] or tls://... "
+                      "(JetStream, shared by replicas)")
     store_replicas: int = _opt(1, "SPIRIT_STORE_REPLICAS",
                                "NATS store: copies of each stream (3 on a 3-node cluster)")
     proxy_response_timeout: float = _opt(180.0, "SPIRIT_PROXY_RESPONSE_TIMEOUT",
