@@ -36,7 +36,7 @@ async def nats_client(nats_server: TempNats) -> AsyncIterator[Client]:
 @pytest.fixture
 async def wire(nats_server: TempNats) -> AsyncIterator[Wire]:
     """The store's lean connection, to the same server."""
-    w = Wire([nats_server.url], "test-wire", ping_every=0.2)
+    w = Wire([nats_server.url], "test-wire")
     await w.connect()
     try:
         yield w
