@@ -166,7 +166,6 @@ class Wire:
         self._subs: dict[int, tuple[str, Handler]] = {}
         self._next_sid = 1
         self._closed = False
-        self._at = 0  # index of the URL to try first
         self._pings = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_lost: list[Callable[[], None]] = []  # called when the connection drops
@@ -179,14 +178,13 @@ class Wire:
     async def connect(self) -> None:
         """The first connection: any URL of the list; raises when none answers."""
         error: BaseException | None = None
-        for _ in self.urls:
+        for url in self.urls:
             try:
-                await self._open(self.urls[self._at])
+                await self._open(url)
                 self._spawn(self._pinger())
                 return
             except (OSError, TimeoutError, nats.errors.Error, ssl.SSLError) as exc:
                 error = exc
-                self._at = (self._at + 1) % len(self.urls)
         raise nats.errors.NoServersError() from error
 
     async def _open(self, url: str) -> None:
@@ -221,7 +219,7 @@ class Wire:
             # never comes and this raises
             await asyncio.wait_for(asyncio.shield(proto.pong), _CONNECT_TIMEOUT)
         except BaseException:
-            proto.transport.close() if proto.transport else transport.close()
+            (proto.transport or transport).close()
             raise
         self._proto = proto
         self._pings = 0
@@ -244,8 +242,7 @@ class Wire:
         tries = 0
         while not self._closed and self._proto is None:
             urls = (self.known() if self.known is not None else []) or self.urls
-            self._at = (self._at + 1) % len(self.urls)
-            url = urls[tries % len(urls)] if self.known is not None else self.urls[self._at]
+            url = urls[tries % len(urls)]
             tries += 1
             try:
                 await self._open(url)
