@@ -11,7 +11,7 @@ from pathlib import Path
 
 from spirit_gpu.gateway.storage.nats import server
 from tests.conftest import ROOT, free_port
-from tests.nats_server import require_binary
+from tests.nats_server import TempNats, require_binary
 
 
 def gateway(*args: str) -> subprocess.CompletedProcess[str]:
@@ -66,6 +66,21 @@ def test_a_listener_that_never_speaks_nats_is_refused_in_bounded_time() -> None:
         line = one_line(gateway("--store", f"nats://127.0.0.1:{silent.getsockname()[1]}"))
     assert "no NATS server answered" in line
     assert time.monotonic() - began < server.FIRST_CONNECT + 3 + 20  # (start-up included)
+
+
+def test_refused_or_missing_credentials_are_said_at_once_without_the_password() -> None:
+    nats = TempNats(user="spirit", password="right")
+    try:
+        began = time.monotonic()
+        done = gateway("--store", nats.server.url_as("spirit", "wrong-one"))
+        line = one_line(done)
+        assert "refused the credentials" in line and "nats://spirit:***@" in line
+        assert "wrong-one" not in done.stdout + done.stderr
+        assert time.monotonic() - began < server.FIRST_CONNECT  # not the 10 s timeout
+        line = one_line(gateway("--store", nats.url))
+        assert "asks for credentials" in line and "nats://USER:PASSWORD@HOST:4222" in line
+    finally:
+        nats.close()
 
 
 def test_servers_older_than_2_11_are_too_old() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import nats
 import nats.errors
@@ -48,6 +49,39 @@ def parse_urls(store: str) -> list[str]:
     return urls
 
 
+def shown(url: str) -> str:
+    """``url`` for messages and logs: its password (or token) hidden."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=f"{user + ':' if colon else ''}***@{host}"))
+
+
+def shown_all(urls: list[str]) -> str:
+    return ",".join(shown(u) for u in urls)
+
+
+def credentials(urls: list[str]) -> dict[str, str]:
+    """nats-py's ``user``/``password`` or ``token`` options, percent-decoded, from the
+    first URL that has any (nats-py would read a URL's as written, undecoded); like
+    the URL's own, they are used for every server, the discovered ones too."""
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.username is None:
+            continue
+        if parts.password is None:
+            return {"token": unquote(parts.username)}
+        return {"user": unquote(parts.username), "password": unquote(parts.password)}
+    return {}
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    return (isinstance(exc, nats.errors.AuthorizationError)
+            or "authorization violation" in str(exc).lower())
+
+
 def _version(text: str) -> tuple[int, int]:
     try:
         major, minor = text.split(".")[:2]
@@ -77,34 +111,64 @@ async def _reconnected() -> None:
 
 async def connect(urls: list[str], name: str) -> Client:
     """Connect, then reconnect forever; refuse at once when no server answers at start
-    (the client itself would retry an unreachable first server forever)."""
+    (the client itself would retry an unreachable first server forever) or when the
+    server refuses the credentials (it would retry those forever too)."""
+    where = shown_all(urls)
     if not any(await asyncio.gather(*(_reachable(u) for u in urls))):
-        raise StorageRefused(f"cannot reach NATS at {','.join(urls)}: nothing listens there")
+        raise StorageRefused(f"cannot reach NATS at {where}: nothing listens there")
     nc = Client()
+    loop = asyncio.get_running_loop()
+    refused: asyncio.Future[str] = loop.create_future()
+    auth = credentials(urls)
+
+    starting = True
+
+    async def on_error(exc: Exception) -> None:
+        if starting and _refused_credentials(exc):
+            if not refused.done():  # the first connection's: refused in one line below
+                refused.set_result(str(exc))
+            return
+        await _quiet(exc)
 
     async def disconnected() -> None:
         if not nc.is_closed:  # (our own close, at a refusal or the shutdown, says nothing)
             logger.warn("NATS: disconnected; reconnecting (requests wait or fail meanwhile)")
+    within = FIRST_CONNECT + 3 * len(urls)
+    connecting = asyncio.ensure_future(nc.connect(
+        servers=urls, name=name, connect_timeout=3, allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # (typed int, slept as float)
+        ping_interval=5, max_outstanding_pings=3, error_cb=on_error,
+        disconnected_cb=disconnected, reconnected_cb=_reconnected,
+        user=auth.get("user"), password=auth.get("password"), token=auth.get("token")))
     try:
         # bounded: something that accepts TCP and never speaks NATS (a wrong port, a
         # firewall) keeps the client retrying its first connection forever
-        await asyncio.wait_for(nc.connect(
-            servers=urls, name=name, connect_timeout=3, allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # (typed int, slept as float)
-            ping_interval=5, max_outstanding_pings=3, error_cb=_quiet,
-            disconnected_cb=disconnected, reconnected_cb=_reconnected),
-            FIRST_CONNECT + 3 * len(urls))
-    except TimeoutError:
+        racing: set[asyncio.Future[Any]] = {connecting, refused}
+        await asyncio.wait(racing, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        if refused.done() and not connecting.done():
+            raise StorageRefused(
+                f"NATS at {where} refused the credentials ({refused.result()}): check "
+                "the user and password (or token) in --store" if auth else
+                f"NATS at {where} asks for credentials ({refused.result()}): put them in "
+                "--store, as nats://USER:PASSWORD@HOST:4222 or nats://TOKEN@HOST:4222")
+        if not connecting.done():
+            raise StorageRefused(f"cannot connect to NATS at {where}: it accepts "
+                                 f"connections but no NATS server answered within "
+                                 f"{within:g} s (the wrong port?)")
+        connecting.result()
+        starting = False  # (from now on a refusal is logged, and retried, as any error)
+    except StorageRefused:
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
         with contextlib.suppress(Exception):
             await nc.close()
-        raise StorageRefused(f"cannot connect to NATS at {','.join(urls)}: it accepts "
-                             f"connections but no NATS server answered within "
-                             f"{FIRST_CONNECT + 3 * len(urls):g} s (the wrong port?)") from None
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the one line below
         with contextlib.suppress(Exception):
             await nc.close()
-        raise StorageRefused(f"cannot reach NATS at {','.join(urls)}: {exc!r}") from exc
+        raise StorageRefused(f"cannot reach NATS at {where}: {exc!r}") from exc
     return nc
 
 

@@ -211,7 +211,7 @@ class NatsStorage(Storage):
             try:
                 await self._wire.connect()
             except nats.errors.Error as exc:
-                raise StorageRefused(f"cannot connect to NATS at {','.join(self.urls)}: "
+                raise StorageRefused(f"cannot connect to NATS at {server.shown_all(self.urls)}: "
                                      f"{exc!r}") from exc
             self._calls = JetStreamCalls(self._wire, timeout=5.0)
             await self._calls.start()

@@ -1,5 +1,6 @@
-"""The NATS store over TLS (a ``tls://`` URL, the server's certificate checked
-against a CA of the test's own): both of its connections, a request end to end."""
+"""Reaching NATS: over TLS (a ``tls://`` URL, the server's certificate checked
+against a CA of the test's own) and with credentials in the URL (percent-decoded,
+hidden in messages); both of the store's connections, a request end to end."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from spirit_gpu.gateway.storage.base import NewRequest
-from spirit_gpu.gateway.storage.nats import NatsStorage
+from spirit_gpu.gateway.storage.nats import NatsStorage, server
 from tests.nats_server import TempNats
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not found")
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
+                                   reason="openssl not found")
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -37,15 +40,15 @@ def make_certs(where: Path) -> None:
 def tls_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TempNats]:
     make_certs(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # (the default context's)
-    server = TempNats(tls=(str(tmp_path / "server.pem"), str(tmp_path / "server.key")))
+    nats = TempNats(tls=(str(tmp_path / "server.pem"), str(tmp_path / "server.key")))
     try:
-        yield server
+        yield nats
     finally:
-        server.close()
+        nats.close()
 
 
-async def test_a_request_goes_end_to_end_over_tls(tls_nats: TempNats) -> None:
-    store = NatsStorage([tls_nats.url.replace("nats://", "tls://")], lease_seconds=5.0)
+async def end_to_end(store: NatsStorage) -> None:
+    """Start the store, run one request through it, close it."""
     await store.start()
     try:
         rid = (await store.submit(NewRequest(sid="s", mode="async", body=b'{"input":1}',
@@ -59,3 +62,28 @@ async def test_a_request_goes_end_to_end_over_tls(tls_nats: TempNats) -> None:
         assert (rec.public_status, rec.result) == ("succeed", b'{"ok":true}')
     finally:
         await store.close()
+
+
+@needs_openssl
+async def test_a_request_goes_end_to_end_over_tls(tls_nats: TempNats) -> None:
+    await end_to_end(NatsStorage([tls_nats.url.replace("nats://", "tls://")],
+                                 lease_seconds=5.0))
+
+
+async def test_credentials_with_any_character_work_percent_encoded() -> None:
+    server = TempNats(user="spirit", password="s3cr@t:/x%")
+    try:
+        url = server.server.url_as("spirit", quote("s3cr@t:/x%", safe=""))
+        await end_to_end(NatsStorage([url], lease_seconds=5.0))
+    finally:
+        server.close()
+
+
+def test_a_password_or_token_is_hidden_in_messages() -> None:
+    assert server.shown("nats://spirit:s3cret@10.0.0.1:4222") == "nats://spirit:***@10.0.0.1:4222"
+    assert server.shown("tls://tok3n@h:4222") == "tls://***@h:4222"
+    assert server.shown("nats://h:4222") == "nats://h:4222"
+    assert server.credentials(["nats://h:1", "nats://u:p%40ss@h:2"]) == {
+        "user": "u", "password": "p@ss"}
+    assert server.credentials(["nats://t%2Fk@h:1"]) == {"token": "t/k"}
+    assert server.credentials(["nats://h:1"]) == {}
