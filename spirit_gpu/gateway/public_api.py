@@ -61,6 +61,8 @@ T = TypeVar("T")
 
 def _decode(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
     """A JSON body as ``T``: wrong fields are invalid arguments, bad JSON invalid data."""
+    if not raw:
+        raise ApiError(400, "failed to get request data: the body is empty")
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:
@@ -70,8 +72,6 @@ def _decode(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
 
 
 def _parse(raw: bytes) -> ClientBody:
-    if not raw:
-        raise ApiError(400, "failed to get request data: the body is empty")
     body = _decode(_body, raw)
     if not body.input:
         raise ApiError(400, "invalid request arguments: the body needs an 'input' field")

@@ -63,6 +63,9 @@ async def test_bad_bodies_are_400(gw: Gw) -> None:
             code, body, _ = await gw.call("POST", f"/v1/s/{mode}", data=raw,
                                           headers={**AUTH, "Content-Type": "application/json"})
             assert code == 400 and body["error"].startswith(error), (mode, raw, body)
+    code, body, _ = await gw.call("POST", "/v1/s/status", data=b"",
+                                  headers={**AUTH, "Content-Type": "application/json"})
+    assert (code, body) == (400, {"error": "failed to get request data: the body is empty"})
     code, body, _ = await gw.call("POST", "/v1/s/async", json_body={"input": 1})
     assert (code, body) == (400, {"error": "webhook is empty for async request"})
     code, body, _ = await gw.call("POST", "/v1/s/async",
