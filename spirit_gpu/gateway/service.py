@@ -194,6 +194,10 @@ class Gateway:
             if len(data) > limit:
                 why = (f"result too large: {len(data)} bytes, the limit for {rec.mode} "
                        f"requests is {limit} bytes")
+                # the client reads why in its status; a link worker is not told, so
+                # the operator is, here
+                logger.warn(f"{sid}: the worker's result was refused: {why}",
+                            request_id=request_id)
                 await self.storage.finish(sid, request_id, 500, why,
                                           msgspec.json.encode({"error": why}))
                 return why

@@ -202,6 +202,25 @@ async def test_a_result_over_the_link_limit_fails_the_request_as_too_large(
     assert time.monotonic() - started < 10  # not the lease, not the sync timeout
 
 
+async def test_a_result_over_the_requests_limit_fails_it_and_is_logged(
+        gateway_factory: GatewayFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    gw = await gateway_factory(max_result_bytes_sync=32 * 1024, sync_timeout=20)
+    ws = await open_link(gw, "big")
+    await send(ws, lp.Credit(n=1))
+    client = asyncio.create_task(gw.call("POST", "/v1/big/sync", json_body={"input": 1}))
+    (job,) = await dispatches(ws, 1)
+    # under what the link carries (the sync limit + 1 MB), over the request's limit
+    await send(ws, lp.Result(request_id=job.request_id, status_code=200, message="",
+                             data=b"x" * (64 * 1024)))
+    code, body, _ = await client
+    why = "result too large: 65536 bytes, the limit for sync requests is 32768 bytes"
+    assert (code, body["error"]) == (500, why), body
+    out = capsys.readouterr().out
+    assert "the worker's result was refused" in out and why in out, out
+    assert job.request_id in out
+    await ws.close()
+
+
 async def test_a_link_flooding_forged_frames_is_closed(gw: Gw) -> None:
     ws = await open_link(gw, "flood")
     forged = [lp.Result(request_id=str(uuid.uuid4()), status_code=200, message="", data=b"1")
