@@ -109,13 +109,13 @@ def secret_env_names() -> frozenset[str]:
     return frozenset(f.metadata["env"] for f in fields(WorkerConfig) if f.name in SECRET_FIELDS)
 
 
-def child_environ(flags: Mapping[str, Any]) -> dict[str, str]:
-    """The supervisor's flags as the env vars a handler process reads (secrets left out),
-    so that it resolves the same config as the supervisor."""
+def child_environ(flags: Mapping[str, Any], secrets: bool = False) -> dict[str, str]:
+    """The supervisor's flags as the env vars a handler process reads (secrets left out
+    unless asked for), so that it resolves the same config as the supervisor."""
     env = {f.name: f.metadata["env"] for f in fields(WorkerConfig)}
     return {env[name]: ",".join(map(str, value)) if isinstance(value, list) else str(value)
             for name, value in flags.items()
-            if name in env and name not in SECRET_FIELDS and value is not None}
+            if name in env and (secrets or name not in SECRET_FIELDS) and value is not None}
 
 
 def start_options(config: Mapping[str, Any]) -> dict[str, Any]:

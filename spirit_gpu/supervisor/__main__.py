@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import runpy
 import sys
+from typing import Any
 
-from spirit_gpu.config import WorkerConfig
+from spirit_gpu.config import WorkerConfig, child_environ
 from spirit_gpu.settings import SettingError, add_flags
 
 
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingError as exc:
         print(f"spirit-gpu: {exc}", file=sys.stderr)
         return 2
+    if cfg.in_process:
+        return _in_process(script, script_args, flags)
     os.environ["SPIRIT_SUPERVISED"] = "1"
     if os.getpid() == 1 and not os.environ.get("SPIRIT_NO_INIT"):
         from spirit_gpu.supervisor.init import run_as_init
@@ -76,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
 
     code = run(serve())
     return int(code) if isinstance(code, int) else 0
+
+
+def _in_process(script: str, script_args: list[str], flags: dict[str, Any]) -> int:
+    """``--in-process`` (debugging): no handler processes and no supervisor of them; the
+    script runs here, and its start() serves with its handlers in this process. The
+    flags reach it as the env vars they stand for."""
+    os.environ.update(child_environ(flags, secrets=True))
+    os.environ["SPIRIT_IN_PROCESS"] = "1"
+    sys.argv = [script, *script_args]
+    sys.path.insert(0, os.path.dirname(script))
+    runpy.run_path(script, run_name="__main__")  # start() exits the process when done
+    print(f"spirit-gpu: {script} ended without calling spirit_gpu.start()", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

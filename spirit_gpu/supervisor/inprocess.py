@@ -16,6 +16,7 @@ from spirit_gpu import handlers
 from spirit_gpu.config import WorkerConfig, start_options
 from spirit_gpu.env import Env
 from spirit_gpu.handlers import BadRequest, Outcome, error_body, prepare_request
+from spirit_gpu.log import logger
 from spirit_gpu.supervisor.jobs import Job
 
 
@@ -74,7 +75,8 @@ class InProcessPool:
             return await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
             task.cancel()
-            message = f"request timeout: the handler ran longer than the {timeout:g} s limit"
+            message = f"request timeout: the handler ran longer than the {timeout:g} s job timeout"
+            logger.warn(message, request_id=job.request_id)
             return Outcome(408, error_body(message), message)
         except asyncio.CancelledError:
             if run.reason is None:
@@ -129,7 +131,6 @@ class InProcessPool:
 
 def run_in_process(config: dict[str, Any]) -> int:
     """Serve start()'s config with handlers in this process (SPIRIT_IN_PROCESS=1)."""
-    from spirit_gpu.log import logger
     from spirit_gpu.loop import run
     from spirit_gpu.supervisor.app import Supervisor
 

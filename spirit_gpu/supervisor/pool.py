@@ -410,6 +410,7 @@ class Pool:
     def _timed_out(self, run: _Run) -> None:
         message = (f"request timeout: the handler ran longer than the "
                    f"{self.cfg.job_timeout:g} s job timeout")
+        logger.warn(message, request_id=run.job.request_id)
         self._stop_run(run, 408, message)
 
     def cancel(self, request_id: str, status_code: int = 499,

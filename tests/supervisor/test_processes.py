@@ -143,16 +143,40 @@ async def test_sync_job_timeout_kills_child_with_408(agent: FakeAgent, worker_fa
     # the supervisor killed it on purpose: not an out-of-memory error, not a crash
     assert "stopped (request timeout" in w.output
     assert "SIGKILL" not in w.output and '"level":"ERROR"' not in w.output
+    assert timeout_warned(w.output, "slow")
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+async def test_in_process_runs_handlers_in_the_worker_and_times_them_out(
+        agent: FakeAgent, worker_factory, how: str) -> None:
+    agent.enqueue("quick", {"input": {}})
+    agent.enqueue("slow", {"input": {"sleep": 30}})
+    env = worker_env(agent, APP_KIND="async", SPIRIT_JOB_TIMEOUT="0.5")
+    if how == "env":
+        env["SPIRIT_IN_PROCESS"] = "1"
+    w = worker_factory("kinds.py", env, ["--in-process"] if how == "flag" else [])
+    await agent.wait_for(lambda: {"quick", "slow"} <= set(agent.acks), 30)
+    assert result(agent, "quick")[1]["pid"] == w.proc.pid  # type: ignore[index]
+    assert result(agent, "slow")[0] == 408
+    assert timeout_warned(w.output, "slow")
+    assert "handlers run inside the worker process" in w.output
+
+
+def timeout_warned(output: str, request_id: str) -> bool:
+    """The worker's log has a warning that ``request_id`` ran past the job timeout."""
+    return any('"level":"WARNING"' in line and "job timeout" in line
+               and f'"requestID":"{request_id}"' in line for line in output.splitlines())
 
 
 async def test_async_job_timeout_cancels_task_and_keeps_process(agent: FakeAgent,
                                                                 worker_factory) -> None:
     agent.enqueue("slow", {"input": {"sleep": 30}})
     agent.enqueue("quick", {"input": {}})
-    worker_factory("kinds.py", worker_env(agent, APP_KIND="async", APP_CONCURRENCY="2",
-                                          SPIRIT_JOB_TIMEOUT="0.5"))
+    w = worker_factory("kinds.py", worker_env(agent, APP_KIND="async", APP_CONCURRENCY="2",
+                                              SPIRIT_JOB_TIMEOUT="0.5"))
     await agent.wait_for(lambda: {"slow", "quick"} <= set(agent.acks), 30)
     assert result(agent, "slow")[0] == 408
+    assert timeout_warned(w.output, "slow")
     agent.enqueue("after", {"input": {}})
     await agent.wait_for(lambda: "after" in agent.acks)
     assert result(agent, "after")[1]["pid"] == result(agent, "quick")[1]["pid"]  # type: ignore[index]
