@@ -21,6 +21,7 @@ from spirit_gpu.gateway.auth import require_worker
 from spirit_gpu.gateway.httpio import ApiError, json_response, read_body, serverless_id
 from spirit_gpu.gateway.proxy import queued
 from spirit_gpu.gateway.service import FEATURES, GATEWAY_KEY, Gateway, envelope, worker_identity
+from spirit_gpu.gateway.storage.base import StorageUnavailable
 from spirit_gpu.gateway.webhooks import RELAY_PATH
 from spirit_gpu.log import logger
 from spirit_gpu.protocol import agent
@@ -139,7 +140,12 @@ async def post_webhook(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise ApiError(400, "invalid request arguments: statusCode must be an integer") from exc
     data = await read_body(request, gw.config.max_result_bytes_sync)
-    status, why = await gw.relay_webhook(sid, request.match_info["request_id"], code, data)
+    try:
+        status, why = await gw.relay_webhook(sid, request.match_info["request_id"], code, data)
+    except StorageUnavailable as exc:
+        # the worker takes any other answer but 200 as the client's webhook's own and
+        # final; the store failing over is neither
+        raise ApiError(503, f"the gateway's store did not answer ({exc}); try again") from exc
     if status != 200:
         raise ApiError(502 if status == 0 else status, why or "webhook refused")
     return json_response({"note": why} if why else {})
