@@ -4,8 +4,10 @@ hidden in messages); both of the store's connections, a request end to end."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -14,6 +16,7 @@ import pytest
 
 from spirit_gpu.gateway.storage.base import NewRequest
 from spirit_gpu.gateway.storage.nats import NatsStorage, server
+from tests.conftest import ROOT
 from tests.nats_server import TempNats
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
@@ -62,6 +65,18 @@ async def end_to_end(store: NatsStorage) -> None:
         assert (rec.public_status, rec.result) == ("succeed", b'{"ok":true}')
     finally:
         await store.close()
+
+
+@needs_openssl
+def test_a_certificate_not_trusted_is_named_in_the_refusal(tls_nats: TempNats) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"}
+    done = subprocess.run(
+        [sys.executable, "-c", "from spirit_gpu.cli import main; raise SystemExit(main())",
+         "gateway", "--api-key", "k", "--port", "0",
+         "--store", tls_nats.url.replace("nats://", "tls://")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert done.returncode == 2, done
+    assert "CERTIFICATE_VERIFY_FAILED" in done.stderr, done.stderr
 
 
 @needs_openssl

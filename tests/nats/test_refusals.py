@@ -63,8 +63,10 @@ def test_a_listener_that_never_speaks_nats_is_refused_in_bounded_time() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)  # the kernel completes connections; nothing is ever written
         began = time.monotonic()
-        line = one_line(gateway("--store", f"nats://127.0.0.1:{silent.getsockname()[1]}"))
+        done = gateway("--store", f"nats://127.0.0.1:{silent.getsockname()[1]}")
+        line = one_line(done)
     assert "no NATS server answered" in line
+    assert "NATS:" not in done.stdout  # (its tries' errors are not logged one by one)
     assert time.monotonic() - began < server.FIRST_CONNECT + 3 + 20  # (start-up included)
 
 
@@ -76,9 +78,22 @@ def test_refused_or_missing_credentials_are_said_at_once_without_the_password() 
         line = one_line(done)
         assert "refused the credentials" in line and "nats://spirit:***@" in line
         assert "wrong-one" not in done.stdout + done.stderr
+        assert "NATS:" not in done.stdout  # (no warnings before the one line)
         assert time.monotonic() - began < server.FIRST_CONNECT  # not the 10 s timeout
         line = one_line(gateway("--store", nats.url))
         assert "asks for credentials" in line and "nats://USER:PASSWORD@HOST:4222" in line
+    finally:
+        nats.close()
+
+
+def test_replicas_beyond_a_single_server_are_refused_at_once() -> None:
+    nats = TempNats()
+    try:
+        began = time.monotonic()
+        line = one_line(gateway("--store", nats.url, "--store-replicas", "3"))
+        assert "--store-replicas 3 needs a NATS cluster of at least 3 nodes" in line
+        assert "not supported in non-clustered mode" in line
+        assert time.monotonic() - began < 20  # not the 30 s of waiting for a cluster
     finally:
         nats.close()
 

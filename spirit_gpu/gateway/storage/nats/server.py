@@ -35,7 +35,7 @@ def parse_urls(store: str) -> list[str]:
     """``nats://a:4222,nats://b:4222`` -> the server list."""
     urls = [u.strip() for u in store.split(",") if u.strip()]
     expected = (f"--store {store!r}: expected 'memory' or "
-                "nats://HOST:4222[,nats://HOST2:4222...]")
+                "nats://HOST:4222[,nats://HOST2:4222...] (or tls://...)")
     if not urls or not all(u.startswith(("nats://", "tls://")) for u in urls):
         raise StorageRefused(expected)
     for url in urls:
@@ -122,13 +122,15 @@ async def connect(urls: list[str], name: str) -> Client:
     auth = credentials(urls)
 
     starting = True
+    last_error: list[Exception] = []  # the first connection's, told in its one line
 
     async def on_error(exc: Exception) -> None:
-        if starting and _refused_credentials(exc):
-            if not refused.done():  # the first connection's: refused in one line below
-                refused.set_result(str(exc))
+        if not starting:
+            await _quiet(exc)
             return
-        await _quiet(exc)
+        last_error[:] = [exc]
+        if _refused_credentials(exc) and not refused.done():
+            refused.set_result(str(exc))
 
     async def disconnected() -> None:
         if not nc.is_closed:  # (our own close, at a refusal or the shutdown, says nothing)
@@ -153,9 +155,10 @@ async def connect(urls: list[str], name: str) -> Client:
                 f"NATS at {where} asks for credentials ({refused.result()}): put them in "
                 "--store, as nats://USER:PASSWORD@HOST:4222 or nats://TOKEN@HOST:4222")
         if not connecting.done():
+            why = f"last error: {last_error[0]!r}" if last_error else "the wrong port?"
             raise StorageRefused(f"cannot connect to NATS at {where}: it accepts "
                                  f"connections but no NATS server answered within "
-                                 f"{within:g} s (the wrong port?)")
+                                 f"{within:g} s ({why})")
         connecting.result()
         starting = False  # (from now on a refusal is logged, and retried, as any error)
     except StorageRefused:

@@ -57,6 +57,7 @@ R = TypeVar("R")
 
 _CAS_TRIES = 50
 _WRONG_LAST = (10071, 10164)  # JetStream: wrong last sequence (compare-and-set lost)
+_REPLICAS_NOT_CLUSTERED = 10074  # JetStream: replicas > 1 not supported in non-clustered mode
 _RECHECK = 1.0  # a sync waiter re-reads its record this often (lost wake-ups, outages)
 _STREAM_POLL = 0.2
 _KNOWN_MAX = 100_000
@@ -240,9 +241,16 @@ class NatsStorage(Storage):
                     self.js, lease=self.lease, retention=self.retention,
                     ttl_max=self.ttl_max, replicas=self.stream_replicas)
             except (*_OUTAGE, APIError) as exc:
+                why = (f"{type(exc).__name__}: {exc.description}"
+                       if isinstance(exc, APIError) and exc.description else repr(exc))
+                if isinstance(exc, APIError) and exc.err_code == _REPLICAS_NOT_CLUSTERED:
+                    raise StorageRefused(
+                        f"--store-replicas {self.stream_replicas} needs a NATS cluster of at "
+                        f"least {self.stream_replicas} nodes; this server is not in one "
+                        f"({why}): leave it at 1 with one server") from exc
                 if loop.time() > deadline:
-                    raise StorageRefused(f"NATS streams cannot be created: {exc!r}") from exc
-                logger.warn(f"NATS store: streams not created yet ({exc!r}); retrying")
+                    raise StorageRefused(f"NATS streams cannot be created: {why}") from exc
+                logger.warn(f"NATS store: streams not created yet ({why}); retrying")
                 await asyncio.sleep(0.5)
 
     async def close(self) -> None:
