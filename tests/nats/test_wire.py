@@ -101,7 +101,11 @@ async def test_what_is_published_in_one_turn_leaves_in_order_with_its_headers(
     for i in range(50):
         wire.publish(f"p.{i}", str(i).encode(), reply=f"back.{i}" if i % 2 else "",
                      headers={"N": str(i)} if i % 3 == 0 else None)
-    await asyncio.wait_for(done.wait(), 5.0)
+    try:
+        await asyncio.wait_for(done.wait(), 10.0)
+    except TimeoutError:
+        raise AssertionError(f"{len(seen)} of 50 arrived; wire connected: {wire.connected}, "
+                             f"unsent: {len(wire._out)}") from None
     assert [(m.subject, m.data, m.reply, (m.headers or {}).get("N")) for m in seen] == [
         (f"p.{i}", str(i).encode(), f"back.{i}" if i % 2 else "",
          str(i) if i % 3 == 0 else None) for i in range(50)]
