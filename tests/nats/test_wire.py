@@ -31,7 +31,7 @@ class Inbox:
         self.got.append((subject, reply, headers, data))
         self.more.set()
 
-    async def wait_for(self, n: int, within: float = 5.0) -> list[Got]:
+    async def wait_for(self, n: int, within: float = 10.0) -> list[Got]:
         async with asyncio.timeout(within):
             while len(self.got) < n:
                 self.more.clear()
