@@ -1,7 +1,8 @@
 """NATS tests reuse the gateway fixtures (real gateways, the ``store`` switch), and
 have a client of a nats-server of their own."""
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import nats
 import pytest
@@ -11,7 +12,7 @@ from spirit_gpu.gateway.storage.nats.wire import Wire
 from tests.gateway.conftest import gateway_factory, webhooks
 from tests.nats_server import TempNats
 
-__all__ = ["gateway_factory", "nats_client", "nats_server", "webhooks", "wire"]
+__all__ = ["gateway_factory", "live", "nats_client", "nats_server", "webhooks", "wire"]
 
 
 @pytest.fixture
@@ -42,3 +43,16 @@ async def wire(nats_server: TempNats) -> AsyncIterator[Wire]:
         yield w
     finally:
         await w.close()
+
+
+async def live(wire: Wire, subject: str, seen: Callable[[], int], within: float = 10.0) -> None:
+    """Publish probes on ``subject`` through ``wire`` until ``seen()`` (the count a
+    subscriber on another connection has received) grows: its SUB is in place at
+    the server. (A flush of that connection alone was not always enough under a
+    loaded test run: the wire's publish arrived first.)"""
+    before = seen()
+    deadline = asyncio.get_running_loop().time() + within
+    while seen() == before:
+        assert asyncio.get_running_loop().time() < deadline, f"{subject}: no subscriber"
+        wire.publish(subject, b"probe")
+        await asyncio.sleep(0.05)

@@ -10,11 +10,13 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 from nats.js.errors import APIError
 
 from spirit_gpu.gateway.storage.nats.jsapi import JetStreamCalls
 from spirit_gpu.gateway.storage.nats.wire import Wire
+from tests.nats.conftest import live
 
 
 @pytest.fixture
@@ -59,8 +61,12 @@ async def test_a_subject_no_stream_takes_is_no_responders(calls: JetStreamCalls)
 
 async def test_a_call_nobody_answers_times_out(calls: JetStreamCalls,
                                                nats_client: Client) -> None:
-    sub = await nats_client.subscribe("silent")  # takes the message and never replies
-    await nats_client.flush()
+    heard: list[Msg] = []
+
+    async def takes(msg: Msg) -> None:  # takes the message and never replies
+        heard.append(msg)
+    sub = await nats_client.subscribe("silent", cb=takes)
+    await live(calls.wire, "silent", lambda: len(heard))
     with pytest.raises(nats.errors.TimeoutError):
         await calls.publish("silent", b"hello")
     await sub.unsubscribe()

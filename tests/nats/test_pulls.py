@@ -18,6 +18,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
 from spirit_gpu.gateway.storage.nats.pulls import Puller, delivery
 from spirit_gpu.gateway.storage.nats.wire import Wire
+from tests.nats.conftest import live
 
 ACK_WAIT = 30.0  # far beyond every test: a redelivery seen here came from a -NAK
 
@@ -125,10 +126,12 @@ async def test_a_pull_cancelled_with_deliveries_in_hand_hands_them_back(
 
 
 async def test_a_server_that_says_nothing_is_a_timeout(queue: Queue) -> None:
+    heard: list[Msg] = []
+
     async def silent(msg: Msg) -> None:
-        pass
+        heard.append(msg)
     await queue.nc.subscribe("silent", cb=silent)
-    await queue.nc.flush()
+    await live(queue.puller.wire, "silent", lambda: len(heard))
     queue.puller.subject = "silent"
     with pytest.raises(nats.errors.TimeoutError):
         await queue.pull(1, timeout=0.3)

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from spirit_gpu.gateway.storage.nats.jsapi import JetStreamCalls
 from spirit_gpu.gateway.storage.nats.wire import Wire, parse_headers, status_of
+from tests.nats.conftest import live
 from tests.nats_server import TempNats
 
 Got = tuple[str, str, bytes, bytes]
@@ -92,12 +93,14 @@ async def test_what_is_published_in_one_turn_leaves_in_order_with_its_headers(
     seen: list[Msg] = []
     done = asyncio.Event()
 
+    probes: list[Msg] = []
+
     async def cb(msg: Msg) -> None:
-        seen.append(msg)
+        (probes if msg.subject == "p.probe" else seen).append(msg)
         if len(seen) == 50:
             done.set()
     await nats_client.subscribe("p.*", cb=cb)
-    await nats_client.flush()
+    await live(wire, "p.probe", lambda: len(probes))
     for i in range(50):
         wire.publish(f"p.{i}", str(i).encode(), reply=f"back.{i}" if i % 2 else "",
                      headers={"N": str(i)} if i % 3 == 0 else None)
