@@ -33,6 +33,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A port nothing listens on for the whole test: bound here and never listening, so
+    connections are refused and no other test's server can take it (as one from
+    free_port() can be by the time it is used, under parallel tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
 def post_json(port: int, body: Any, timeout: float = 30.0) -> tuple[int, Any]:
     """POST ``body`` as JSON to http://127.0.0.1:port/ (a test-mode server): status, JSON answer."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=json.dumps(body).encode(),

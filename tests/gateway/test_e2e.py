@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
-from tests.conftest import Worker, free_port, until
+from tests.conftest import Worker, until
 from tests.gateway.conftest import APPS, AUTH, TOKEN, GatewayFactory, Gw, Webhooks
 
 TRANSPORTS = ["plain", "link"]
@@ -155,14 +155,14 @@ async def test_a_link_worker_stops_a_cancelled_job_before_its_next_heartbeat(
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_dead_webhook_is_reported_in_the_relays_words(
-        tgw: Gw, worker_factory: Any, transport: str) -> None:
+        tgw: Gw, worker_factory: Any, transport: str, dead_port: int) -> None:
     # the worker's webhook goes through the gateway's relay, which tries the client's
     # URL itself and remembers the outcome: the worker reports that, once, not
     # "answered 502 (...)" after retrying an answer that cannot change
     await start_worker(tgw, worker_factory, "d", "double.py", transport,
                        SPIRIT_WEBHOOK_BACKOFF="0.05")
     code, acc, _ = await tgw.call("POST", "/v1/d/async", json_body={
-        "input": {"x": 1}, "webhook": f"http://127.0.0.1:{free_port()}/hook"})
+        "input": {"x": 1}, "webhook": f"http://127.0.0.1:{dead_port}/hook"})
     assert code == 200
 
     async def noted() -> dict[str, Any] | None:

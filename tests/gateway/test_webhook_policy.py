@@ -198,8 +198,9 @@ async def test_a_workers_final_webhook_failure_reaches_the_status(gw: Gw) -> Non
 
 
 @BOTH_STORES
-async def test_the_gateways_own_webhook_failure_reaches_the_status(gw: Gw) -> None:
-    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+async def test_the_gateways_own_webhook_failure_reaches_the_status(gw: Gw,
+                                                                     dead_port: int) -> None:
+    dead = f"http://127.0.0.1:{dead_port}/hook"  # nothing listens there
     code, body, _ = await gw.call("POST", "/v1/gf/async", json_body={
         "input": {}, "webhook": dead})
     rid = body["id"]

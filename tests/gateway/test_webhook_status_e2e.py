@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, until
+from tests.conftest import until
 from tests.gateway.conftest import TOKEN, GatewayFactory, Gw
 from tests.gateway.test_e2e import TRANSPORTS, start_worker
 
@@ -19,10 +19,10 @@ async def tgw(gateway_factory: GatewayFactory) -> Gw:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_dead_webhook_is_named_in_the_status(tgw: Gw, worker_factory: Any,
-                                                     transport: str) -> None:
+                                                     transport: str, dead_port: int) -> None:
     await start_worker(tgw, worker_factory, "d", "double.py", transport,
                        SPIRIT_WEBHOOK_ATTEMPTS="1")
-    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    dead = f"http://127.0.0.1:{dead_port}/hook"  # nothing listens there
     code, acc, _ = await tgw.call("POST", "/v1/d/async",
                                   json_body={"input": {"x": 5}, "webhook": dead})
     assert code == 200
