@@ -109,17 +109,19 @@ async def test_lease_redelivers_unstarted_and_fails_started(
 
 
 async def test_heartbeats_keep_a_long_job_alive(gateway_factory: GatewayFactory) -> None:
-    gw = await gateway_factory(lease_seconds=0.3)
+    # (a lease a loaded run's pull-to-start delay cannot exceed: a shorter one ran out
+    # before the job's start, and the job was rightly queued again)
+    gw = await gateway_factory(lease_seconds=1.0)
     _, a, _ = await gw.call("POST", "/v1/h/async", json_body={
         "input": 1, "webhook": "http://127.0.0.1:9/h"})
     worker = PlainWorker(gw, "h")
     await worker.pull(wait_ms=5000)
     await worker.executing(a["id"])
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:  # three leases long
         assert await worker.heartbeat([a["id"]]) == []
         assert (await gw.status("h", a["id"]))["status"] == "executing"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)
     await worker.result(a["id"], 200, b"1")
     assert (await gw.status("h", a["id"]))["status"] == "succeed"
 
