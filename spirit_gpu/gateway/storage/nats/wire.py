@@ -23,11 +23,12 @@ import secrets
 import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import msgspec
 import nats.errors
 
+from spirit_gpu.gateway.storage.nats.server import credentials
 from spirit_gpu.log import logger
 
 # subject, reply, header block (b"" when none: ``parse_headers`` reads one), data
@@ -204,11 +205,11 @@ class Wire:
                 "verbose": False, "pedantic": False, "headers": True, "no_responders": True,
                 "lang": "python3", "version": "spirit-wire", "protocol": 1,
                 "name": self.name}
-            if parts.username and parts.password is not None:
-                connect["user"] = unquote(parts.username)
-                connect["pass"] = unquote(parts.password)
-            elif parts.username:
-                connect["auth_token"] = unquote(parts.username)
+            auth = credentials([url])  # (decoded as the main connection's are)
+            if "token" in auth:
+                connect["auth_token"] = auth["token"]
+            elif auth:
+                connect["user"], connect["pass"] = auth["user"], auth["password"]
             proto.pong = loop.create_future()
             lines = [b"CONNECT " + msgspec.json.encode(connect) + _CRLF]
             lines += [f"SUB {subject} {sid}\r\n".encode()
