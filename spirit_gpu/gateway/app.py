@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from spirit_gpu.gateway import (
     agent_api,
@@ -17,11 +16,11 @@ from spirit_gpu.gateway import (
     stream_route,
 )
 from spirit_gpu.gateway.config import CONFIG_KEY, GatewayConfig
-from spirit_gpu.gateway.httpio import error_middleware, error_response
+from spirit_gpu.gateway.httpio import error_middleware
 from spirit_gpu.gateway.metrics import GatewayMetrics
 from spirit_gpu.gateway.proxy import route as proxy_route
 from spirit_gpu.gateway.service import GATEWAY_KEY, Gateway
-from spirit_gpu.gateway.storage.base import Storage, StorageRefused, StorageUnavailable
+from spirit_gpu.gateway.storage.base import Storage, StorageRefused
 from spirit_gpu.gateway.storage.memory import MemoryStorage
 
 if TYPE_CHECKING:
@@ -60,23 +59,11 @@ def _refused(exc: StorageRefused) -> Exception:
     return ConfigRefused(str(exc))
 
 
-@web.middleware
-async def storage_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The store did not answer (NATS restarting): 500 with why; the client may retry."""
-    try:
-        return await handler(request)
-    except StorageUnavailable as exc:
-        return error_response(500, f"failed to handle message: {exc}")
-
-
 def create_app(config: GatewayConfig, storage: Storage | None = None) -> web.Application:
     """The gateway app. ``app[CONFIG_KEY]`` is the config, ``app[GATEWAY_KEY]`` the core."""
     # Bodies are read (and bounded) by the handlers themselves, as they stream in.
     storage = storage or default_storage(config)
-    # (the memory store never raises StorageUnavailable: no middleware for it)
-    middlewares = [error_middleware] if isinstance(storage, MemoryStorage) else \
-        [error_middleware, storage_errors]
-    app = web.Application(middlewares=middlewares, client_max_size=1024**3)
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024**3)
     app[CONFIG_KEY] = config
     gateway = Gateway(config, storage, GatewayMetrics(config.metrics_max_sids))
     app[GATEWAY_KEY] = gateway

@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from spirit_gpu.gateway.conn_guard import BodyTimeout
+from spirit_gpu.gateway.storage.base import StorageUnavailable
 
 _json = msgspec.json.Encoder()
 _SID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
@@ -46,6 +47,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.close:
             resp.force_close()
         return resp
+    except StorageUnavailable as exc:  # (NATS restarting: the client may retry)
+        return error_response(500, f"failed to handle message: {exc}")
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == JSON:
             raise

@@ -224,7 +224,7 @@ class Gateway:
     async def relay_webhook(self, sid: str, request_id: str, status_code: int,
                             data: bytes) -> tuple[int, str]:
         """A worker's webhook call (webhooks.py): the webhook's answer (status, why)."""
-        rec = await self.storage.get(sid, request_id)
+        rec = await self.storage.get_ended(sid, request_id)
         if rec is None:
             return 404, "request not found"
         if not rec.terminal and rec.holder.startswith(LINK_WORKER_PREFIX):
@@ -235,7 +235,7 @@ class Gateway:
             rec = await self.storage.wait_done(sid, request_id, RELAY_WAITS_FOR_LINK) or rec
         if not rec.terminal:
             await self.report_result(sid, request_id, status_code, "", data)
-            rec = await self.storage.get(sid, request_id) or rec
+            rec = await self.storage.get_ended(sid, request_id) or rec
         if rec.ended_by_gateway:
             return 200, f"dropped: the gateway ended the request first ({rec.status})"
         if not rec.webhook:

@@ -172,6 +172,13 @@ class Storage(abc.ABC):
     async def get(self, sid: str, request_id: str) -> RequestRecord | None:
         """The request, or None when unknown or past retention."""
 
+    async def get_ended(self, sid: str, request_id: str) -> RequestRecord | None:
+        """Like ``get``, for a caller that reads only what a request's end fixes (its
+        status, code, result, webhook, ``ended_by_gateway``; not its message, which a
+        note can still change): a networked store answers a request it ended itself
+        from memory, without a round trip."""
+        return await self.get(sid, request_id)
+
     @abc.abstractmethod
     async def wait_done(self, sid: str, request_id: str, wait: float) -> RequestRecord | None:
         """The request once terminal; None when it is not terminal within ``wait`` s."""

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -61,6 +62,8 @@ _REPLICAS_NOT_CLUSTERED = 10074  # JetStream: replicas > 1 not supported in non-
 _RECHECK = 1.0  # a sync waiter re-reads its record this often (lost wake-ups, outages)
 _STREAM_POLL = 0.2
 _KNOWN_MAX = 100_000
+_ENDED_MAX = 4096  # requests this replica ended, kept for get_ended
+_ENDED_BYTES = 32 * 1024 * 1024  # ... and their inline results, at most
 _WRITE_BEHIND = 0.1  # seconds a delivery or start waits to be written with what follows
 _BATCH_MAX = 64  # deliveries fetched in one pull for a link filling a batch
 _BEHIND_FRESH = 0.01  # seconds a delivery's "none queued behind me" is believed
@@ -168,6 +171,10 @@ class NatsStorage(Storage):
         # compare-and-set (one round trip instead of read + write; a stale base just
         # fails the compare and is read again)
         self._known: dict[str, tuple[Doc, int]] = {}
+        # the terminal records this replica wrote, newest last (get_ended: a worker's
+        # webhook call right after its result reads them here, not from the stream)
+        self._ended: OrderedDict[str, Doc] = OrderedDict()
+        self._ended_bytes = 0
         self._claims: dict[str, asyncio.Task[None]] = {}  # take's record writes in flight
         self._early: dict[str, asyncio.Future[Doc | None]] = {}  # sync submits' wake-ups
         # per sid, how many more were queued behind the last delivery (its metadata
@@ -344,11 +351,23 @@ class NatsStorage(Storage):
         if doc.terminal:
             self._known.pop(doc.request_id, None)
             self._drop_held(doc.request_id)  # (the terminal record was written over it)
+            self._remember_ended(doc)
         else:
             if len(self._known) > _KNOWN_MAX:
                 self._known.clear()
             self._known[doc.request_id] = (doc, seq)
         return True
+
+    def _remember_ended(self, doc: Doc) -> None:
+        ended = self._ended
+        old = ended.pop(doc.request_id, None)
+        if old is not None:
+            self._ended_bytes -= len(old.result or b"")
+        ended[doc.request_id] = msgspec.structs.replace(doc)
+        self._ended_bytes += len(doc.result or b"")
+        while len(ended) > _ENDED_MAX or self._ended_bytes > _ENDED_BYTES:
+            _, dropped = ended.popitem(last=False)
+            self._ended_bytes -= len(dropped.result or b"")
 
     async def _blob_put(self, name: str, data: bytes) -> None:
         assert self._blobs is not None
@@ -500,6 +519,14 @@ class NatsStorage(Storage):
                 return await self.get(sid, request_id)
             doc = ended
         return await self._resolved(doc)
+
+    @_guarded
+    async def get_ended(self, sid: str, request_id: str) -> RequestRecord | None:
+        doc = self._ended.get(request_id)
+        if (doc is None or doc.sid != sid
+                or self._now() - doc.finished_at > self.retention * 1000):
+            return await self.get(sid, request_id)  # (past retention: the stream says 404)
+        return await self._resolved(msgspec.structs.replace(doc))
 
     @_guarded
     async def wait_done(self, sid: str, request_id: str, wait: float) -> RequestRecord | None:
