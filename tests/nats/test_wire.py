@@ -193,3 +193,42 @@ async def test_a_server_that_stops_answering_is_dropped_and_found_again(
     finally:
         proc.send_signal(signal.SIGCONT)
         await wire.close()
+
+
+
+async def test_subscriptions_changed_while_it_connects_are_sent_once_connected() -> None:
+    # a server of the test's own that holds its PONG (the end of connecting) until
+    # told: the wire's subscriptions change in between
+    lines: list[bytes] = []
+    greeted = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"server_id":"t","version":"2.15.0","max_payload":1048576,'
+                     b'"headers":true,"proto":1}\r\n')
+        while line := await reader.readline():
+            lines.append(line.strip())
+            if line.startswith(b"PING"):
+                greeted.set()
+                await answer.wait()
+                writer.write(b"PONG\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    wire = Wire([f"nats://127.0.0.1:{port}"], "t")
+    before = wire.subscribe("before", Inbox())
+    connecting = asyncio.create_task(wire.connect())
+    try:
+        await asyncio.wait_for(greeted.wait(), 10.0)
+        wire.subscribe("during", Inbox())
+        wire.unsubscribe(before)
+        answer.set()
+        await asyncio.wait_for(connecting, 10.0)
+        await until(lambda: f"UNSUB {before}".encode() in lines)
+        subs = [line for line in lines if line.startswith(b"SUB ")]
+        assert [line.split()[1] for line in subs] == [b"before", b"during"]
+    finally:
+        answer.set()
+        await wire.close()
+        server.close()

@@ -212,8 +212,9 @@ class Wire:
                 connect["user"], connect["pass"] = auth["user"], auth["password"]
             proto.pong = loop.create_future()
             lines = [b"CONNECT " + msgspec.json.encode(connect) + _CRLF]
+            sent = dict(self._subs)
             lines += [f"SUB {subject} {sid}\r\n".encode()
-                      for sid, (subject, _) in self._subs.items()]
+                      for sid, (subject, _) in sent.items()]
             lines.append(b"PING\r\n")
             proto.write(b"".join(lines))
             # an -ERR (bad credentials) is followed by the server closing: the PONG
@@ -224,6 +225,12 @@ class Wire:
             raise
         self._proto = proto
         self._pings = 0
+        # subscriptions made or dropped while connecting (not yet written)
+        changed = [f"SUB {subject} {sid}\r\n".encode()
+                   for sid, (subject, _) in self._subs.items() if sid not in sent]
+        changed += [f"UNSUB {sid}\r\n".encode() for sid in sent if sid not in self._subs]
+        if changed:
+            proto.write(b"".join(changed))
         if self._out:
             self._flush()
 
