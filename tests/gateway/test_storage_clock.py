@@ -8,6 +8,7 @@ against both stores."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -99,6 +100,59 @@ async def test_first_terminal_status_wins(any_store: Storage) -> None:
     assert not await any_store.finish("c", rec.request_id, 500, "again", b"2")
     got = await any_store.get("c", rec.request_id)
     assert got is not None and (got.status, got.result) == ("succeed", b"1")
+
+
+async def taking(store: Storage) -> None:
+    """Until a take started meanwhile waits (for NATS: its pull is open at the server)."""
+    await asyncio.sleep(0)  # (the memory store's take waits from its first step)
+    if type(store).__name__ != "NatsStorage":
+        return
+    from nats.js.errors import NotFoundError
+
+    from spirit_gpu.gateway.storage.nats import NatsStorage, names
+    assert isinstance(store, NatsStorage)
+    deadline = asyncio.get_running_loop().time() + 5.0
+    while True:
+        try:
+            info = await store.js.consumer_info(names.JOBS, names.consumer("c"))
+            if info.num_waiting:
+                return
+        except NotFoundError:  # (the consumer is made by the take itself)
+            pass
+        assert asyncio.get_running_loop().time() < deadline, "the take never waited"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_take_given_up_leaves_what_comes_next_queued_and_counted(
+        any_store: Storage) -> None:
+    # a worker's long-poll or link that goes away while waiting for a job
+    waiting = asyncio.create_task(any_store.take("c", "gone", 10.0))
+    await taking(any_store)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    for _ in range(3):
+        await any_store.submit(req())
+    assert await any_store.queue_length("c") == 3
+    await any_store.sweep()  # (no worker: the sweep leaves the queue as it is)
+    assert await any_store.queue_length("c") == 3
+    taken = await any_store.take("c", "w", 5.0)
+    assert taken is not None and taken.deliveries == 1
+
+
+async def test_a_job_given_back_counts_as_queued_once_no_worker_is_left(
+        any_store: Storage, clock: Clock) -> None:
+    await any_store.submit(req())
+    await any_store.submit(req())
+    taken = await any_store.take("c", "w", 5.0)
+    assert taken is not None
+    await any_store.give_back("c", taken.request_id)
+    clock.step(LEASE + 1)  # the worker's presence lapses
+    for _ in range(3):  # (sweeps probe what was handed out, and put it back)
+        await any_store.sweep()
+        assert await any_store.queue_length("c") == 2
+    again = await any_store.take("c", "w2", 5.0)
+    assert again is not None and again.request_id == taken.request_id
 
 
 # --- memory: leases, redelivery, retention --------------------------------------------

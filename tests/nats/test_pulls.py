@@ -1,12 +1,12 @@
 """Puller (one sid's pulls on one subscription) against a real nats-server: batches,
 the empty and expired endings, first come first served between open pulls, a
-delivery nobody wants any more handed back at once, a cancelled pull's
-deliveries handed back."""
+pull given up forgotten by the server, a delivery nobody wants any more handed
+back at once, a cancelled pull's deliveries handed back."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import nats
@@ -14,13 +14,21 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, RetentionPolicy, StreamConfig
 
 from spirit_gpu.gateway.storage.nats.pulls import Puller, delivery
 from spirit_gpu.gateway.storage.nats.wire import Wire
 from tests.nats.conftest import live
 
 ACK_WAIT = 30.0  # far beyond every test: a redelivery seen here came from a -NAK
+
+
+async def until_consumer(queue: Queue, check: Callable[[ConsumerInfo], bool],
+                         what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 5.0
+    while not check(info := await queue.nc.jetstream().consumer_info("Q", "c")):
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: {info}"
+        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -95,14 +103,31 @@ async def test_open_pulls_are_served_first_come_first_served(queue: Queue) -> No
     assert await asyncio.wait_for(second, 5.0) == (["two", "three"], False)
 
 
-async def test_a_delivery_for_a_pull_that_gave_up_is_handed_back_at_once(
-        queue: Queue) -> None:
+async def test_a_pull_that_gave_up_is_forgotten_by_the_server(queue: Queue) -> None:
     gave_up = asyncio.create_task(queue.pull(1, wait=10.0))
-    await asyncio.sleep(0.1)
+    await until_consumer(queue, lambda c: c.num_waiting == 1, "the pull open")
     gave_up.cancel()
     with pytest.raises(asyncio.CancelledError):
         await gave_up
-    await queue.put("orphan")  # the server still serves the abandoned pull
+    # its subscription dropped: the server no longer serves it
+    await until_consumer(queue, lambda c: c.num_waiting == 0, "the pull forgotten")
+    await queue.put("next")
+    info = await queue.nc.jetstream().consumer_info("Q", "c")
+    assert (info.num_pending, info.num_ack_pending) == (1, 0)  # queued, as counted
+    assert await queue.pull(1, wait=5.0) == (["next"], False)
+    assert b"-NAK" not in queue.verbs  # nothing was handed back
+
+
+async def test_a_delivery_for_a_pull_nobody_waits_for_is_handed_back_at_once(
+        queue: Queue) -> None:
+    # a pull open at the server under the puller's subscription that nobody here waits
+    # for (one given up while its subscription is still in use: the moment before
+    # the server drops it)
+    await queue.nc.publish("$JS.API.CONSUMER.MSG.NEXT.Q.c",
+                           b'{"batch": 1, "expires": 10000000000}',
+                           reply=f"{queue.puller._inbox}.stray")
+    await until_consumer(queue, lambda c: c.num_waiting == 1, "the stray pull open")
+    await queue.put("orphan")
     await queue.handed_back(1)
     # the next pull has it now, not after the 30 s lease
     assert await queue.pull(1, wait=5.0) == (["orphan"], False)

@@ -7,9 +7,17 @@ under one wildcard subscription. The server ends a pull that did not fill its
 batch with a status message on that reply subject; deliveries, though, carry
 their stream subject, so they go to the oldest open pull that wants more: the
 server serves a consumer's pulls first come, first served, and this replica
-sent its pulls in that order on one connection. A delivery nobody here wants
-any more (its pull gave up) is handed back at once (``-NAK``) rather than left
-to its lease. Pulls and deliveries go over the store's lean connection
+sent its pulls in that order on one connection.
+
+A pull given up (its caller cancelled: a worker went away) stays open at the
+server until it expires, and would take the next job. So the subscription it
+was made under is retired: later pulls get a new one, and the old one is
+dropped once no open pull uses it, which makes the server forget the pulls
+under it (no interest). A job handed to a pull that gave up is no longer
+queued as the server counts (``num_pending``); it is in flight until acked or
+redelivered. A delivery that arrives for a given-up pull meanwhile is handed
+back at once (``-NAK``) rather than left to its lease. Pulls and deliveries go
+over the store's lean connection
 (``wire``); a delivery is handed on as a ``Delivery``: what its ack subject says.
 """
 
@@ -50,10 +58,11 @@ def delivery(data: bytes, reply: str) -> Delivery:
 
 
 class _Pull:
-    __slots__ = ("want", "got", "done", "trouble")
+    __slots__ = ("want", "got", "done", "trouble", "sub")
 
-    def __init__(self, want: int, done: asyncio.Future[None]) -> None:
+    def __init__(self, want: int, done: asyncio.Future[None], sub: int) -> None:
         self.want = want
+        self.sub = sub  # the subscription its reply subject is under
         self.got: list[Delivery] = []
         self.done = done
         self.trouble = False  # ended by a status other than "nothing for you"
@@ -71,6 +80,7 @@ class Puller:
         self._ids = itertools.count(1)
         self._open: dict[str, _Pull] = {}  # by reply subject, oldest first
         self._sid = 0
+        self._retired: set[int] = set()  # subscriptions to drop once their pulls end
 
     async def start(self) -> None:
         self._sid = self.wire.subscribe(f"{self._inbox}.*", self._on_msg)
@@ -115,28 +125,47 @@ class Puller:
         nats' TimeoutError when the server said nothing for ``timeout`` s."""
         reply = f"{self._inbox}.{next(self._ids)}"
         loop = asyncio.get_running_loop()
-        pull = _Pull(want, loop.create_future())
+        pull = _Pull(want, loop.create_future(), self._sid)
         self._open[reply] = pull
         timer = loop.call_later(timeout, pull.finish)
         try:
             self.wire.publish(self.subject, msgspec.json.encode(request), reply=reply)
             await pull.done
         except BaseException:
-            self._open.pop(reply, None)
+            if self._open.pop(reply, None) is not None:  # still open at the server
+                self._retire(pull.sub)
+            self._release(pull.sub)
             for msg in pull.got:  # not handed over
                 self._hand_back(msg)
             raise
         finally:
             timer.cancel()
-        if self._open.pop(reply, None) is not None and not pull.got:
+        unanswered = self._open.pop(reply, None) is not None
+        self._release(pull.sub)
+        if unanswered and not pull.got:
             raise nats.errors.TimeoutError
         return pull.got, pull.trouble
+
+    def _retire(self, sub: int) -> None:
+        """Later pulls go under a new subscription; ``sub`` is dropped once unused."""
+        if sub != self._sid or not self._sid:
+            return
+        self._retired.add(sub)
+        self._inbox = new_inbox()
+        self._sid = self.wire.subscribe(f"{self._inbox}.*", self._on_msg)
+
+    def _release(self, sub: int) -> None:
+        if sub in self._retired and all(p.sub != sub for p in self._open.values()):
+            self._retired.discard(sub)
+            self.wire.unsubscribe(sub)
 
     async def close(self) -> None:
         for pull in self._open.values():
             pull.finish()
         self._open.clear()
-        if self._sid:
-            self.wire.unsubscribe(self._sid)
+        for sub in (*self._retired, self._sid):
+            if sub:
+                self.wire.unsubscribe(sub)
+        self._retired.clear()
         with contextlib.suppress(ValueError):
             self.wire.on_lost.remove(self._lost)

@@ -699,7 +699,13 @@ class NatsStorage(Storage):
             info = await self.js.consumer_info(names.JOBS, names.consumer(sid))
         except NotFoundError:
             return 0
-        return int(info.num_pending or 0)
+        queued = int(info.num_pending or 0)
+        if not self._present(sid):
+            # no worker holds a job: those handed out and not acked (a lease that ran
+            # out, a job put back) wait to be delivered again, which the server counts
+            # apart from num_pending
+            queued += int(info.num_ack_pending or 0)
+        return queued
 
     def _present(self, sid: str) -> int:
         at = self._now()
@@ -1188,10 +1194,18 @@ class NatsStorage(Storage):
                 info = await self.js.consumer_info(names.JOBS, names.consumer(sid))
                 if not info.num_ack_pending or info.num_waiting:
                     continue
+                probed: set[int] = set()
                 for _ in range(32):
                     msgs = await self._next(sid, 0)
                     if not msgs:
                         break
-                    await self._claim(sid, None, msgs[0])
+                    msg = msgs[0]
+                    if msg.sequence in probed:  # put back by this probe: all were seen
+                        await self._reply(msg.reply, b"-NAK")
+                        break
+                    await self._claim(sid, None, msg)
+                    if msg.delivered == 1:  # (redeliveries come first: none are left)
+                        break
+                    probed.add(msg.sequence)
             except (*_OUTAGE, StorageUnavailable) as exc:
                 logger.warn(f"NATS store: sweep of {sid} failed: {exc!r}")
