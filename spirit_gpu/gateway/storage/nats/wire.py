@@ -150,6 +150,10 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(data)
 
 
+def _sub_line(sid: int, subject: str) -> bytes:
+    return f"SUB {subject} {sid}\r\n".encode()
+
+
 class Wire:
     def __init__(self, urls: list[str], name: str, ping_every: float = 5.0,
                  known: Callable[[], list[str]] | None = None) -> None:
@@ -213,7 +217,7 @@ class Wire:
             proto.pong = loop.create_future()
             lines = [b"CONNECT " + msgspec.json.encode(connect) + _CRLF]
             sent = dict(self._subs)
-            lines += [f"SUB {subject} {sid}\r\n".encode()
+            lines += [_sub_line(sid, subject)
                       for sid, (subject, _) in sent.items()]
             lines.append(b"PING\r\n")
             proto.write(b"".join(lines))
@@ -226,7 +230,7 @@ class Wire:
         self._proto = proto
         self._pings = 0
         # subscriptions made or dropped while connecting (not yet written)
-        changed = [f"SUB {subject} {sid}\r\n".encode()
+        changed = [_sub_line(sid, subject)
                    for sid, (subject, _) in self._subs.items() if sid not in sent]
         changed += [f"UNSUB {sid}\r\n".encode() for sid in sent if sid not in self._subs]
         if changed:
@@ -303,7 +307,7 @@ class Wire:
         self._next_sid += 1
         self._subs[sid] = (subject, handler)
         if self._proto is not None:
-            self._proto.write(f"SUB {subject} {sid}\r\n".encode())
+            self._proto.write(_sub_line(sid, subject))
         return sid
 
     def unsubscribe(self, sid: int) -> None:
