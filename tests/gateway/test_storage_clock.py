@@ -151,6 +151,8 @@ async def test_a_job_given_back_counts_as_queued_once_no_worker_is_left(
     for _ in range(3):  # (sweeps probe what was handed out, and put it back)
         await any_store.sweep()
         assert await any_store.queue_length("c") == 2
+        row, = [s for s in await any_store.stats() if s.sid == "c"]  # (/metrics)
+        assert (row.queued, row.in_flight) == (2, 0)
     again = await any_store.take("c", "w2", 5.0)
     assert again is not None and again.request_id == taken.request_id
 

@@ -27,7 +27,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, Header
+from nats.js.api import ConsumerInfo, DeliverPolicy, Header
 from nats.js.errors import APIError, NotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -699,13 +699,14 @@ class NatsStorage(Storage):
             info = await self.js.consumer_info(names.JOBS, names.consumer(sid))
         except NotFoundError:
             return 0
-        queued = int(info.num_pending or 0)
-        if not self._present(sid):
-            # no worker holds a job: those handed out and not acked (a lease that ran
-            # out, a job put back) wait to be delivered again, which the server counts
-            # apart from num_pending
-            queued += int(info.num_ack_pending or 0)
-        return queued
+        return self._counts(sid, info)[0]
+
+    def _counts(self, sid: str, info: ConsumerInfo) -> tuple[int, int]:
+        """(queued, in flight) from the sid's consumer. With no worker present no job is
+        held: those handed out and not acked (a lease that ran out, a job put back)
+        wait to be delivered again, which the server counts apart from num_pending."""
+        queued, handed = int(info.num_pending or 0), int(info.num_ack_pending or 0)
+        return (queued, handed) if self._present(sid) else (queued + handed, 0)
 
     def _present(self, sid: str) -> int:
         at = self._now()
@@ -738,8 +739,8 @@ class NatsStorage(Storage):
         for info in await self.js.consumers_info(names.JOBS):
             subject = info.config.filter_subject or ""
             sid = subject[prefix:].removesuffix(".*")
-            out.append(SidStats(sid=sid, queued=int(info.num_pending or 0),
-                                in_flight=int(info.num_ack_pending or 0),
+            queued, in_flight = self._counts(sid, info)
+            out.append(SidStats(sid=sid, queued=queued, in_flight=in_flight,
                                 workers=self._present(sid)))
         return sorted(out, key=lambda s: s.sid)
 
