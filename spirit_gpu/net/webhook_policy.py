@@ -26,6 +26,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -87,6 +88,10 @@ class WebhookPolicy:
     relay_prefix: str = ""
     _networks: tuple[IPNetwork, ...] = field(default=(), init=False, repr=False)
     _names: tuple[str, ...] = field(default=(), init=False, repr=False)
+    # (host, port, relay) -> (until, refusal): each accept and each webhook try asks,
+    # and deciding anew parsed addresses and scanned networks every time
+    _decided: dict[tuple[str, int, bool], tuple[float, str]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         networks: list[IPNetwork] = []
@@ -170,9 +175,22 @@ class WebhookPolicy:
             # the operator named it: not resolved here; the connection's resolver
             # (PolicyResolver) still refuses forbidden addresses and own listeners
             return ""
+        relay = self.is_relay(url)
+        key = (host.lower(), port, relay)
+        kept = self._decided.get(key)
+        now = time.monotonic()
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        why = await self._address_refusal(host, port, relay)
+        if len(self._decided) >= _DECIDED_MAX:
+            self._decided.clear()
+        # kept as long as the answers it rests on (a new listener makes a new policy)
+        self._decided[key] = (now + ANSWER_TTL, why)
+        return why
+
+    async def _address_refusal(self, host: str, port: int, relay: bool) -> str:
         addresses = await resolve(host, port)
         own = await self.own_addresses()
-        relay = self.is_relay(url)
         for ip in addresses:
             why = self.address_refusal(ip, port, own, relay)
             if why:
@@ -211,6 +229,7 @@ async def _lookup(host: str, port: int) -> list[IPAddress]:
 # checks again what it really resolves (PolicyResolver), so a kept answer decides no
 # more than the accept's early "400, why"
 ANSWER_TTL = 10.0
+_DECIDED_MAX = 1024
 
 
 class _Answers:

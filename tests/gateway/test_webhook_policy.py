@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from spirit_gpu.gateway.webhooks import GatewayWebhooks
+from spirit_gpu.net import webhook_policy
 from spirit_gpu.net.webhook_policy import (
     PolicyResolver,
     WebhookPolicy,
@@ -125,6 +126,41 @@ async def test_refusals_of_a_named_host_share_one_lookup(
         assert await policy.refusal("http://localhost:8124/hook") == ""
         assert "own listener" in await policy.refusal("http://localhost:8123/hook")
     assert lookups.asked == ["localhost", "localhost"]  # once per (name, port)
+
+
+async def test_a_decision_is_kept_as_long_as_the_answers_it_rests_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    real_resolve = webhook_policy.resolve
+
+    async def counting(host: str, port: int) -> list[Any]:
+        asked.append(host)
+        return await real_resolve(host, port)
+    monkeypatch.setattr(webhook_policy, "resolve", counting)
+    clock = [1000.0]
+    monkeypatch.setattr(webhook_policy.time, "monotonic", lambda: clock[0])
+    policy = WebhookPolicy.for_gateway("127.0.0.1", 8123)
+    for path in ("/a", "/b", "/c?x=1"):
+        assert await policy.refusal(f"http://127.0.0.1:8124{path}") == ""
+        assert "own listener" in await policy.refusal(f"http://127.0.0.1:8123{path}")
+        # the path is checked every time: an agent path is never kept as allowed
+        assert "agent API path" in await policy.refusal(
+            "http://127.0.0.1:8124/agent/s/apis/v1/proxy/register")
+    assert asked.count("127.0.0.1") == 4  # each (host, port): itself and its own listener
+    clock[0] += webhook_policy.ANSWER_TTL + 1
+    assert await policy.refusal("http://127.0.0.1:8124/a") == ""
+    assert asked.count("127.0.0.1") == 6  # stale: decided anew
+
+
+async def test_a_listener_learned_later_is_refused_at_once() -> None:
+    sender = GatewayWebhooks()
+    port = free_port()
+    try:
+        assert await sender.refusal(f"http://127.0.0.1:{port}/hook") == ""
+        sender.listener(("127.0.0.1", port))  # a request came in on it
+        assert "own listener" in await sender.refusal(f"http://127.0.0.1:{port}/hook")
+    finally:
+        await sender.close()
 
 
 async def test_the_connection_resolver_refuses_forbidden_addresses() -> None:
