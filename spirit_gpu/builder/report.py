@@ -56,8 +56,9 @@ def show_next_steps(console: Console, out_dir: Path, model_only: bool) -> None:
     steps = Table.grid(padding=(0, 2))
     steps.add_column(style="bold")
     steps.add_column()
-    steps.add_row("1.", f"cd {escape(str(out_dir))} && pip install -r requirements.txt "
-                  "'spirit-gpu[gateway]'   (the gateway extra runs spirit-gpu dev)")
+    # (escaped whole: rich would take "[gateway]" for a style and drop it)
+    steps.add_row("1.", escape(f"cd {out_dir} && pip install -r requirements.txt "
+                               "'spirit-gpu[gateway]'   (the gateway extra runs spirit-gpu dev)"))
     steps.add_row("2.", "put your inference code in src/main.py (predict) and src/build.py")
     steps.add_row("3.", "spirit-gpu dev src/main.py   (run and try it locally)")
     steps.add_row("4.", "docker build -t my-worker .   (build the image)")

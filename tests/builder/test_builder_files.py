@@ -129,6 +129,8 @@ def test_real_command(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert files_in(tmp_path / "p") == PROJECT_FILES
     assert "spirit-gpu dev src/main.py" in done.stdout and "docker build" in done.stdout
+    # the install line pastes as printed: with the extra that dev needs
+    assert "pip install -r requirements.txt 'spirit-gpu[gateway]'" in done.stdout
     assert "async def handler" in (tmp_path / "p/src/main.py").read_text()
     failed = subprocess.run([*_command()], capture_output=True, text=True, env=env,
                             cwd=tmp_path / "p/src", timeout=60, check=False)
