@@ -73,6 +73,12 @@ def _decode(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
 
 def _parse(raw: bytes) -> ClientBody:
     body = _decode(_body, raw)
+    if not raw.isascii():  # (fast: almost every body is ASCII)
+        # JSON is UTF-8; the decoder does not look inside the undecoded input
+        try:
+            raw.decode()
+        except UnicodeDecodeError as exc:
+            raise ApiError(400, f"invalid request data: {exc}") from exc
     if not body.input:
         raise ApiError(400, "invalid request arguments: the body needs an 'input' field")
     return body

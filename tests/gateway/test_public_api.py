@@ -53,6 +53,7 @@ async def test_bad_bodies_are_400(gw: Gw) -> None:
     cases = [
         (b"", "failed to get request data"),
         (b"{not json", "invalid request data"),
+        (b'{"input": {"x": "\xff"}}', "invalid request data"),  # not UTF-8, inside input
         (b"[1, 2]", "invalid request arguments"),
         (b'{"x": 1}', "invalid request arguments"),
         (b'{"input": 1, "policy": {"ttl": "soon"}}', "invalid request arguments"),
