@@ -14,6 +14,7 @@ from spirit_gpu.builder import report
 from spirit_gpu.builder.errors import BuilderError
 from spirit_gpu.builder.inputs import DEFAULT_FILES, INPUT_TYPES, LoadedInput, load, locate
 from spirit_gpu.builder.model import DATA_TYPES, MODEL_FILE, generate_model
+from spirit_gpu.builder.openapi import MODEL_NAME, request_input_document
 from spirit_gpu.builder.project import (
     HANDLER_TYPES,
     ApiFile,
@@ -22,6 +23,7 @@ from spirit_gpu.builder.project import (
     plan_project,
     write_files,
 )
+from spirit_gpu.builder.sample import fits, sample_input
 
 _JSON_KINDS = ("openapi", "jsonschema", "json", "yaml")
 
@@ -62,6 +64,29 @@ def _api_file(loaded: LoadedInput, out_dir: Path, notes: list[str]) -> ApiFile |
     return ApiFile(f"api{loaded.path.suffix.lower()}", loaded.path.read_text(encoding="utf-8"))
 
 
+def _sample_file(loaded: LoadedInput, model_code: str, notes: list[str]) -> PlannedFile | None:
+    """src/test_input.json: the request `spirit-gpu dev src/main.py` prints to try."""
+    if loaded.kind in ("json", "yaml"):
+        value = loaded.data  # the example is a valid input
+    elif loaded.kind in ("jsonschema", "openapi"):
+        root = (request_input_document(loaded.data, loaded.path.name)[0]
+                if loaded.kind == "openapi" else loaded.data)
+        schema = (root["components"]["schemas"][MODEL_NAME] if loaded.kind == "openapi"
+                  else root)
+        try:
+            value = sample_input(schema, root)
+        except ValueError:
+            value = None
+        if value is None or not fits(model_code, value):
+            notes.append("no src/test_input.json: no sample input from the schema fits "
+                         "RequestInput; write one for spirit-gpu dev's sample request")
+            return None
+    else:
+        return None
+    return PlannedFile("src/test_input.json", json.dumps(
+        {"input": value}, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
 def run(args: argparse.Namespace, console: Console) -> None:
     cwd = Path.cwd()
     path = locate(args.input_file, cwd)
@@ -90,10 +115,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     else:
         options = Options(path.name, loaded.kind, args.data_type, args.handler_type)
         files = plan_project(options, model_code, _api_file(loaded, out_dir, notes))
-        if loaded.kind in ("json", "yaml"):
-            # the example is a valid input: `spirit-gpu dev src/main.py` sends it
-            files.append(PlannedFile("src/test_input.json", json.dumps(
-                {"input": loaded.data}, indent=2, ensure_ascii=False, default=str) + "\n"))
+        sample = _sample_file(loaded, model_code, notes)
+        if sample is not None:
+            files.append(sample)
         outcomes = write_files(out_dir, files, args.force)
         if any(o.path == MODEL_FILE and o.status == "kept" for o in outcomes):
             notes.append(f"{MODEL_FILE} was kept; regenerate it with --model-only")

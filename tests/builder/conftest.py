@@ -20,6 +20,7 @@ PROJECT_FILES = {
     ".dockerignore", f"wheels/{wheel_name(metadata())}",
     "Dockerfile", "LICENSE", "README.md", "api.json", "requirements.txt", "scripts/build.sh",
     "scripts/start.sh", "src/build.py", "src/main.py", "src/spirit_generated_model.py",
+    "src/test_input.json",  # the sample request dev prints (inputs in a JSON form)
 }
 
 # An OpenAPI document in the reference's style: components.schemas.RequestInput,

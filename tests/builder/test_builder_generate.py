@@ -30,6 +30,12 @@ from tests.builder.conftest import (
 )
 
 DATA_TYPES = ["pydantic_v2.BaseModel", "dataclasses.dataclass"]
+# the required fields only: the schema's enum, format and bounds chose the values
+SCHEMA_SAMPLES = {
+    "openapi-components": {"prompt": "x"},
+    "openapi-body": {"audio": "https://example.com"},
+    "jsonschema": {"messages": [{"role": "system", "content": "x"}]},
+}
 
 
 @pytest.mark.parametrize("data_type", DATA_TYPES)
@@ -39,15 +45,16 @@ def test_generates_project_with_working_model(tmp_path: Path, case: str, data_ty
     source = write(tmp_path / "in" / name, content)
     out = tmp_path / "out"
     assert build("-i", str(source), "-o", str(out), "--data-type", data_type) == 0
-    example = case.startswith("example")  # an example is a valid input: dev prints it
-    assert files_in(out) == PROJECT_FILES | ({"src/test_input.json"} if example else set())
-    if example:
-        assert json.loads(example_body(str(out / "src/main.py"))) == {"input": valid}
+    assert files_in(out) == PROJECT_FILES
+    # dev prints this request: an example as it is, else the sample built from the schema
+    sample = json.loads(example_body(str(out / "src/main.py")))["input"]
+    assert sample == (valid if case.startswith("example") else SCHEMA_SAMPLES[case])
     model = load_model(out / "src/spirit_generated_model.py")
     request_input = model.RequestInput
     if data_type.startswith("pydantic"):
         assert issubclass(request_input, pydantic.BaseModel)
         request_input.model_validate(valid)
+        request_input.model_validate(sample)
         with pytest.raises(pydantic.ValidationError) as info:
             request_input.model_validate(invalid)
         assert field in str(info.value)
@@ -56,6 +63,7 @@ def test_generates_project_with_working_model(tmp_path: Path, case: str, data_ty
         names = {f.name for f in dataclasses.fields(request_input)}
         assert field in names and set(valid) <= names
         request_input(**valid)
+        request_input(**sample)
         with pytest.raises(TypeError, match=field):
             request_input(**invalid)
     requirements = (out / "requirements.txt").read_text()
@@ -114,8 +122,10 @@ def test_text_input_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind:
                           content: str, steps: object) -> None:
     source = write(tmp_path / f"input.{kind}", content)
     assert build("-i", str(source), "--input-type", kind, "-o", str(tmp_path / "o")) == 0
-    # no JSON form: the project keeps a copy of the input instead of api.json
-    assert files_in(tmp_path / "o") == PROJECT_FILES - {"api.json"} | {f"api.{kind}"}
+    # no JSON form: the project keeps a copy of the input instead of api.json, and dev
+    # sends its generic sample
+    assert files_in(tmp_path / "o") == (PROJECT_FILES - {"api.json", "src/test_input.json"}
+                                        | {f"api.{kind}"})
     model_file = tmp_path / "o/src/spirit_generated_model.py"
     model = load_model(model_file)
     assert model.RequestInput.model_validate({"prompt": "hi", "steps": steps}).steps == steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from spirit_gpu.cli import example_body
 from tests.builder.conftest import CASES, REPO, build, write
 from tests.conftest import free_port, post_json
 
@@ -79,6 +81,10 @@ def test_generated_worker_answers_200_and_400(
     assert status == 200, body
     output = body["output"] if kind in ("sync", "async") else body[0]["output"]
     assert output["prompt"] == "a cat" and output["size"] == {"width": 512, "height": 512}
+
+    # the sample `spirit-gpu dev src/main.py` prints, built from the schema, is answered
+    status, body = post_json(port, json.loads(example_body(str(project / "src/main.py"))))
+    assert status == 200, body
 
     status, body = post_json(port, {"input": invalid})
     assert status == 400, body
