@@ -39,6 +39,9 @@ async def test_streamed_and_whole_answers(gateway_factory: GatewayFactory, procs
                           json={"stream": False}) as r:
             assert r.status == 200, await r.text()
             body = await r.json()
+            # the upstream's headers only: none of the worker's or the sidecar's to the agent
+            leaked = {"Spirit-Agent-Base", "Spirit-Worker-Id", "Authorization"} & set(r.headers)
+            assert not leaked, r.headers
         assert body["choices"][0]["message"]["content"] == "hello"
         assert "Auth" not in llm.seen[-1]["headers"]
 

@@ -50,12 +50,13 @@ from spirit_gpu.gateway.storage.base import (
 from spirit_gpu.log import logger
 from spirit_gpu.net.aiohttp_internals import cut_connection
 from spirit_gpu.net.relay import HOP_BY_HOP, filter_pairs, proxy_error
-from spirit_gpu.protocol.agent import WORKER_ID_HEADER, ProxyJob
+from spirit_gpu.protocol.agent import AGENT_BASE_HEADER, WORKER_ID_HEADER, ProxyJob
 from spirit_gpu.protocol.proxy import CLIENT_AUTH_HEADER, REQUEST_ID_HEADER
 
 # not passed on to the client: the worker's own request headers to the agent
 _DROP_ANSWER = HOP_BY_HOP | {"authorization", "content-length", "accept", "accept-encoding",
-                             "user-agent", WORKER_ID_HEADER.lower()}
+                             "user-agent", WORKER_ID_HEADER.lower(),
+                             AGENT_BASE_HEADER.lower()}  # (added by a sidecar on the way)
 _DROP_REQUEST = HOP_BY_HOP | {CLIENT_AUTH_HEADER.lower(), "content-length"}
 _job = msgspec.json.Encoder()
 
