@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from spirit_gpu.settings import EnvSettings
+from spirit_gpu.net.allow_entries import check_allow_entries
+from spirit_gpu.settings import EnvSettings, one_of
 from spirit_gpu.settings import setting as _opt
 
 # never handed to handler processes through their environment
@@ -38,7 +39,8 @@ class WorkerConfig(EnvSettings):
     worker_token: str = _opt("", "SPIRIT_WORKER_TOKEN",
                              "Bearer token sent to the agent API (self-hosted gateway)")
     transport: str = _opt("auto", "SPIRIT_TRANSPORT",
-                          "auto (multiplexed link when offered), plain, or link")
+                          "auto (multiplexed link when offered), plain, or link",
+                          check=one_of("auto", "plain", "link"))
     max_children: int = _opt(8, "SPIRIT_MAX_CHILDREN",
                              "Upper bound on handler processes (sync/generator handlers)")
     min_children: int = _opt(1, "SPIRIT_MIN_CHILDREN",
@@ -77,7 +79,8 @@ class WorkerConfig(EnvSettings):
                               "(holding its slot), so a burst slows pulls and loses nothing")
     webhook_allow: list[str] = _opt([], "SPIRIT_WEBHOOK_ALLOW",
                                     "Only send webhooks to these hosts, *.suffixes, IPs or CIDR "
-                                    "networks (comma-separated; empty: any but the refused ones)")
+                                    "networks (comma-separated; empty: any but the refused ones)",
+                                    check=check_allow_entries)
     pull_backoff_max: float = _opt(1.0, "SPIRIT_PULL_BACKOFF_MAX",
                                    "Longest wait between pulls when the queue is empty")
     in_process: bool = _opt(False, "SPIRIT_IN_PROCESS",

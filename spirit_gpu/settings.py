@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import Field, field, fields
 from typing import Any, Self
 
@@ -24,10 +24,12 @@ class SettingError(ValueError):
     """A setting's value cannot be used; the message is one line a user can act on."""
 
 
-def setting(default: Any, env: str, doc: str, flag: str = "", metavar: str = "") -> Any:
+def setting(default: Any, env: str, doc: str, flag: str = "", metavar: str = "",
+            check: Callable[[Any], None] | None = None) -> Any:
     """A config field with its environment variable, one line of help and, when it
-    differs from ``--field-name``, its flag."""
-    metadata = {"env": env, "doc": doc, "flag": flag, "metavar": metavar}
+    differs from ``--field-name``, its flag. ``check`` refuses a value it cannot use
+    with ValueError (the rest of a sentence after the value)."""
+    metadata = {"env": env, "doc": doc, "flag": flag, "metavar": metavar, "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -58,9 +60,17 @@ def coerce(kind: Any, value: Any) -> Any:
         except (TypeError, ValueError):
             raise ValueError("is not a number") from None
     if kind == "list[str]":
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return [str(v).strip() for v in items if str(v).strip()]
+        # comma-separated wherever it comes from: an env var, or each repeat of a flag
+        items = [value] if isinstance(value, str) else list(value)
+        return [part.strip() for v in items for part in str(v).split(",") if part.strip()]
     return str(value)
+
+
+def one_of(*choices: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"is not one of {', '.join(choices)}")
+    return check
 
 
 def _check(name: str, value: Any) -> None:
@@ -102,6 +112,9 @@ class EnvSettings:
             try:
                 updates[name] = coerce(f.type, value)
                 _check(name, updates[name])
+                check = f.metadata.get("check")
+                if check is not None:
+                    check(updates[name])
             except ValueError as exc:
                 raise SettingError(f"{_where(f, source)}: {value!r} {exc}") from None
         return dataclasses.replace(self, **updates)  # type: ignore[type-var]

@@ -32,6 +32,15 @@ def test_gateway_lists_from_env_and_code() -> None:
     cfg = GatewayConfig.from_sources(environ={"SPIRIT_API_KEYS": "a, b,,c", "SPIRIT_PORT": "9"},
                                      port=1, api_keys=["x"])
     assert (cfg.api_keys, cfg.port) == (["a", "b", "c"], 9)
+    # a flag takes the env var's form too, and repeats
+    parser = argparse.ArgumentParser()
+    add_flags(parser, GatewayConfig)
+    flags = GatewayConfig.flag_values(parser.parse_args([
+        "--webhook-allow", "127.0.0.1, 10.0.0.0/8", "--webhook-allow", "*.example.com",
+        "--api-key", "k1,k2"]))
+    cfg = GatewayConfig.from_sources(environ={}, flags=flags)
+    assert cfg.webhook_allow == ["127.0.0.1", "10.0.0.0/8", "*.example.com"]
+    assert cfg.api_keys == ["k1", "k2"]
     assert GatewayConfig().api_keys == [] and GatewayConfig().api_keys is not \
         GatewayConfig().api_keys  # no shared mutable default
 
@@ -56,3 +65,24 @@ def test_the_worker_config_is_frozen() -> None:
     cfg = WorkerConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.grace_period = 0  # type: ignore[misc]
+
+
+def test_values_a_setting_cannot_use_are_refused_naming_where_they_came_from() -> None:
+    import re
+
+    import pytest
+
+    from spirit_gpu.settings import SettingError
+    ok = "127.0.0.1,10.0.0.0/8,fd00::/8,*.example.com,hooks.example.com,localhost"
+    assert len(GatewayConfig.from_sources(environ={"SPIRIT_WEBHOOK_ALLOW": ok}).webhook_allow) == 6
+    for bad in ("10.0.0.0/33", "hooks.example.com:8080", "two words", "*."):
+        with pytest.raises(SettingError,
+                           match=f"SPIRIT_WEBHOOK_ALLOW: .*{re.escape(repr(bad))}, which is not"):
+            GatewayConfig.from_sources(environ={"SPIRIT_WEBHOOK_ALLOW": f"127.0.0.1,{bad}"})
+        with pytest.raises(SettingError, match="SPIRIT_WEBHOOK_ALLOW"):
+            WorkerConfig.from_sources({}, environ={"SPIRIT_WEBHOOK_ALLOW": bad})
+    parser = argparse.ArgumentParser()
+    add_flags(parser, WorkerConfig)
+    flags = WorkerConfig.flag_values(parser.parse_args(["--transport", "lnk"]))
+    with pytest.raises(SettingError, match="--transport: 'lnk' is not one of auto, plain, link"):
+        WorkerConfig.from_sources({}, environ={}, flags=flags)

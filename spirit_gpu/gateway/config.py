@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from spirit_gpu.net.allow_entries import check_allow_entries
 from spirit_gpu.settings import EnvSettings
 from spirit_gpu.settings import setting as _opt
 
@@ -75,7 +76,7 @@ class GatewayConfig(EnvSettings):
     webhook_allow: list[str] = _opt([], "SPIRIT_WEBHOOK_ALLOW",
                                     "Only accept and send webhooks to these hosts, *.suffixes, "
                                     "IPs or CIDR networks (comma-separated; empty: any but the "
-                                    "refused ones)")
+                                    "refused ones)", check=check_allow_entries)
     metrics_max_sids: int = _opt(1000, "SPIRIT_METRICS_MAX_SIDS",
                                  "Serverless ids with their own /metrics label; later ones "
                                  "are counted under sid=\"_other\"")
