@@ -20,6 +20,9 @@ from spirit_gpu.supervisor.transports.plain import PlainTransport
 EXIT_STARTUP_FAILED = 3
 
 
+_PROBE_BACKOFF_MAX = 2.0  # seconds between tries while the agent cannot be reached
+
+
 class Supervisor:
     def __init__(self, cfg: WorkerConfig, script: str, args: list[str],
                  flags: dict[str, object] | None = None) -> None:
@@ -102,14 +105,29 @@ class Supervisor:
             finally:
                 await transport.close()
 
+    async def _probe(self, plain: PlainTransport) -> None:
+        """Learn what the agent offers from a heartbeat's answer, waiting for the agent
+        while it cannot be reached: a worker started before its gateway (the usual
+        order in compose or a cluster) would otherwise stay on the plain protocol.
+        Nothing could be pulled meanwhile anyway."""
+        delay = 0.1
+        while not self.stop.is_set():
+            try:
+                await plain.heartbeat([])
+                return
+            except AgentUnavailable:
+                pass  # (plain.outage logged it once)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+            delay = min(delay * 2, _PROBE_BACKOFF_MAX)
+
     async def _transport(self, session: aiohttp.ClientSession) -> Transport:
         plain = PlainTransport(session, self.cfg.agent_url, self.cfg.worker_token)
         choice = self.cfg.transport
         if choice == "plain":
             return plain
         if choice == "auto":
-            with contextlib.suppress(AgentUnavailable):
-                await plain.heartbeat([])  # learns what the agent offers
+            await self._probe(plain)
             if "link" not in plain.features:
                 return plain
         try:

@@ -72,7 +72,7 @@ async def gateway_factory(store: str) -> AsyncIterator[GatewayFactory]:
         app = create_app(config)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        port = free_port()
+        port = int(overrides.get("port") or 0) or free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         runners.append(runner)
         return Gw(f"http://127.0.0.1:{port}", config, app, session)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from spirit_gpu.gateway.service import GATEWAY_KEY
-from tests.conftest import Worker, until
+from tests.conftest import Worker, free_port, until
 from tests.gateway.conftest import APPS, AUTH, TOKEN, GatewayFactory, Gw, Webhooks
 
 TRANSPORTS = ["plain", "link"]
@@ -74,6 +74,20 @@ async def test_sync_async_and_webhook(tgw: Gw, worker_factory: Any, webhooks: We
         return st if st["status"] == "succeed" else None
     st = await until(done, 10, "async status")
     assert st["statusCode"] == 200
+
+
+async def test_a_worker_started_before_its_gateway_takes_the_link_once_it_is_up(
+        gateway_factory: GatewayFactory, worker_factory: Any) -> None:
+    port = free_port()
+    worker = worker_factory(str(APPS / "double.py"), {
+        "EASE_AGENT_URL": f"http://127.0.0.1:{port}/agent/early", "SPIRIT_TRANSPORT": "auto",
+        "SPIRIT_WORKER_TOKEN": TOKEN, "EASE_HEARTBEAT_INTERVAL": "0.2"})
+    await output(worker, "unreachable")  # nothing listens there yet
+    gw = await gateway_factory(worker_token=TOKEN, port=port)
+    await output(worker, "connected to the agent over the multiplexed link")
+    code, body, _ = await gw.call("POST", "/v1/early/sync", json_body={"input": {"x": 4}})
+    assert (code, body) == (200, {"doubled": 8})
+    assert "using the plain protocol" not in worker.output
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
