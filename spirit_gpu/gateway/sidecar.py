@@ -11,7 +11,8 @@ our gateway: every ``/apis/v1/<rest>`` call is passed on to
 
 What it adds on the way:
 
-* ``Authorization: Bearer <worker token>`` (the original worker sends none);
+* ``Authorization: Bearer <worker token>`` (the original worker sends none); a
+  sidecar given no token passes on the worker's own, if any;
 * ``Spirit-Agent-Base``: the sidecar's own ``/apis/v1`` as the worker reaches it, so
   the gateway's webhook relay URL in a job points here too (our worker refuses an
   agent path other than its own agent's relay);
@@ -53,7 +54,8 @@ from spirit_gpu.protocol.agent import (
 SHARED_PREFIX = "shared:"  # the gateway's mark for "leases per request" (storage.base)
 NOT_RELAYED = frozenset({"link", "proxy"})
 SMALL_BODY = 1024 * 1024  # read whole and sent with a length; larger ones are streamed
-_DROP_REQUEST = HOP_BY_HOP | {"authorization", "content-length", AGENT_BASE_HEADER.lower()}
+_DROP_REQUEST_KEEP_AUTH = HOP_BY_HOP | {"content-length", AGENT_BASE_HEADER.lower()}
+_DROP_REQUEST = _DROP_REQUEST_KEEP_AUTH | {"authorization"}
 _DROP_ANSWER = HOP_BY_HOP | {"content-length", "content-encoding"}
 
 
@@ -89,7 +91,9 @@ class Sidecar:
             # as the hosted agent: no registration, no link (the worker falls back to plain)
             return json_error(404, f"the agent sidecar does not offer {tail}")
         target = URL(self.upstream + request.raw_path, encoded=True)
-        headers = filter_pairs(request.headers.items(), _DROP_REQUEST)
+        # its own token replaces the worker's; without one, the worker's passes on
+        headers = filter_pairs(request.headers.items(),
+                               _DROP_REQUEST if self.worker_token else _DROP_REQUEST_KEEP_AUTH)
         if WORKER_ID_HEADER not in request.headers:
             headers.append((WORKER_ID_HEADER, self.identity))
         # the webhook relay URL the gateway hands out then comes through here too: a

@@ -73,14 +73,17 @@ class Procs:
         self.all.append(proc)
         return proc
 
-    async def sidecar(self, gateway: Gw, sid: str) -> str:
-        """``spirit-gpu agent`` for ``sid`` of ``gateway``; its URL once it listens."""
+    async def sidecar(self, gateway: Gw, sid: str, token: str | None = None) -> str:
+        """``spirit-gpu agent`` for ``sid`` of ``gateway`` (with the gateway's worker token
+        unless ``token`` says otherwise); its URL once it listens."""
         port = free_port()
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
         proc = self.start("agent", [sys.executable, "-m", "spirit_gpu.cli", "agent",
                                     "--gateway", gateway.url, "--serverless-id", sid,
                                     "--port", str(port),
-                                    "--worker-token", gateway.config.worker_token], env)
+                                    "--worker-token",
+                                    gateway.config.worker_token if token is None else token],
+                           env)
 
         async def listening() -> bool:
             assert proc.alive(), proc.output

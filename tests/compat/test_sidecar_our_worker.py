@@ -76,3 +76,20 @@ async def test_a_handler_workers_webhook_goes_through_the_sidecar(
     status = await gw.status(SID, body["id"])
     assert (status["status"], status["message"]) == ("succeed", "")
     assert "webhook refused" not in worker.output
+
+
+async def test_a_sidecar_without_a_token_passes_on_the_workers_own(
+        gateway_factory: GatewayFactory, procs: Procs,
+        worker_factory: Callable[..., Worker]) -> None:
+    gw = await gateway_factory(worker_token="tok")
+    agent_url = await procs.sidecar(gw, SID, token="")
+    worker = worker_factory(str(APPS / "double.py"), {
+        "EASE_AGENT_URL": agent_url, "SPIRIT_WORKER_TOKEN": "tok",
+        "SPIRIT_PULL_BACKOFF_MAX": "0.05"})
+
+    async def polling() -> bool:
+        assert worker.proc.poll() is None, worker.output
+        return await gw.app[GATEWAY_KEY].storage.worker_count(SID) > 0
+    await until(polling, 20, "our worker polling through the sidecar with its own token")
+    code, body, _ = await gw.call("POST", f"/v1/{SID}/sync", json_body={"input": {"x": 5}})
+    assert (code, body) == (200, {"doubled": 10})
