@@ -53,3 +53,40 @@ async def test_a_stream_chunk_waits_out_an_agent_restart() -> None:
             await runner.cleanup()
     assert agent.calls == ["POST /apis/v1/request-chunk/r1"]
 
+
+
+async def test_an_agent_refusing_pulls_is_logged_once_and_not_as_an_outage(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    refusing = True
+
+    async def request(_: web.Request) -> web.Response:
+        if refusing:
+            return web.json_response({"error": "unauthorized: worker token"}, status=401)
+        return web.Response(status=404)
+
+    async def heartbeat(_: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_get("/apis/v1/request", request)
+    app.router.add_post("/apis/v1/heartbeat", heartbeat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            plain = PlainTransport(session, f"http://127.0.0.1:{port}")
+            for _ in range(3):  # a worker's loop: pulls refused, heartbeats answered
+                with pytest.raises(AgentUnavailable):
+                    await plain.pull(1)
+                await plain.heartbeat([])
+            refusing = False
+            assert (await plain.pull(1)).jobs == []
+    finally:
+        await runner.cleanup()
+    out = capfd.readouterr().out
+    assert out.count("refuses this worker's pulls (GET request answered 401: ") == 1
+    assert "unauthorized: worker token" in out
+    assert out.count("takes this worker's pulls again") == 1
+    assert "unreachable" not in out and "reachable again" not in out

@@ -38,8 +38,10 @@ class AgentUnavailable(Exception):
 class Outage:
     """Logs an agent outage once when it starts and once when it ends."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, down: str = "unreachable",
+                 up: str = "reachable again") -> None:
         self.what = what
+        self.words = (down, up)
         self.since: float | None = None
 
     @property
@@ -49,11 +51,11 @@ class Outage:
     def down(self, error: object) -> None:
         if self.since is None:
             self.since = time.monotonic()
-            logger.error(f"{self.what} unreachable ({error}); retrying with backoff")
+            logger.error(f"{self.what} {self.words[0]} ({error}); retrying with backoff")
 
     def up(self) -> None:
         if self.since is not None:
-            logger.info(f"{self.what} reachable again after "
+            logger.info(f"{self.what} {self.words[1]} after "
                         f"{time.monotonic() - self.since:.1f} s")
             self.since = None
 

@@ -57,6 +57,10 @@ class PlainTransport:
             self.headers["Authorization"] = f"Bearer {token}"
         self.features: set[str] = set()
         self.outage = Outage(f"agent at {agent_url}")
+        # answered, but not with a job: reachable (a heartbeat's answer must not read as
+        # "reachable again" between two refused pulls), so logged in words of its own
+        self.refusal = Outage(f"agent at {agent_url}", "refuses this worker's pulls",
+                              "takes this worker's pulls again")
         self._chunk_lost: set[str] = set()  # jobs a chunk of which was given up
 
     def _note(self, resp: aiohttp.ClientResponse) -> None:
@@ -76,7 +80,13 @@ class PlainTransport:
                 healthy = resp.headers.get(agent.HEALTH_HEADER, "").strip().lower() != "false"
                 if resp.status == 404:
                     self.outage.up()
+                    self.refusal.up()
                     return PullResult([], healthy)
+                if 400 <= resp.status < 500:
+                    self.outage.up()
+                    why = (await resp.read())[:200].decode(errors="replace")
+                    self.refusal.down(f"GET request answered {resp.status}: {why}")
+                    raise AgentUnavailable(f"GET request answered {resp.status}")
                 if resp.status != 200:
                     self.outage.down(f"GET request answered {resp.status}")
                     raise AgentUnavailable(f"GET request answered {resp.status}")
@@ -85,6 +95,7 @@ class PlainTransport:
             self.outage.down(exc)
             raise AgentUnavailable(str(exc)) from exc
         self.outage.up()
+        self.refusal.up()
         try:
             return PullResult([job_from_envelope(raw)], healthy)
         except BadEnvelope as exc:
