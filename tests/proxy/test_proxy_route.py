@@ -144,6 +144,9 @@ async def test_bad_auth_is_401_and_never_forwarded(
         async with s.post(gateway.url + "/api/generate", data=b"", headers=huge,
                           skip_auto_headers=["Content-Length"]) as r:
             assert r.status == 400 and r.headers["Spirit-Request-Id"]
+            limit = gateway.config.max_body_bytes
+            assert (await r.json())["error"] == \
+                f"request body too large: the limit is {limit} bytes"  # as docs/protocol.md
     assert llm.seen == []
 
 

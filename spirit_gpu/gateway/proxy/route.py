@@ -148,7 +148,8 @@ class ProxyRouter:
                                           f"header ({AUTH_HELP})", ids)
         length = request.content_length
         if length is not None and length > self.config.max_body_bytes:
-            return proxy_error(path, 400, "request body too large", ids)
+            return proxy_error(path, 400, "request body too large: the limit is "
+                                          f"{self.config.max_body_bytes} bytes", ids)
         bad = _not_utf8(request.raw_path, request.headers.items())
         if bad:
             return proxy_error(path, 400, bad, ids)
