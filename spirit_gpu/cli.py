@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from spirit_gpu.gateway.config import GatewayConfig
 from spirit_gpu.settings import SettingError, add_flags
@@ -62,7 +63,7 @@ def _add_agent_parser(sub: Any) -> None:
                     "relays every call to GATEWAY/agent/SID/apis/v1/...: a worker with the "
                     "default EASE_AGENT_URL (http://localhost:8087), the original spirit-gpu "
                     "worker included, works against the gateway unmodified. Run one per worker.")
-    ag.add_argument("--gateway", required=True, metavar="URL",
+    ag.add_argument("--gateway", required=True, metavar="URL", type=_http_url,
                     help="the gateway's base URL, e.g. http://127.0.0.1:8000")
     ag.add_argument("--serverless-id", required=True, metavar="SID",
                     help="the serverless id whose requests this worker serves")
@@ -70,6 +71,15 @@ def _add_agent_parser(sub: Any) -> None:
     ag.add_argument("--port", type=int, default=8087, help="port to listen on (8087)")
     ag.add_argument("--worker-token", default=os.environ.get("SPIRIT_WORKER_TOKEN", ""),
                     metavar="T", help="the gateway's worker token (env SPIRIT_WORKER_TOKEN)")
+
+
+def _http_url(text: str) -> str:
+    """An http(s) URL with a host (argparse refuses anything else with exit 2)."""
+    url = urlsplit(text.strip())
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL with a host, e.g. "
+                                         "http://127.0.0.1:8000")
+    return text.strip()
 
 
 async def _agent(ns: argparse.Namespace) -> int:

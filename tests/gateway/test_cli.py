@@ -52,6 +52,20 @@ async def test_gateway_refuses_unsafe_config(args: tuple[str, ...], needle: str)
     assert proc.returncode == 2 and needle in out.decode()
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (("gateway", "--api-key", "k", "--webhook-allow", "10.0.0.0/33"),
+     "--webhook-allow: ['10.0.0.0/33'] has '10.0.0.0/33', which is not a host name"),
+    (("agent", "--gateway", "127.0.0.1:8000", "--serverless-id", "s"),
+     "'127.0.0.1:8000' is not an http(s) URL with a host"),
+])
+async def test_a_value_that_cannot_be_used_stops_the_command_with_one_line(
+        args: tuple[str, ...], needle: str) -> None:
+    proc = await spawn(*args)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2 and needle in out.decode(), out
+    assert "Traceback" not in out.decode()
+
+
 async def test_gateway_serves_and_stops_on_sigterm(session: aiohttp.ClientSession) -> None:
     port = free_port()
     proc = await spawn("gateway", "--port", str(port),
