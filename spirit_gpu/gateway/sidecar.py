@@ -41,7 +41,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from spirit_gpu.log import logger
+from spirit_gpu.net.outage import Outage
 from spirit_gpu.net.relay import HOP_BY_HOP, filter_pairs, json_error, new_session
 from spirit_gpu.protocol import agent
 from spirit_gpu.protocol.agent import (
@@ -72,6 +72,8 @@ class Sidecar:
         self.worker_token = worker_token
         self.identity = identity or sidecar_identity()
         self.session: aiohttp.ClientSession | None = None
+        # every relayed call fails while the gateway is away: logged once each way
+        self.outage = Outage(f"agent sidecar: gateway at {self.upstream}")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024**3)
@@ -109,8 +111,9 @@ class Sidecar:
             upstream = await self.session.request(request.method, target, headers=headers,
                                                   data=body, allow_redirects=False)
         except (aiohttp.ClientError, OSError) as exc:
-            logger.error(f"agent sidecar: gateway unreachable at {self.upstream}: {exc!r}")
+            self.outage.down(repr(exc))
             return json_error(502, f"agent sidecar: gateway unreachable: {exc!r}")
+        self.outage.up()
         try:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in filter_pairs(upstream.headers.items(), _DROP_ANSWER):

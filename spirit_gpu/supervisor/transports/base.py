@@ -8,13 +8,11 @@ reads what a transport offers from its ``capabilities``, never by probing.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
 
-from spirit_gpu.log import logger
 from spirit_gpu.protocol.agent import HeartbeatReply
 from spirit_gpu.supervisor.jobs import Job, StatusReport
 
@@ -33,31 +31,6 @@ class Capabilities(msgspec.Struct, frozen=True):
 
 class AgentUnavailable(Exception):
     """The agent could not be reached or answered with an error."""
-
-
-class Outage:
-    """Logs an agent outage once when it starts and once when it ends."""
-
-    def __init__(self, what: str, down: str = "unreachable",
-                 up: str = "reachable again") -> None:
-        self.what = what
-        self.words = (down, up)
-        self.since: float | None = None
-
-    @property
-    def ongoing(self) -> bool:
-        return self.since is not None
-
-    def down(self, error: object) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
-            logger.error(f"{self.what} {self.words[0]} ({error}); retrying with backoff")
-
-    def up(self) -> None:
-        if self.since is not None:
-            logger.info(f"{self.what} {self.words[1]} after "
-                        f"{time.monotonic() - self.since:.1f} s")
-            self.since = None
 
 
 class Transport(Protocol):

@@ -30,6 +30,7 @@ import msgspec
 from spirit_gpu.log import logger
 from spirit_gpu.net import wsio
 from spirit_gpu.net.batch_writer import BatchWriter
+from spirit_gpu.net.outage import Outage
 from spirit_gpu.protocol import agent
 from spirit_gpu.protocol import link as lp
 from spirit_gpu.protocol.agent import DEFAULT_TTL_MS, HeartbeatReply
@@ -38,7 +39,6 @@ from spirit_gpu.supervisor.jobs import Job, StatusReport, now_ms
 from spirit_gpu.supervisor.transports.base import (
     AgentUnavailable,
     Capabilities,
-    Outage,
     PullResult,
 )
 from spirit_gpu.supervisor.transports.unconfirmed import KEEP_BYTES, Outgoing, Unconfirmed

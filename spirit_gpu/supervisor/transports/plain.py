@@ -12,6 +12,7 @@ import aiohttp
 import msgspec
 
 from spirit_gpu.log import logger
+from spirit_gpu.net.outage import Outage
 from spirit_gpu.protocol import agent
 from spirit_gpu.protocol.agent import HeartbeatReply, ResultBody
 from spirit_gpu.retry import RetryPolicy
@@ -25,7 +26,6 @@ from spirit_gpu.supervisor.jobs import (
 from spirit_gpu.supervisor.transports.base import (
     AgentUnavailable,
     Capabilities,
-    Outage,
     PullResult,
 )
 
