@@ -125,6 +125,9 @@ class LinkSession:
             max_message=self.max_message)))
         await self.gw.storage.touch_worker(self.sid, self.worker)
         dispatcher = asyncio.create_task(self._dispatch())
+        self.gw.on_stop.add(self._stop)
+        if self.gw.stopping:  # (opened while the gateway was stopping)
+            self._stop()
         try:
             async for msg in self.ws:
                 if msg.type != WSMsgType.BINARY:
@@ -146,6 +149,7 @@ class LinkSession:
                     else:
                         self._done(n, await self._on_frame(frame))
         finally:
+            self.gw.on_stop.discard(self._stop)
             dispatcher.cancel()
             if self.confirm_due is not None:
                 self.confirm_due.cancel()
@@ -163,10 +167,12 @@ class LinkSession:
     async def _dispatch(self) -> None:
         wait = min(self.gw.config.long_poll_max, self.gw.config.lease_seconds / 2)
         storage = self.gw.storage
-        while True:
-            while self.credits <= 0:
+        while not self.gw.stopping:
+            while self.credits <= 0 and not self.gw.stopping:
                 self.credit_changed.clear()
                 await self.credit_changed.wait()
+            if self.gw.stopping:
+                return
             rec = await storage.take(self.sid, self.worker, wait)
             if rec is None:
                 continue
@@ -184,6 +190,16 @@ class LinkSession:
                 self.writer.send(dispatch_frame(r, self.agent_base))
             self.writer.flush()  # written now, with anything else queued this turn
             await self.writer.wait_drained()  # a link that pushes back holds dispatching
+
+    def _stop(self) -> None:
+        """The gateway is shutting down: no more jobs, and the link closes now. Jobs it
+        runs go on: the worker sends their frames again on its next link (to another
+        replica, or to this one restarted), and their webhook calls could not reach
+        this gateway's relay anyway once it stopped listening."""
+        self.credit_changed.set()  # (the dispatcher sees the gateway stopping and ends)
+        if not self.ws.closed and self.closing is None:
+            self.closing = asyncio.create_task(self.ws.close(
+                code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down"))
 
     def _unsent(self, frames: list[lp.Frame], exc: Exception) -> Awaitable[None] | None:
         """A message the link did not take: its jobs go back to the queue."""

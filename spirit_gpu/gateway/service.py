@@ -93,6 +93,8 @@ class Gateway:
         self.metrics = metrics
         self.links: dict[str, CancelPusher] = {}  # request id -> its link's cancel pusher
         self.stopping = False  # shutting down: sync clients still waiting are answered 503
+        # called once when shutting down (each open link: stop dispatching, close when idle)
+        self.on_stop: set[Callable[[], None]] = set()
         self.webhooks = GatewayWebhooks(config)
         self.webhooks.on_failure = self._webhook_failed
         # request id -> the proxy-route client waiting for its queued job's answer
@@ -114,9 +116,13 @@ class Gateway:
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
     def stop_waiting(self) -> None:
-        """Shutting down: sync requests still waiting are answered now (503), not cut."""
+        """Shutting down: sync requests still waiting are answered now (503), not cut;
+        workers' long-polls end now with no job; links stop taking jobs and close once
+        the jobs they run have ended (or when the shutdown's grace runs out)."""
         self.stopping = True
         self.storage.stop_waiting()
+        for stop in list(self.on_stop):
+            stop()
 
     async def close(self) -> None:
         if self._sweeper is not None:

@@ -186,7 +186,8 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def stop_waiting(self) -> None:
         """The gateway is shutting down: every ``wait_done`` returns now (None when its
-        request has not ended), and any that starts later returns at once."""
+        request has not ended), and any that starts later returns at once; so does
+        every ``take`` still waiting for a job (None), and any later one waits for none."""
 
     @abc.abstractmethod
     def stream(self, sid: str, request_id: str) -> AsyncIterator[ChunkEvent | EndEvent]:

@@ -212,6 +212,9 @@ class MemoryStorage(Storage):
         for e in list(self._entries.values()):  # (once, at shutdown)
             for fut in e.done_waiters or ():
                 _wake(fut)
+        for sid in self._sids.values():  # workers' long-polls: no job
+            for taker, _ in list(sid.waiters):
+                taker.cancel()
 
     async def stream(self, sid: str, request_id: str) -> AsyncIterator[ChunkEvent | EndEvent]:
         e = self._entry(sid, request_id)
@@ -289,7 +292,7 @@ class MemoryStorage(Storage):
         s = self._sid(sid)
         s.workers[worker] = self._mono()
         rec = self._pop(s, worker)
-        if rec is not None or wait <= 0:
+        if rec is not None or wait <= 0 or self._stopping:
             return rec
         fut: asyncio.Future[RequestRecord] = asyncio.get_running_loop().create_future()
         waiter = (fut, worker)

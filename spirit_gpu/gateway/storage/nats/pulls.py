@@ -81,6 +81,7 @@ class Puller:
         self._open: dict[str, _Pull] = {}  # by reply subject, oldest first
         self._sid = 0
         self._retired: set[int] = set()  # subscriptions to drop once their pulls end
+        self._stopped = False  # shutting down: pulls end now with what they have
 
     async def start(self) -> None:
         self._sid = self.wire.subscribe(f"{self._inbox}.*", self._on_msg)
@@ -141,10 +142,19 @@ class Puller:
         finally:
             timer.cancel()
         unanswered = self._open.pop(reply, None) is not None
+        if unanswered and self._stopped:
+            self._retire(pull.sub)  # still open at the server: given up
         self._release(pull.sub)
-        if unanswered and not pull.got:
+        if unanswered and not pull.got and not self._stopped:
             raise nats.errors.TimeoutError
         return pull.got, pull.trouble
+
+    def stop(self) -> None:
+        """Shutting down: open pulls end now with what they have (none waits out its
+        expiry), and later ones ask only for what is there."""
+        self._stopped = True
+        for pull in list(self._open.values()):
+            pull.finish()
 
     def _retire(self, sub: int) -> None:
         """Later pulls go under a new subscription; ``sub`` is dropped once unused."""

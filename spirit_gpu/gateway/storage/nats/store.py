@@ -591,6 +591,8 @@ class NatsStorage(Storage):
         for futs in self._waiting.values():
             for fut in futs:
                 _time_to_read(fut)
+        for puller in self._pullers.values():  # workers' long-polls: no job
+            puller.stop()
 
     async def stream(self, sid: str, request_id: str) -> AsyncIterator[ChunkEvent | EndEvent]:
         try:
@@ -778,7 +780,7 @@ class NatsStorage(Storage):
 
     async def take(self, sid: str, worker: str, wait: float) -> RequestRecord | None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        deadline = loop.time() + (0.0 if self._stopping else wait)
         try:
             await self.touch_worker(sid, worker)
             await self._consumer(sid)
