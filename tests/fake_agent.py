@@ -25,6 +25,7 @@ class FakeAgent:
     healthy: bool = True
     features: str | None = None
     down: bool = False
+    heartbeat_down: bool = False  # answers 503 to heartbeats only
     queue: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -92,6 +93,8 @@ class FakeAgent:
         elif kind == "request-ack":
             self.acks.append(rid)
         elif kind == "heartbeat":
+            if self.heartbeat_down:
+                raise web.HTTPServiceUnavailable()
             self.heartbeats.append(json.loads(body)["requestIDs"])
             reply, self.cancel = {"cancel": self.cancel}, []
             self._record(request)

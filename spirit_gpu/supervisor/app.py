@@ -109,14 +109,15 @@ class Supervisor:
         """Learn what the agent offers from a heartbeat's answer, waiting for the agent
         while it cannot be reached: a worker started before its gateway (the usual
         order in compose or a cluster) would otherwise stay on the plain protocol.
-        Nothing could be pulled meanwhile anyway."""
+        Nothing could be pulled meanwhile anyway (plain.outage logs the wait once)."""
         delay = 0.1
         while not self.stop.is_set():
             try:
                 await plain.heartbeat([])
                 return
             except AgentUnavailable:
-                pass  # (plain.outage logged it once)
+                if plain.answered:
+                    return  # it answered, with an error: it offers nothing we know of
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
             delay = min(delay * 2, _PROBE_BACKOFF_MAX)

@@ -170,3 +170,13 @@ async def test_sigterm_grace_period_fails_overlong_job(agent: FakeAgent, worker_
     assert agent.results["long"]["statusCode"] == 503
     assert "grace" in agent.results["long"]["message"]
     assert await wait_exit(w) == 0
+
+
+async def test_auto_transport_goes_on_with_plain_when_the_agent_answers_errors(
+        agent: FakeAgent, worker_factory) -> None:  # type: ignore[no-untyped-def]
+    """It waits for an agent it cannot reach, not for one that answers: an agent that
+    fails its heartbeats (503) still gets polled, on the plain protocol."""
+    agent.heartbeat_down = True
+    agent.enqueue("r1", {"input": {"x": 1}})
+    worker_factory("behave.py", worker_env(agent, SPIRIT_TRANSPORT="auto"))
+    await agent.wait_for(lambda: "r1" in agent.acks)

@@ -62,8 +62,10 @@ class PlainTransport:
         self.refusal = Outage(f"agent at {agent_url}", "refuses this worker's pulls",
                               "takes this worker's pulls again")
         self._chunk_lost: set[str] = set()  # jobs a chunk of which was given up
+        self.answered = False  # the agent has answered a call (with any status)
 
     def _note(self, resp: aiohttp.ClientResponse) -> None:
+        self.answered = True
         offered = resp.headers.get(agent.FEATURES_HEADER)
         if offered is not None:
             self.features = agent.parse_features(offered)
