@@ -80,6 +80,9 @@ def dispatch_frame(rec: RequestRecord, agent_base: str = "") -> lp.Dispatch:
                        ttl_ms=rec.ttl_ms, body=rec.body)
 
 
+SHUTDOWN_DRAIN = 1.0  # seconds a link running jobs still takes their frames at shutdown
+
+
 class LinkSession:
     """One connected worker."""
 
@@ -192,12 +195,22 @@ class LinkSession:
             await self.writer.wait_drained()  # a link that pushes back holds dispatching
 
     def _stop(self) -> None:
-        """The gateway is shutting down: no more jobs, and the link closes now. Jobs it
-        runs go on: the worker sends their frames again on its next link (to another
-        replica, or to this one restarted), and their webhook calls could not reach
-        this gateway's relay anyway once it stopped listening."""
+        """The gateway is shutting down: no more jobs; the link closes once the jobs it
+        holds are acked, or ``SHUTDOWN_DRAIN`` s from now. Meanwhile their frames are
+        still stored (a start cut off here would leave its job to the lease alone);
+        the worker sends what came too late again on its next link."""
         self.credit_changed.set()  # (the dispatcher sees the gateway stopping and ends)
+        if self.held:
+            asyncio.get_running_loop().call_later(SHUTDOWN_DRAIN, self._close_going_away)
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if self.gw.stopping and not self.held:
+            self._close_going_away()
+
+    def _close_going_away(self) -> None:
         if not self.ws.closed and self.closing is None:
+            # the worker reconnects (to another replica, or to this one restarted)
             self.closing = asyncio.create_task(self.ws.close(
                 code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down"))
 
@@ -210,6 +223,7 @@ class LinkSession:
         for request_id in request_ids:
             self.held.discard(request_id)
             await self.gw.storage.give_back(self.sid, request_id)
+        self._close_if_idle()
 
     def push_cancel(self, request_ids: list[str]) -> None:
         self.writer.send(lp.Cancel(request_ids=request_ids))
@@ -305,6 +319,7 @@ class LinkSession:
                 if await self._holds(request_id, "ack"):
                     self.held.discard(request_id)
                     await gw.storage.ack(sid, request_id)
+                    self._close_if_idle()
             case lp.Chunk(request_id=request_id, seq=seq, data=data):
                 if await self._holds(request_id, "chunk"):
                     await gw.storage.add_chunk(sid, request_id, seq, data)

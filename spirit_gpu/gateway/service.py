@@ -128,6 +128,7 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self.storage.drain()
         await self.storage.close()
         await self.webhooks.close()
 

@@ -87,6 +87,18 @@ async def test_a_delivery_never_written_down(pair: tuple[NatsStorage, NatsStorag
     assert await status(b, rid) == ("executing", "link:w2")
 
 
+async def test_a_graceful_shutdown_writes_what_it_held_to_write_behind(
+        pair: tuple[NatsStorage, NatsStorage]) -> None:
+    a, b = pair
+    rid = (await a.submit(req())).request_id
+    assert await a.take("c", "link:w1", 1.0) is not None
+    assert await a.mark_started("c", rid)
+    await a.drain()  # (a gateway's SIGTERM: then close)
+    await a.close()
+    assert await status(b, rid) == ("executing", "link:w1")  # never handed out again
+    assert await b.take("c", "link:w2", 0.3) is None
+
+
 async def test_a_job_never_handed_out_is_not_adopted(
         pair: tuple[NatsStorage, NatsStorage]) -> None:
     _, b = pair

@@ -29,6 +29,10 @@ from tests.nats.replicas import (
 )
 from tests.nats_server import TempNats
 
+# a rolling restart keeps its jobs when a worker is back on a replica within the lease
+# (here each replica restarts on its port in 1-2 s; the default lease is 20 s)
+ROLLING_LEASE = 5.0
+
 
 @pytest.fixture
 def nats() -> Any:
@@ -94,6 +98,43 @@ async def test_replica_sigkilled_under_load(nats: TempNats, replicas: Callable[.
     assert not tally.lost, tally.report()
     assert not tally.duplicated, tally.report()
     assert tally.refused == 0
+
+
+async def test_rolling_restart_with_sigterm_under_load(
+        nats: TempNats, replicas: Callable[..., Replica], worker_factory: Any,
+        session: aiohttp.ClientSession, webhooks: Webhooks) -> None:
+    """As an orchestrator updates a deployment: each replica in turn gets SIGTERM and
+    comes back on its port while jobs flow; its workers keep running their jobs and
+    send their frames again on the next link. Every job ends once, succeeded."""
+    a = await replicas(nats.url, lease=ROLLING_LEASE).ready(session)
+    b = await replicas(nats.url, lease=ROLLING_LEASE).ready(session)
+    wa = worker_factory(DOUBLE, worker_env(a, "g", "link"))
+    wb = worker_factory(DOUBLE, worker_env(b, "g", "link"))
+    await wait_worker(session, a, "g", wa)
+    await wait_worker(session, b, "g", wb)
+    live = [a, b]
+    tally = Tally()
+    for i in range(120 * SCALE):
+        if i in (40 * SCALE, 80 * SCALE):  # a's turn, then b's
+            old = live[0 if i == 40 * SCALE else 1]
+            old.proc.send_signal(signal.SIGTERM)
+            # (at most the links' drain, with their jobs running: not the 5 s grace)
+            await asyncio.to_thread(old.proc.wait, 4)
+            assert old.proc.returncode == 0
+            live[live.index(old)] = await replicas(nats.url, port=old.port,
+                                                   lease=ROLLING_LEASE).ready(session)
+        await submit_async(session, live[i % 2].url, "g", {"x": i, "sleep": 0.05},
+                           webhooks.url, tally)
+    await settle(session, live[0].url, "g", tally, within=30 * SCALE)
+    # (a worker's webhook call retries through a replica's restart: one each, in time)
+    await until(lambda: len(hook_counts(webhooks)) >= 120 * SCALE, 30, "every webhook")
+    await asyncio.sleep(0.5)  # late webhooks would show duplicates
+    tally.hooks = hook_counts(webhooks)
+    print("rolling restart (SIGTERM):", tally.report())
+    assert not tally.lost and not tally.duplicated, tally.report()
+    assert tally.refused == 0
+    assert set(tally.final.values()) == {"succeed"}, tally.report()
+    assert all(n == 1 for n in tally.hooks.values()) and len(tally.hooks) == 120 * SCALE
 
 
 async def test_all_replicas_restarted_lose_nothing(nats: TempNats,

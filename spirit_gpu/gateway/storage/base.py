@@ -159,6 +159,11 @@ class Storage(abc.ABC):
         """Open connections, start background work."""
         return None
 
+    async def drain(self) -> None:
+        """A graceful shutdown, before ``close``: write now what is held to be written
+        later (``close`` alone is as abrupt as the process dying)."""
+        return None
+
     async def close(self) -> None:
         """Release everything; waiters get None."""
         return None

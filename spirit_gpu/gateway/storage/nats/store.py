@@ -65,6 +65,7 @@ _KNOWN_MAX = 100_000
 _ENDED_MAX = 4096  # requests this replica ended, kept for get_ended
 _ENDED_BYTES = 32 * 1024 * 1024  # ... and their inline results, at most
 _WRITE_BEHIND = 0.1  # seconds a delivery or start waits to be written with what follows
+_CLOSE_WRITES = 5.0  # seconds a closing replica waits for its writes in flight
 _BATCH_MAX = 64  # deliveries fetched in one pull for a link filling a batch
 _BEHIND_FRESH = 0.01  # seconds a delivery's "none queued behind me" is believed
 _PATIENCE = 10.0  # seconds a submit retries through an outage before answering 500
@@ -879,6 +880,18 @@ class NatsStorage(Storage):
         if held is not None:
             self._writing[request_id] = held
             self._in_background(request_id, self._held_write(request_id, held))
+
+    async def drain(self) -> None:
+        """Shutting down: deliveries and starts waiting to be written behind are written
+        now, and this replica's writes in flight awaited (up to ``_CLOSE_WRITES`` s): a
+        job whose start went unwritten could be handed out again after a restart."""
+        for request_id in list(self._held):
+            held = self._held.get(request_id)
+            if held is not None and held.timer is not None:
+                held.timer.cancel()
+            self._flush_held(request_id)
+        if self._claims:
+            await asyncio.wait(list(self._claims.values()), timeout=_CLOSE_WRITES)
 
     def _drop_held(self, request_id: str) -> _Held | None:
         held = self._held.pop(request_id, None)
