@@ -157,7 +157,8 @@ async def test_a_lost_connection_fails_calls_at_once_and_comes_back_with_its_sub
     await listener.flush()
     try:
         in_flight = asyncio.create_task(calls.publish("silent", b"?"))
-        await until(lambda: calls._waiting)
+        await until(lambda: calls._waiting or in_flight.done())
+        assert not in_flight.done(), in_flight.exception()  # (answered: by whom?)
         restartable.server.kill()
         # long before its 30 s timeout: the connection is gone, so is the answer
         with pytest.raises(nats.errors.ConnectionClosedError):
