@@ -66,6 +66,8 @@ _ENDED_MAX = 4096  # requests this replica ended, kept for get_ended
 _ENDED_BYTES = 32 * 1024 * 1024  # ... and their inline results, at most
 _WRITE_BEHIND = 0.1  # seconds a delivery or start waits to be written with what follows
 _CLOSE_WRITES = 5.0  # seconds a closing replica waits for its writes in flight
+_SWEEP_LIST_AT = 16  # serverless ids without workers past which a sweep lists consumers
+_LIST_PAGE = 256  # consumers in one JetStream CONSUMER.LIST answer
 _BATCH_MAX = 64  # deliveries fetched in one pull for a link filling a batch
 _BEHIND_FRESH = 0.01  # seconds a delivery's "none queued behind me" is believed
 _PATIENCE = 10.0  # seconds a submit retries through an outage before answering 500
@@ -1193,6 +1195,34 @@ class NatsStorage(Storage):
         return [d.request_id for d, _ in docs
                 if d is not None and d.terminal and d.ended_by_gateway]
 
+    async def _idle_infos(self, sids: list[str]) -> dict[str, ConsumerInfo]:
+        """The consumer info of each of ``sids``: one call each for a few, else the jobs
+        stream's consumer list, 256 a call (a replica that knows thousands of serverless
+        ids without workers, scaled to zero, would ask that many times a sweep)."""
+        out: dict[str, ConsumerInfo] = {}
+        if len(sids) <= _SWEEP_LIST_AT:
+            for sid in sids:
+                try:
+                    out[sid] = await self.js.consumer_info(names.JOBS, names.consumer(sid))
+                except (*_OUTAGE, StorageUnavailable) as exc:
+                    logger.warn(f"NATS store: sweep of {sid} failed: {exc!r}")
+            return out
+        wanted = {names.consumer(sid): sid for sid in sids}
+        offset = 0
+        try:
+            while len(out) < len(wanted):
+                page = await self.js.consumers_info(names.JOBS, offset)
+                for info in page:
+                    mine = wanted.get(info.name or "")
+                    if mine is not None:
+                        out[mine] = info
+                offset += len(page)
+                if len(page) < _LIST_PAGE:
+                    break
+        except (*_OUTAGE, StorageUnavailable) as exc:
+            logger.warn(f"NATS store: sweep's consumer list failed: {exc!r}")
+        return out
+
     async def sweep(self) -> None:
         """Leases and retention are kept by the server (ack-wait redelivery, message
         TTL); queued requests past their TTL end when next read or taken. A delivery
@@ -1203,13 +1233,11 @@ class NatsStorage(Storage):
         for workers in self._seen.values():
             for w in [w for w, t in workers.items() if at - t > 3000 * self.lease]:
                 del workers[w]
-        for sid in list(self._consumers):
-            if self._present(sid):
+        idle = [sid for sid in list(self._consumers) if not self._present(sid)]
+        for sid, info in (await self._idle_infos(idle)).items():
+            if not info.num_ack_pending or info.num_waiting:
                 continue
             try:
-                info = await self.js.consumer_info(names.JOBS, names.consumer(sid))
-                if not info.num_ack_pending or info.num_waiting:
-                    continue
                 probed: set[int] = set()
                 for _ in range(32):
                     msgs = await self._next(sid, 0)
