@@ -100,8 +100,10 @@ async def test_a_job_whose_delivery_died_unrecorded_with_its_replica_runs_once_w
     # a replica writes a delivery down a moment after handing it over; one that dies in
     # that moment leaves the job looking queued. The worker running it reports it to the
     # next replica, which must take its frames and not hand the job out again when the
-    # stream delivers it anew (its lease ran out: nobody could extend it).
-    lease = 2.0
+    # stream delivers it anew (its lease ran out: nobody could extend it). That holds
+    # when the worker reaches the next replica within the lease (as scaling.md says);
+    # the lease leaves room for a replica's start on a loaded machine.
+    lease = 6.0
     a = await replicas(nats.url, lease=lease).ready(session)
     b = await replicas(nats.url, lease=lease).ready(session)
     worker = worker_factory(CHUNKS, worker_env(a, "ad", "link"))
@@ -118,6 +120,9 @@ async def test_a_job_whose_delivery_died_unrecorded_with_its_replica_runs_once_w
     a.kill()
     replicas(nats.url, port=a.port, lease=lease)  # the next replica behind a's address
     (tmp_path / "gate.0").touch()  # chunk 1 reaches the next replica
+    async def adopted() -> bool:
+        return await read_status(session, b, "ad", rid) == "executing"
+    await until(adopted, 20, "the job recorded as the worker's", detail=lambda: worker.output)
     # a second worker pulls: the stream delivers the job again once its lease ran out
     other = worker_factory(CHUNKS, worker_env(b, "ad", "link"))
     await wait_worker(session, b, "ad", other, {"n": 1})
