@@ -112,8 +112,10 @@ async def test_a_pull_that_gave_up_is_forgotten_by_the_server(queue: Queue) -> N
     # its subscription dropped: the server no longer serves it
     await until_consumer(queue, lambda c: c.num_waiting == 0, "the pull forgotten")
     await queue.put("next")
+    # (the consumer counts a new message a moment after the stream stored it)
+    await until_consumer(queue, lambda c: c.num_pending + c.num_ack_pending == 1, "counted")
     info = await queue.nc.jetstream().consumer_info("Q", "c")
-    assert (info.num_pending, info.num_ack_pending) == (1, 0)  # queued, as counted
+    assert (info.num_pending, info.num_ack_pending) == (1, 0)  # queued, not handed out
     assert await queue.pull(1, wait=5.0) == (["next"], False)
     assert b"-NAK" not in queue.verbs  # nothing was handed back
 
