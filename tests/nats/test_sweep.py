@@ -1,6 +1,6 @@
-"""The sweep of a replica that knows many serverless ids without workers (scaled to
-zero): one consumer list a sweep instead of one call per id, and a job lost mid-run
-among them still fails."""
+"""A replica that knows many serverless ids without workers (scaled to zero): its
+sweep reads one consumer list instead of one call per id, and a job lost mid-run
+among them still fails; /metrics' per-id rows page through the list."""
 
 from __future__ import annotations
 
@@ -23,15 +23,13 @@ def req(sid: str) -> NewRequest:
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[NatsStorage]:
-    server = TempNats()
-    s = NatsStorage([server.url], lease_seconds=LEASE)
+async def store(nats_server: TempNats) -> AsyncIterator[NatsStorage]:
+    s = NatsStorage([nats_server.url], lease_seconds=LEASE)
+    await s.start()
     try:
-        await s.start()
         yield s
     finally:
         await s.close()
-        server.close()
 
 
 async def test_many_idle_ids_are_swept_with_one_list_and_a_lost_job_still_fails(
@@ -64,3 +62,12 @@ async def test_many_idle_ids_are_swept_with_one_list_and_a_lost_job_still_fails(
     rec = await store.get("lost", rid)
     assert rec is not None and "worker lost" in rec.message
     assert calls["one"] == 0 and calls["list"] >= 1, calls
+
+
+async def test_stats_list_every_id_past_one_page_of_consumers(store: NatsStorage) -> None:
+    many = 256 + 4  # (the server lists 256 consumers an answer)
+    for i in range(many):
+        await store.submit(req(f"s{i:03d}"))
+    rows = await store.stats()
+    assert [r.sid for r in rows] == sorted(f"s{i:03d}" for i in range(many))
+    assert all((r.queued, r.in_flight) == (1, 0) for r in rows)

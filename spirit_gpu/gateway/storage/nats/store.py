@@ -17,7 +17,7 @@ import functools
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -741,13 +741,24 @@ class NatsStorage(Storage):
     async def stats(self) -> list[SidStats]:
         out = []
         prefix = len("spirit.jobs.")
-        for info in await self.js.consumers_info(names.JOBS):
-            subject = info.config.filter_subject or ""
-            sid = subject[prefix:].removesuffix(".*")
-            queued, in_flight = self._counts(sid, info)
-            out.append(SidStats(sid=sid, queued=queued, in_flight=in_flight,
-                                workers=self._present(sid)))
+        async for page in self._consumer_pages():
+            for info in page:
+                subject = info.config.filter_subject or ""
+                sid = subject[prefix:].removesuffix(".*")
+                queued, in_flight = self._counts(sid, info)
+                out.append(SidStats(sid=sid, queued=queued, in_flight=in_flight,
+                                    workers=self._present(sid)))
         return sorted(out, key=lambda s: s.sid)
+
+    async def _consumer_pages(self) -> AsyncGenerator[list[ConsumerInfo], None]:
+        """Every serverless id's consumer on the jobs stream, a page (256) at a time."""
+        offset = 0
+        while True:
+            page = await self.js.consumers_info(names.JOBS, offset)
+            yield page
+            offset += len(page)
+            if len(page) < _LIST_PAGE:
+                return
 
     # --- worker side ---------------------------------------------------------------------
     async def _consumer(self, sid: str) -> None:
@@ -880,6 +891,8 @@ class NatsStorage(Storage):
     def _flush_held(self, request_id: str) -> None:
         held = self._held.pop(request_id, None)
         if held is not None:
+            if held.timer is not None:
+                held.timer.cancel()  # (written now: before its time, by drain)
             self._writing[request_id] = held
             self._in_background(request_id, self._held_write(request_id, held))
 
@@ -888,9 +901,6 @@ class NatsStorage(Storage):
         now, and this replica's writes in flight awaited (up to ``_CLOSE_WRITES`` s): a
         job whose start went unwritten could be handed out again after a restart."""
         for request_id in list(self._held):
-            held = self._held.get(request_id)
-            if held is not None and held.timer is not None:
-                held.timer.cancel()
             self._flush_held(request_id)
         if self._claims:
             await asyncio.wait(list(self._claims.values()), timeout=_CLOSE_WRITES)
@@ -1208,17 +1218,15 @@ class NatsStorage(Storage):
                     logger.warn(f"NATS store: sweep of {sid} failed: {exc!r}")
             return out
         wanted = {names.consumer(sid): sid for sid in sids}
-        offset = 0
         try:
-            while len(out) < len(wanted):
-                page = await self.js.consumers_info(names.JOBS, offset)
-                for info in page:
-                    mine = wanted.get(info.name or "")
-                    if mine is not None:
-                        out[mine] = info
-                offset += len(page)
-                if len(page) < _LIST_PAGE:
-                    break
+            async with contextlib.aclosing(self._consumer_pages()) as pages:
+                async for page in pages:
+                    for info in page:
+                        mine = wanted.get(info.name or "")
+                        if mine is not None:
+                            out[mine] = info
+                    if len(out) == len(wanted):
+                        break
         except (*_OUTAGE, StorageUnavailable) as exc:
             logger.warn(f"NATS store: sweep's consumer list failed: {exc!r}")
         return out
