@@ -9,7 +9,8 @@ from spirit_gpu.log import logger
 
 
 class Outage:
-    """Logs an agent outage once when it starts and once when it ends."""
+    """Logs an outage of ``what`` once when it starts and once when it ends (``down``,
+    ``up``: the words for each, "unreachable" and "reachable again" by default)."""
 
     def __init__(self, what: str, down: str = "unreachable",
                  up: str = "reachable again") -> None:

@@ -212,8 +212,8 @@ class MemoryStorage(Storage):
         for e in list(self._entries.values()):  # (once, at shutdown)
             for fut in e.done_waiters or ():
                 _wake(fut)
-        for sid in self._sids.values():  # workers' long-polls: no job
-            for taker, _ in list(sid.waiters):
+        for queue in self._sids.values():  # workers' long-polls: no job
+            for taker, _ in list(queue.waiters):
                 taker.cancel()
 
     async def stream(self, sid: str, request_id: str) -> AsyncIterator[ChunkEvent | EndEvent]:
