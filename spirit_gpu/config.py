@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from spirit_gpu.net.allow_entries import check_allow_entries
-from spirit_gpu.settings import EnvSettings, one_of
+from spirit_gpu.settings import EnvSettings, one_of, port_number
 from spirit_gpu.settings import setting as _opt
 
 # never handed to handler processes through their environment
@@ -32,7 +32,8 @@ class WorkerConfig(EnvSettings):
     heartbeat_interval: float = _opt(5.0, "EASE_HEARTBEAT_INTERVAL", "Seconds between heartbeats")
     test_mode: bool = _opt(False, "EASE_TEST_MODE",
                            "Serve POST / locally instead of talking to an agent")
-    test_port: int = _opt(8080, "EASE_TEST_PORT", "Port of the test-mode server")
+    test_port: int = _opt(8080, "EASE_TEST_PORT", "Port of the test-mode server",
+                          check=port_number)
     test_host: str = _opt("127.0.0.1", "SPIRIT_TEST_HOST",
                           "Address of the test-mode server (0.0.0.0 inside a container)")
     log_level: str = _opt("INFO", "EASE_LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR")
@@ -86,7 +87,8 @@ class WorkerConfig(EnvSettings):
     in_process: bool = _opt(False, "SPIRIT_IN_PROCESS",
                             "Run handlers in the supervisor process (debugging only)")
     proxy_host: str = _opt("127.0.0.1", "SPIRIT_PROXY_HOST", "Proxy mode: listener address")
-    proxy_port: int = _opt(0, "SPIRIT_PROXY_PORT", "Proxy mode: listener port (0 picks one)")
+    proxy_port: int = _opt(0, "SPIRIT_PROXY_PORT", "Proxy mode: listener port (0 picks one)",
+                           check=port_number)
     proxy_advertise_url: str = _opt("", "SPIRIT_PROXY_ADVERTISE_URL",
                                     "Proxy mode: URL the gateway uses to reach this worker")
     start_deadline: float = _opt(600.0, "SPIRIT_START_DEADLINE",

@@ -73,8 +73,8 @@ def one_of(*choices: str) -> Callable[[Any], None]:
     return check
 
 
-def _check(name: str, value: Any) -> None:
-    if (name == "port" or name.endswith("_port")) and not 0 <= value <= 65535:
+def port_number(value: Any) -> None:
+    if not 0 <= value <= 65535:
         raise ValueError("is not a port number (0-65535)")
 
 
@@ -111,7 +111,6 @@ class EnvSettings:
                 continue
             try:
                 updates[name] = coerce(f.type, value)
-                _check(name, updates[name])
                 check = f.metadata.get("check")
                 if check is not None:
                     check(updates[name])

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from spirit_gpu.net.allow_entries import check_allow_entries
-from spirit_gpu.settings import EnvSettings
+from spirit_gpu.settings import EnvSettings, port_number
 from spirit_gpu.settings import setting as _opt
 
 MB = 1024 * 1024
@@ -26,7 +26,7 @@ class GatewayConfig(EnvSettings):
     """Settings of one gateway process (public API, agent API, proxy route)."""
 
     host: str = _opt("127.0.0.1", "SPIRIT_HOST", "Address to listen on")
-    port: int = _opt(8000, "SPIRIT_PORT", "Port to listen on")
+    port: int = _opt(8000, "SPIRIT_PORT", "Port to listen on", check=port_number)
     api_keys: list[str] = _opt([], "SPIRIT_API_KEYS",
                                "Client API keys (env: comma-separated); at least one",
                                flag="--api-key", metavar="KEY")
