@@ -51,6 +51,12 @@ class Replica:
                 raise AssertionError(f"replica not ready: {self.log.read_text()[-2000:]}")
             await asyncio.sleep(0.1)
 
+    async def stop(self, within: float) -> None:
+        """SIGTERM, as an orchestrator stops it; it must exit cleanly within ``within`` s."""
+        self.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(self.proc.wait, within)  # raises if it takes longer
+        assert self.proc.returncode == 0, self.log.read_text()[-2000:]
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)

@@ -117,10 +117,7 @@ async def test_rolling_restart_with_sigterm_under_load(
     for i in range(120 * SCALE):
         if i in (40 * SCALE, 80 * SCALE):  # a's turn, then b's
             old = live[0 if i == 40 * SCALE else 1]
-            old.proc.send_signal(signal.SIGTERM)
-            # (at most the links' drain, with their jobs running: not the 5 s grace)
-            await asyncio.to_thread(old.proc.wait, 4)
-            assert old.proc.returncode == 0
+            await old.stop(4)  # (at most the links' drain with jobs running: not 5 s grace)
             live[live.index(old)] = await replicas(nats.url, port=old.port,
                                                    lease=ROLLING_LEASE).ready(session)
         await submit_async(session, live[i % 2].url, "g", {"x": i, "sleep": 0.05},
