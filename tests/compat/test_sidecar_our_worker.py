@@ -15,12 +15,20 @@ from spirit_gpu.gateway.service import GATEWAY_KEY
 from spirit_gpu.supervisor.proxy.worker import serve_proxy
 from tests.compat.conftest import Procs
 from tests.conftest import Worker, until
-from tests.gateway.conftest import APPS, GatewayFactory, Webhooks
+from tests.gateway.conftest import APPS, GatewayFactory, Gw, Webhooks
 from tests.proxy.conftest import http_check
 from tests.proxy.fake_llm import FakeLLM
 
 SID = "ours"
 KEY = "pk"
+
+
+async def polling(gw: Gw, what: str, worker: Worker | None = None) -> None:
+    """Until the gateway counts a worker of SID (``worker``: its process still alive)."""
+    async def counted() -> bool:
+        assert worker is None or worker.proc.poll() is None, worker.output
+        return await gw.app[GATEWAY_KEY].storage.worker_count(SID) > 0
+    await until(counted, 20, what)
 
 
 async def test_queued_proxy_jobs_end_to_end(gateway_factory: GatewayFactory, procs: Procs,
@@ -32,9 +40,7 @@ async def test_queued_proxy_jobs_end_to_end(gateway_factory: GatewayFactory, pro
     stop = asyncio.Event()
     worker = asyncio.create_task(serve_proxy(cfg, llm.url, http_check(llm.url), stop))
     try:
-        async def polling() -> bool:
-            return await gw.app[GATEWAY_KEY].storage.worker_count(SID) > 0
-        await until(polling, 20, "our worker polling through the sidecar")
+        await polling(gw, "our worker polling through the sidecar")
         auth = {"Auth": f"{SID}-{KEY}"}
         async with aiohttp.ClientSession() as s:
             async with s.post(f"{gw.url}/api/chat", headers=auth, json={"chunks": 4}) as r:
@@ -62,11 +68,7 @@ async def test_a_handler_workers_webhook_goes_through_the_sidecar(
     worker = worker_factory(str(APPS / "double.py"), {
         "EASE_AGENT_URL": agent_url, "EASE_HEARTBEAT_INTERVAL": "0.2",
         "SPIRIT_PULL_BACKOFF_MAX": "0.05"})
-
-    async def polling() -> bool:
-        assert worker.proc.poll() is None, worker.output
-        return await gw.app[GATEWAY_KEY].storage.worker_count(SID) > 0
-    await until(polling, 20, "our worker polling through the sidecar")
+    await polling(gw, "our worker polling through the sidecar", worker)
     code, body, _ = await gw.call("POST", f"/v1/{SID}/async", json_body={
         "input": {"x": 4}, "webhook": webhooks.url})
     assert code == 200
@@ -86,10 +88,6 @@ async def test_a_sidecar_without_a_token_passes_on_the_workers_own(
     worker = worker_factory(str(APPS / "double.py"), {
         "EASE_AGENT_URL": agent_url, "SPIRIT_WORKER_TOKEN": "tok",
         "SPIRIT_PULL_BACKOFF_MAX": "0.05"})
-
-    async def polling() -> bool:
-        assert worker.proc.poll() is None, worker.output
-        return await gw.app[GATEWAY_KEY].storage.worker_count(SID) > 0
-    await until(polling, 20, "our worker polling through the sidecar with its own token")
+    await polling(gw, "our worker polling through the sidecar with its own token", worker)
     code, body, _ = await gw.call("POST", f"/v1/{SID}/sync", json_body={"input": {"x": 5}})
     assert (code, body) == (200, {"doubled": 10})
