@@ -116,6 +116,15 @@ async def test_a_worker_ignoring_cancel_cannot_report_200_after_it(
     storage = gw.app[GATEWAY_KEY].storage
     rec = await storage.get(SID, rid)
     assert rec is not None and rec.status == "cancelled"
+    # the worker serves on; a batch status reads both ends and an unknown id
+    code, body, _ = await gw.call("POST", f"/v1/{SID}/sync", json_body={"input": {"n": 1}})
+    assert code == 200 and body["echo"] == {"n": 1}, body
+    code, batch, _ = await gw.call("POST", f"/v1/{SID}/status",
+                                   json_body={"requestIDs": [rid, body["requestID"], "nope"]})
+    assert code == 200, batch
+    assert [(s["status"], s["statusCode"]) for s in batch["statuses"]] == [
+        ("cancelled", 499), ("succeed", 200), ("notFound", 404)]
+    assert len(webhooks.received) == 1, webhooks.received
 
 
 async def test_a_sync_requests_webhook_goes_through_the_relay(

@@ -133,32 +133,3 @@ async def test_two_workers_on_one_sidecar_a_killed_ones_job_fails(
     code, body, _ = await gw.call("POST", f"/v1/{SID}/sync", json_body={"input": {"z": 3}})
     assert code == 200 and body["echo"] == {"z": 3}, body
 
-
-async def test_a_running_request_cancelled_gets_one_webhook_and_keeps_its_status(
-        gateway_factory: GatewayFactory, procs: Procs, original_python: Path,
-        webhooks: Webhooks) -> None:
-    """The original ignores cancel notices: its later result is dropped by the relay."""
-    gw = await gateway_factory()
-    agent_url = await procs.sidecar(gw, SID)
-    worker = procs.original(original_python, "orig_handler.py", agent_url)
-    await connected(gw)
-    code, sent, _ = await gw.call("POST", f"/v1/{SID}/async", json_body={
-        "input": {"sleep": 2}, "webhook": webhooks.url})
-    assert code == 200, sent
-    rid = sent["id"]
-    await until(lambda: "sleeping 2" in worker.output and rid in worker.output, 30,
-                "the job running")
-    code, body, _ = await gw.call("DELETE", f"/v1/{SID}/async",
-                                  params={"requestID": rid, "sequence": str(sent["sequence"])})
-    assert code == 200, body
-    [(query, data)] = await webhooks.wait(1)
-    assert query == {"requestID": rid, "statusCode": "499"}
-    # the one worker takes the next request only once it posted the cancelled one's end
-    code, body, _ = await gw.call("POST", f"/v1/{SID}/sync", json_body={"input": {"n": 1}})
-    assert code == 200 and body["echo"] == {"n": 1}, body
-    assert len(webhooks.received) == 1, webhooks.received
-    code, batch, _ = await gw.call("POST", f"/v1/{SID}/status",
-                                   json_body={"requestIDs": [rid, body["requestID"], "nope"]})
-    assert code == 200, batch
-    assert [(s["status"], s["statusCode"]) for s in batch["statuses"]] == [
-        ("cancelled", 499), ("succeed", 200), ("notFound", 404)]
