@@ -69,10 +69,11 @@ def _sample_file(loaded: LoadedInput, model_code: str, notes: list[str]) -> Plan
     if loaded.kind in ("json", "yaml"):
         value = loaded.data  # the example is a valid input
     elif loaded.kind in ("jsonschema", "openapi"):
-        root = (request_input_document(loaded.data, loaded.path.name)[0]
-                if loaded.kind == "openapi" else loaded.data)
-        schema = (root["components"]["schemas"][MODEL_NAME] if loaded.kind == "openapi"
-                  else root)
+        if loaded.kind == "openapi":
+            root = request_input_document(loaded.data, loaded.path.name)[0]
+            schema = root["components"]["schemas"][MODEL_NAME]
+        else:
+            root = schema = loaded.data
         try:
             value = sample_input(schema, root)
         except ValueError:

@@ -170,7 +170,7 @@ class LinkSession:
     async def _dispatch(self) -> None:
         wait = min(self.gw.config.long_poll_max, self.gw.config.lease_seconds / 2)
         storage = self.gw.storage
-        while not self.gw.stopping:
+        while True:
             while self.credits <= 0 and not self.gw.stopping:
                 self.credit_changed.clear()
                 await self.credit_changed.wait()
